@@ -1,0 +1,146 @@
+"""Configuration of one MoE layer.
+
+`MoEConfig` is the single source of truth for every knob of the layer; the DeepSpeed section and
+the Megatron arguments (later integrations) are translated into it. Every field is validated in
+`__post_init__`, so a bad value fails with a `ValueError` naming the field and the allowed values
+before any process group is touched or any weight is allocated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+ACTIVATIONS = ("swiglu", "gelu")
+EMA_SYNC_MODES = ("sync", "async")
+EMA_WEIGHTINGS = ("mean", "prob")
+DROP_POLICIES = ("probs", "position")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"MoEConfig.{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: Any, lo: float, hi: float, hi_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = lo <= value < hi if hi_open else lo <= value <= hi
+    if not ok:
+        bracket = ")" if hi_open else "]"
+        raise ValueError(f"MoEConfig.{name} must be a number in [{lo}, {hi}{bracket}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"MoEConfig.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+@dataclass
+class MoEConfig:
+    """Everything one MoE layer needs to know.
+
+    Args:
+        hidden_size: model width D (input and output of the layer).
+        num_experts: total number of experts E across all expert-parallel ranks.
+        ffn_hidden_size: hidden width F of each expert MLP.
+        top_k: experts activated per token K.
+        router: routing method; one of the registered routers ("topk", "default").
+        activation: expert MLP type, "swiglu" or "gelu".
+        normalize_topk: renormalise the K selected probabilities to sum to 1. Off by default: the
+            Default MoE paper combines with the raw softmax probabilities pi.
+        ep_size: expert-parallel group size; E must divide by it and the world size by it.
+        capacity_factor: None for dropless routing; a positive number caps each expert at
+            ceil(capacity_factor * T * K / E) token slots per rank and drops the rest.
+        drop_policy: which slots survive when an expert is over capacity: the highest-probability
+            ones ("probs") or the earliest tokens ("position").
+        aux_loss_coeff: Switch load-balancing loss coefficient (token counts reduced over DP).
+        z_loss_coeff: router z-loss coefficient.
+        beta: EMA decay of the expert default vectors, in [0, 1).
+        ema_weighting: "mean" (plain mean of raw expert outputs) or "prob" (pi-weighted mean).
+        ema_sync: "sync" (all-reduce statistics, update, then use in this step: the paper's
+            order) or "async" (launch the all-reduce, use the previous step's defaults, finish the
+            update at the next forward).
+        init_std: std of the normal initialisation of router and expert weights.
+    """
+
+    hidden_size: int
+    num_experts: int
+    ffn_hidden_size: int
+    top_k: int = 2
+    router: str = "default"
+    activation: str = "swiglu"
+    normalize_topk: bool = False
+    ep_size: int = 1
+    capacity_factor: Optional[float] = None
+    drop_policy: str = "probs"
+    aux_loss_coeff: float = 0.01
+    z_loss_coeff: float = 0.0
+    beta: float = 0.9
+    ema_weighting: str = "mean"
+    ema_sync: str = "sync"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        # Imported here: the router registry imports this module.
+        from default_moe.routing import registered_routers
+
+        _check_int("hidden_size", self.hidden_size, 1)
+        _check_int("num_experts", self.num_experts, 1)
+        _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
+        _check_int("top_k", self.top_k, 1)
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}"
+            )
+        _check_choice("router", self.router, tuple(registered_routers()))
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        if not isinstance(self.normalize_topk, bool):
+            raise ValueError(f"MoEConfig.normalize_topk must be true or false, got {self.normalize_topk!r}")
+        _check_int("ep_size", self.ep_size, 1)
+        if self.num_experts % self.ep_size != 0:
+            raise ValueError(
+                f"MoEConfig.num_experts ({self.num_experts}) must be divisible by "
+                f"MoEConfig.ep_size ({self.ep_size})"
+            )
+        if self.capacity_factor is not None:
+            _check_float("capacity_factor", self.capacity_factor, 0.0, math.inf, hi_open=True)
+            if self.capacity_factor <= 0:
+                raise ValueError(
+                    f"MoEConfig.capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}"
+                )
+        _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
+        _check_float("aux_loss_coeff", self.aux_loss_coeff, 0.0, math.inf, hi_open=True)
+        _check_float("z_loss_coeff", self.z_loss_coeff, 0.0, math.inf, hi_open=True)
+        _check_float("beta", self.beta, 0.0, 1.0, hi_open=True)
+        _check_choice("ema_weighting", self.ema_weighting, EMA_WEIGHTINGS)
+        _check_choice("ema_sync", self.ema_sync, EMA_SYNC_MODES)
+        _check_float("init_std", self.init_std, 0.0, math.inf, hi_open=True)
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], **overrides: Any) -> "MoEConfig":
+        """Builds a config from a mapping (e.g. a JSON section), rejecting unknown keys."""
+        if not isinstance(values, Mapping):
+            raise ValueError(f"MoE config must be a mapping of field names to values, got {type(values).__name__}")
+        merged = {**values, **overrides}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(merged) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig field(s) {unknown}; allowed fields: {sorted(known)}")
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in merged
+        ]
+        if missing:
+            raise ValueError(f"MoEConfig is missing required field(s) {missing}")
+        return cls(**merged)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

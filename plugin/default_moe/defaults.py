@@ -1,0 +1,116 @@
+"""Default MoE's per-expert default vectors: an EMA of each expert's raw outputs.
+
+D_i <- beta * D_i + (1 - beta) * m_i, where m_i is the mean of expert i's raw (pre-gate) outputs
+over the token slots routed to it in this micro-batch across the whole data-parallel group
+(optionally pi-weighted). Experts that received no token keep D_i. The per-expert (sum, weight)
+statistics travel as one E x (D+1) fp32 all-reduce, so every replica holds identical defaults.
+D is a buffer (in the state dict, no gradient).
+
+Sync modes:
+- "sync": all-reduce, update, then the layer uses the new D in this step (the paper's order).
+- "async": launch the all-reduce and keep using the current D; the update lands at the start
+  of the next forward (or before the state dict is saved), hiding the all-reduce behind the
+  rest of the step.
+
+Legend: T tokens, K top-k, E experts, D hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from default_moe import comm
+
+
+class ExpertDefaults(nn.Module):
+    """Holds `defaults_ED` and updates it once per training forward.
+
+    Args:
+        num_experts: E.
+        hidden_size: D.
+        beta: EMA decay in [0, 1).
+        weighting: "mean" or "prob" (pi-weighted mean).
+        sync_mode: "sync" or "async".
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, beta: float, weighting: str, sync_mode: str) -> None:
+        super().__init__()
+        self.beta = beta
+        self.weighting = weighting
+        self.sync_mode = sync_mode
+        self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
+        self._pending: Optional[tuple] = None  # (work handle, stats tensor) of an async update
+        self.num_updates = 0
+
+    def local_statistics(
+        self,
+        y_TKD: torch.Tensor,
+        idx_TK: torch.Tensor,
+        gates_TK: torch.Tensor,
+        keep_TK: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """Per-expert weighted sums of raw outputs and the weights, as one [E, D+1] fp32 tensor."""
+        E, D = self.defaults_ED.shape
+        w_S = gates_TK.detach().reshape(-1).float() if self.weighting == "prob" else None
+        if w_S is None:
+            w_S = torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
+        if keep_TK is not None:
+            w_S = w_S * keep_TK.reshape(-1)
+        y_SD = y_TKD.detach().reshape(-1, D).float()
+        stats = torch.zeros(E, D + 1, dtype=torch.float32, device=y_TKD.device)
+        stats[:, :D].index_add_(0, idx_TK.reshape(-1), y_SD * w_S[:, None])
+        stats[:, D].index_add_(0, idx_TK.reshape(-1), w_S)
+        return stats
+
+    @torch.no_grad()
+    def update(self, stats_E_D1: torch.Tensor, dp_group: Optional[dist.ProcessGroup]) -> None:
+        """All-reduces the statistics over DP and applies (sync) or schedules (async) the EMA step."""
+        self.finish_pending()
+        asynchronous = self.sync_mode == "async"
+        work = None
+        if comm.group_size(dp_group) > 1:
+            work = comm.all_reduce(stats_E_D1, dp_group, async_op=asynchronous)
+        if asynchronous:
+            # Deferred even without a group, so async means the same thing at every world size.
+            self._pending = (work, stats_E_D1)
+        else:
+            self._apply(stats_E_D1)
+
+    @torch.no_grad()
+    def finish_pending(self) -> None:
+        """Waits for an in-flight async update and applies it (no-op otherwise)."""
+        if self._pending is not None:
+            work, stats = self._pending
+            self._pending = None
+            if work is not None:
+                work.wait()
+            self._apply(stats)
+
+    def _apply(self, stats_E_D1: torch.Tensor) -> None:
+        D = self.defaults_ED.shape[1]
+        weight_E = stats_E_D1[:, D]
+        seen_E = weight_E > 0
+        mean_ED = stats_E_D1[:, :D] / weight_E.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        new_ED = self.beta * self.defaults_ED + (1.0 - self.beta) * mean_ED
+        # In place: the buffer object stays the one engines and optimisers may hold.
+        self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, self.defaults_ED))
+        self.num_updates += 1
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.finish_pending()  # a checkpoint holds every update launched so far
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self._pending is not None:
+            if self._pending[0] is not None:
+                self._pending[0].wait()
+            self._pending = None  # superseded by the loaded defaults
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        E, D = self.defaults_ED.shape
+        return f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, sync={self.sync_mode}"

@@ -1,0 +1,76 @@
+"""The local experts of one expert-parallel rank: E_local MLPs stored as stacked weights.
+
+Tokens arrive sorted by local expert with `tokens_per_expert_L` rows each; every expert runs one
+GEMM over its whole slice (megatron-core's SequentialMLP pattern), never a loop over tokens.
+`torch._grouped_mm` would fuse the E_local GEMMs, but its CPU backward fails on fp32 in torch 2.13,
+so the slice loop is the path used (it is the same arithmetic).
+
+Legend: N routed rows, L local experts, D hidden, F expert hidden.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def mark_expert_params(module: nn.Module, ep_size: int) -> None:
+    """Tags parameters so engines reduce them over the expert-data-parallel group.
+
+    `allreduce=False` and `group_name="ep_size_N"` are the tags DeepSpeed's engine and
+    `split_params_into_different_moe_groups_for_optimizer` look for; `expert_parallel=True` is ours.
+    """
+    for p in module.parameters():
+        p.allreduce = False
+        p.group_name = f"ep_size_{ep_size}"
+        p.expert_parallel = True
+
+
+class GroupedExperts(nn.Module):
+    """E_local expert MLPs (SwiGLU or GELU).
+
+    Args:
+        num_local_experts: L.
+        hidden_size: D.
+        ffn_hidden_size: F.
+        activation: "swiglu" (w2 (silu(x w1) * x w3)) or "gelu" (w2 gelu(x w1)).
+        init_std: normal init std.
+    """
+
+    def __init__(
+        self, num_local_experts: int, hidden_size: int, ffn_hidden_size: int, activation: str, init_std: float
+    ) -> None:
+        super().__init__()
+        self.activation = activation
+        L, D, F_ = num_local_experts, hidden_size, ffn_hidden_size
+        self.w1_LDF = nn.Parameter(torch.empty(L, D, F_))
+        self.w3_LDF = nn.Parameter(torch.empty(L, D, F_)) if activation == "swiglu" else None
+        self.w2_LFD = nn.Parameter(torch.empty(L, F_, D))
+        for p in self.parameters():
+            nn.init.normal_(p, std=init_std)
+
+    def forward(self, x_ND: torch.Tensor, tokens_per_expert: List[int]) -> torch.Tensor:
+        """Runs each expert on its contiguous slice of `x_ND`.
+
+        Args:
+            x_ND: rows sorted by local expert.
+            tokens_per_expert: L row counts (host ints), summing to N.
+
+        Returns:
+            y_ND: raw (un-gated) expert outputs, in the input dtype.
+        """
+        outs = []
+        for e, x_nD in enumerate(torch.split(x_ND, tokens_per_expert)):
+            w1 = self.w1_LDF[e].to(x_nD.dtype)
+            h = x_nD @ w1
+            if self.activation == "swiglu":
+                h = F.silu(h) * (x_nD @ self.w3_LDF[e].to(x_nD.dtype))
+            else:
+                h = F.gelu(h)
+            outs.append(h @ self.w2_LFD[e].to(x_nD.dtype))
+        # Empty slices run too: their GEMMs give zero (not missing) gradients, so every expert
+        # weight has a gradient on every rank and step, which bucketed reducers rely on.
+        return torch.cat(outs, dim=0)

@@ -1,0 +1,134 @@
+"""`MoELayer`: the expert-parallel MoE layer; the only place router, dispatch, experts and
+defaults meet.
+
+    out_TD = sum_k gates_TK * y_TKD  +  (probs_TE * unselected_TE) @ D_ED     (Default MoE)
+    out_TD = sum_k gates_TK * y_TKD                                            (TopK)
+
+The default term uses only local tensors (the replicated D), so Default MoE's dense router
+gradient adds no communication; the EMA statistics are one E x (D+1) all-reduce per step.
+
+Legend: T tokens, K top-k, E experts, D hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from default_moe.config import MoEConfig
+from default_moe.defaults import ExpertDefaults
+from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask
+from default_moe.experts import GroupedExperts, mark_expert_params
+from default_moe.losses import AuxLossAutoScaler
+from default_moe.parallel import ParallelGroups, build_groups
+from default_moe.routing import build_router
+
+
+def _in_backward() -> bool:
+    """True while the autograd engine runs, i.e. when activation checkpointing recomputes us."""
+    return torch._C._current_graph_task_id() != -1
+
+
+class MoELayer(nn.Module):
+    """Expert-parallel MoE layer with interchangeable routers (TopK, Default MoE, ...).
+
+    Args:
+        config: the layer's `MoEConfig`.
+        groups: process groups; by default built from `torch.distributed` for `config.ep_size`.
+
+    Attributes:
+        router: the routing module (`config.router`).
+        experts: this rank's `config.num_experts // config.ep_size` experts.
+        defaults: `ExpertDefaults` when the router uses defaults, else None.
+        aux_losses: detached aux losses of the last forward, for logging.
+        tokens_per_expert: local token-slot counts per expert of the last forward (E,), for logging.
+    """
+
+    def __init__(self, config: MoEConfig, groups: Optional[ParallelGroups] = None) -> None:
+        super().__init__()
+        if not isinstance(config, MoEConfig):
+            raise ValueError(f"MoELayer needs a MoEConfig, got {type(config).__name__}")
+        if groups is None:
+            groups = build_groups(config.ep_size)
+        elif groups.ep_size != config.ep_size:
+            raise ValueError(
+                f"MoEConfig.ep_size ({config.ep_size}) does not match the size of the given EP group ({groups.ep_size})"
+            )
+        self.config = config
+        self.groups = groups
+        self.router = build_router(config)
+        self.dispatcher = AllToAllDispatcher(config.num_experts, groups.ep_group)
+        self.experts = GroupedExperts(
+            config.num_local_experts, config.hidden_size, config.ffn_hidden_size, config.activation, config.init_std
+        )
+        mark_expert_params(self.experts, config.ep_size)
+        self.defaults: Optional[ExpertDefaults] = None
+        if self.router.uses_defaults:
+            self.defaults = ExpertDefaults(
+                config.num_experts, config.hidden_size, config.beta, config.ema_weighting, config.ema_sync
+            )
+        self.aux_losses: Dict[str, torch.Tensor] = {}
+        self.tokens_per_expert: Optional[torch.Tensor] = None
+
+    @property
+    def local_expert_ids(self) -> range:
+        """Global ids of the experts this rank holds."""
+        L = self.config.num_local_experts
+        return range(self.groups.ep_rank * L, (self.groups.ep_rank + 1) * L)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"MoELayer input must be a floating-point tensor, got {got}")
+        if x.dim() < 1 or x.shape[-1] != self.config.hidden_size:
+            raise ValueError(
+                f"MoELayer input's last dimension must equal MoEConfig.hidden_size "
+                f"({self.config.hidden_size}), got shape {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Routes, dispatches, runs experts, combines (and adds the default term).
+
+        Args:
+            x: [..., D] hidden states.
+            token_ids: optional [...] input token ids, for routers that route by token.
+
+        Returns:
+            [..., D], same dtype as `x`. The aux losses are attached to it for backward.
+        """
+        self._check_input(x)
+        cfg = self.config
+        x_TD = x.reshape(-1, cfg.hidden_size)
+        token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
+        recompute = _in_backward()
+        update_defaults = self.defaults is not None and self.training and not recompute
+        if self.defaults is not None and not recompute:
+            self.defaults.finish_pending()
+
+        route = self.router(x_TD, self.groups, token_ids_T)
+        idx_TK, gates_TK = route.idx_TK, route.gates_TK
+        keep_TK = capacity_keep_mask(idx_TK, gates_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+        x_local_ND, plan = self.dispatcher.dispatch(x_TD, idx_TK, keep_TK)
+        y_local_ND = self.experts(x_local_ND, plan.tokens_per_local_expert)
+        y_TKD = self.dispatcher.combine(y_local_ND, plan)
+
+        out_TD = (y_TKD * gates_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
+        if self.defaults is not None:
+            if update_defaults:
+                stats = self.defaults.local_statistics(y_TKD, idx_TK, gates_TK, keep_TK)
+                self.defaults.update(stats, self.groups.dp_group)
+            # A copy: the next in-place EMA update must not touch a tensor saved for this backward.
+            D_ED = self.defaults.defaults_ED.detach().clone()
+            unselected_TE = torch.ones_like(route.probs_TE).scatter(1, idx_TK, 0.0)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                default_TD = (route.probs_TE * unselected_TE) @ D_ED
+            out_TD = out_TD + default_TD.to(out_TD.dtype)
+
+        if not recompute:
+            self.aux_losses = {k: v.detach() for k, v in route.aux_losses.items()}
+            self.tokens_per_expert = torch.bincount(idx_TK.reshape(-1), minlength=cfg.num_experts).detach()
+        if route.aux_losses and out_TD.requires_grad:
+            out_TD = AuxLossAutoScaler.apply(out_TD, sum(route.aux_losses.values()))
+        return out_TD.view(x.shape)

@@ -1,0 +1,82 @@
+"""Router auxiliary losses and the function that attaches them to the autograd graph.
+
+Legend: T tokens on this rank, E experts, K top-k.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from default_moe import comm
+
+
+class AuxLossAutoScaler(torch.autograd.Function):
+    """Identity on `output` whose backward also back-propagates `aux_loss` (gradient 1 * scale).
+
+    The same mechanism as megatron-core's `MoEAuxLossAutoScaler`: the layer attaches its aux loss
+    to its own output, so a user adds nothing to the training loss. `set_loss_scale` lets an engine
+    scale it like the main loss (e.g. 1/gradient_accumulation_steps, or the fp16 loss scale).
+    """
+
+    main_loss_backward_scale: float = 1.0
+
+    @staticmethod
+    def forward(ctx, output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(aux_loss)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (aux_loss,) = ctx.saved_tensors
+        scaled = torch.full_like(aux_loss, AuxLossAutoScaler.main_loss_backward_scale)
+        return grad_output, scaled
+
+    @staticmethod
+    def set_loss_scale(scale: float) -> None:
+        AuxLossAutoScaler.main_loss_backward_scale = float(scale)
+
+
+def switch_load_balancing_loss(
+    probs_TE: torch.Tensor,
+    idx_TK: torch.Tensor,
+    coeff: float,
+    dp_group: Optional[dist.ProcessGroup],
+) -> torch.Tensor:
+    """Switch-style load-balancing loss with token counts reduced over the data-parallel group.
+
+    loss = coeff * E / (T^2 * K) * sum_e (sum_t p_te) * c_e, where c_e is the number of token slots
+    routed to expert e averaged over the DP ranks (a "global" aux loss: the balance of the whole
+    batch is what is optimised, not each rank's micro-batch). The count all-reduce depends only on
+    the config (skipped when `coeff` is 0), never on local data, so every rank issues it alike, also
+    a rank with no tokens.
+
+    Args:
+        probs_TE: fp32 router probabilities over all experts.
+        idx_TK: selected experts.
+        coeff: loss coefficient.
+        dp_group: group the counts are summed over (None: local only).
+
+    Returns:
+        Scalar fp32 loss.
+    """
+    T, E = probs_TE.shape
+    K = idx_TK.shape[1]
+    if coeff == 0.0:
+        return probs_TE.new_zeros(())
+    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(torch.float32)
+    if comm.group_size(dp_group) > 1:
+        comm.all_reduce(counts_E, dp_group)
+        counts_E = counts_E / comm.group_size(dp_group)
+    if T == 0:
+        return probs_TE.new_zeros(())
+    return coeff * E / (T * T * K) * (probs_TE.sum(dim=0) * counts_E).sum()
+
+
+def z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:
+    """ST-MoE router z-loss: coeff * mean_t logsumexp(logits_t)^2."""
+    if coeff == 0.0 or logits_TE.shape[0] == 0:
+        return logits_TE.new_zeros(())
+    return coeff * torch.logsumexp(logits_TE, dim=-1).square().mean()

@@ -1,0 +1,94 @@
+"""Process groups of an MoE layer: expert-parallel (EP), expert-data-parallel and data-parallel.
+
+With `ep_size` = P and world size W (no tensor or pipeline parallelism), ranks are split into
+W/P EP groups of P consecutive ranks: rank r holds experts [ep_rank*E/P, (ep_rank+1)*E/P) where
+ep_rank = r % P. Ranks holding the same experts (same ep_rank) form an expert-data-parallel group;
+their expert gradients are reduced there. Dense parameters and the EMA statistics are reduced over
+the whole data-parallel group (here: the world). The same layout as DeepSpeed's `ep_size_P`
+groups, so engines can hand over theirs through `ParallelGroups(...)` directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch.distributed as dist
+
+from default_moe.comm import group_size, is_distributed
+
+
+@dataclass
+class ParallelGroups:
+    """The groups one MoE layer communicates over. `None` means "no communication" (size 1)."""
+
+    ep_group: Optional[dist.ProcessGroup] = None
+    expert_dp_group: Optional[dist.ProcessGroup] = None
+    dp_group: Optional[dist.ProcessGroup] = None
+
+    @property
+    def ep_size(self) -> int:
+        return group_size(self.ep_group)
+
+    @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.ep_group) if self.ep_size > 1 else 0
+
+    @property
+    def dp_size(self) -> int:
+        return group_size(self.dp_group)
+
+    @property
+    def expert_dp_size(self) -> int:
+        return group_size(self.expert_dp_group)
+
+    @classmethod
+    def single(cls) -> "ParallelGroups":
+        """No parallelism: every collective is skipped."""
+        return cls()
+
+
+_CACHE: Dict[Tuple[int, int], ParallelGroups] = {}
+
+
+def check_ep_size(ep_size: int, world_size: int) -> None:
+    if world_size % ep_size != 0:
+        raise ValueError(
+            f"MoEConfig.ep_size ({ep_size}) must divide the world size ({world_size}); "
+            f"allowed ep_size values here: {[d for d in range(1, world_size + 1) if world_size % d == 0]}"
+        )
+
+
+def build_groups(ep_size: int) -> ParallelGroups:
+    """EP / expert-DP / DP groups from `torch.distributed` alone (cached per ep_size and world).
+
+    Must be called on every rank in the same order (group creation is collective). Without an
+    initialised process group, `ep_size` must be 1 and no groups are made.
+    """
+    if not is_distributed():
+        check_ep_size(ep_size, 1)
+        return ParallelGroups.single()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    check_ep_size(ep_size, world)
+    key = (ep_size, world)
+    if key in _CACHE:
+        return _CACHE[key]
+    ep_group = expert_dp_group = None
+    for start in range(0, world, ep_size):
+        ranks = list(range(start, start + ep_size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            ep_group = g
+    for ep_rank in range(ep_size):
+        ranks = list(range(ep_rank, world, ep_size))
+        g = dist.new_group(ranks)
+        if rank in ranks:
+            expert_dp_group = g
+    groups = ParallelGroups(ep_group=ep_group, expert_dp_group=expert_dp_group, dp_group=dist.group.WORLD)
+    _CACHE[key] = groups
+    return groups
+
+
+def clear_group_cache() -> None:
+    """Forget cached groups (call after `destroy_process_group`)."""
+    _CACHE.clear()
