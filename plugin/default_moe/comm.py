@@ -48,23 +48,28 @@ class CollectiveCounter:
         return out
 
 
-_local = threading.local()
+# Process-wide, not thread-local: backward collectives may run on autograd's worker threads.
+_ACTIVE: List[CollectiveCounter] = []
+_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def count_collectives() -> Iterator[CollectiveCounter]:
     """Records every collective issued by the plugin (forward and backward) inside the block."""
     counter = CollectiveCounter()
-    stack = getattr(_local, "stack", [])
-    _local.stack = stack + [counter]
+    with _LOCK:
+        _ACTIVE.append(counter)
     try:
         yield counter
     finally:
-        _local.stack = stack
+        with _LOCK:
+            _ACTIVE.remove(counter)
 
 
 def _record(op: str, tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> None:
-    for counter in getattr(_local, "stack", []):
+    if not _ACTIVE:
+        return
+    for counter in list(_ACTIVE):
         counter.records.append(
             CollectiveRecord(
                 op=op,

@@ -50,12 +50,19 @@ class ExpertDefaults(nn.Module):
         self,
         y_TKD: torch.Tensor,
         idx_TK: torch.Tensor,
-        gates_TK: torch.Tensor,
+        probs_TK: torch.Tensor,
         keep_TK: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """Per-expert weighted sums of raw outputs and the weights, as one [E, D+1] fp32 tensor."""
+        """Per-expert weighted sums of raw outputs and the weights, as one [E, D+1] fp32 tensor.
+
+        Args:
+            y_TKD: raw expert outputs per token and slot.
+            idx_TK: the slots' experts.
+            probs_TK: the slots' router probabilities pi (weights when weighting="prob").
+            keep_TK: slots that reached their expert (None: all).
+        """
         E, D = self.defaults_ED.shape
-        w_S = gates_TK.detach().reshape(-1).float() if self.weighting == "prob" else None
+        w_S = probs_TK.detach().reshape(-1).float() if self.weighting == "prob" else None
         if w_S is None:
             w_S = torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
         if keep_TK is not None:
@@ -78,7 +85,7 @@ class ExpertDefaults(nn.Module):
             # Deferred even without a group, so async means the same thing at every world size.
             self._pending = (work, stats_E_D1)
         else:
-            self._apply(stats_E_D1)
+            self._apply_stats(stats_E_D1)
 
     @torch.no_grad()
     def finish_pending(self) -> None:
@@ -88,9 +95,9 @@ class ExpertDefaults(nn.Module):
             self._pending = None
             if work is not None:
                 work.wait()
-            self._apply(stats)
+            self._apply_stats(stats)
 
-    def _apply(self, stats_E_D1: torch.Tensor) -> None:
+    def _apply_stats(self, stats_E_D1: torch.Tensor) -> None:
         D = self.defaults_ED.shape[1]
         weight_E = stats_E_D1[:, D]
         seen_E = weight_E > 0
@@ -99,6 +106,13 @@ class ExpertDefaults(nn.Module):
         # In place: the buffer object stays the one engines and optimisers may hold.
         self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, self.defaults_ED))
         self.num_updates += 1
+
+    def _apply(self, fn, *args, **kwargs):
+        # Follow device moves but stay fp32: a bf16 EMA would lose the small (1 - beta) updates.
+        super()._apply(fn, *args, **kwargs)
+        if self.defaults_ED.dtype != torch.float32:
+            self.defaults_ED = self.defaults_ED.float()
+        return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         self.finish_pending()  # a checkpoint holds every update launched so far

@@ -28,7 +28,7 @@ from default_moe import comm
 
 def capacity_keep_mask(
     idx_TK: torch.Tensor,
-    gates_TK: torch.Tensor,
+    priority_TK: torch.Tensor,
     num_experts: int,
     capacity_factor: Optional[float],
     drop_policy: str = "probs",
@@ -37,7 +37,7 @@ def capacity_keep_mask(
 
     Args:
         idx_TK: selected experts.
-        gates_TK: their probabilities (priority for drop_policy="probs").
+        priority_TK: the slots' router probabilities (priority for drop_policy="probs").
         num_experts: E.
         capacity_factor: None (dropless) or the factor.
         drop_policy: "probs" keeps the highest-probability slots, "position" the earliest tokens.
@@ -51,7 +51,7 @@ def capacity_keep_mask(
     capacity = math.ceil(capacity_factor * T * K / num_experts)
     expert_S = idx_TK.reshape(-1)
     if drop_policy == "probs":
-        by_prob_S = torch.argsort(gates_TK.detach().reshape(-1), descending=True, stable=True)
+        by_prob_S = torch.argsort(priority_TK.detach().reshape(-1), descending=True, stable=True)
         order_S = by_prob_S[torch.argsort(expert_S[by_prob_S], stable=True)]
     else:
         order_S = torch.argsort(expert_S, stable=True)

@@ -109,7 +109,9 @@ class MoELayer(nn.Module):
 
         route = self.router(x_TD, self.groups, token_ids_T)
         idx_TK, gates_TK = route.idx_TK, route.gates_TK
-        keep_TK = capacity_keep_mask(idx_TK, gates_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
+        # Raw pi of the selected experts: drop priority and EMA weight (not the renormalised gates).
+        probs_TK = route.probs_TE.detach().gather(1, idx_TK)
+        keep_TK = capacity_keep_mask(idx_TK, probs_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
         x_local_ND, plan = self.dispatcher.dispatch(x_TD, idx_TK, keep_TK)
         y_local_ND = self.experts(x_local_ND, plan.tokens_per_local_expert)
         y_TKD = self.dispatcher.combine(y_local_ND, plan)
@@ -117,10 +119,10 @@ class MoELayer(nn.Module):
         out_TD = (y_TKD * gates_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
         if self.defaults is not None:
             if update_defaults:
-                stats = self.defaults.local_statistics(y_TKD, idx_TK, gates_TK, keep_TK)
+                stats = self.defaults.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK)
                 self.defaults.update(stats, self.groups.dp_group)
             # A copy: the next in-place EMA update must not touch a tensor saved for this backward.
-            D_ED = self.defaults.defaults_ED.detach().clone()
+            D_ED = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
             unselected_TE = torch.ones_like(route.probs_TE).scatter(1, idx_TK, 0.0)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 default_TD = (route.probs_TE * unselected_TE) @ D_ED

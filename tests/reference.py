@@ -1,0 +1,151 @@
+"""An independent dense reference of the MoE layer, written out from the formulas.
+
+Every expert is computed for every token (float64), selection and capacity are done with plain
+loops, and the Default MoE term and EMA update follow the paper's equations directly. Nothing here
+imports the package's routing, dispatch, experts or defaults code.
+
+Legend: T tokens, E experts, K top-k, D hidden, F expert hidden.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Weights:
+    router_ED: torch.Tensor
+    w1_EDF: torch.Tensor
+    w3_EDF: Optional[torch.Tensor]
+    w2_EFD: torch.Tensor
+
+    @staticmethod
+    def random(E: int, D: int, F_: int, swiglu: bool, seed: int, std: float = 0.2) -> "Weights":
+        g = torch.Generator().manual_seed(seed)
+        r = lambda *s: torch.randn(*s, generator=g) * std  # noqa: E731
+        return Weights(r(E, D), r(E, D, F_), r(E, D, F_) if swiglu else None, r(E, F_, D))
+
+    def double(self, requires_grad: bool = True) -> "Weights":
+        def f(t):
+            return None if t is None else t.detach().double().requires_grad_(requires_grad)
+
+        return Weights(f(self.router_ED), f(self.w1_EDF), f(self.w3_EDF), f(self.w2_EFD))
+
+
+def load_into_layer(layer, w: Weights) -> None:
+    """Copies global weights into a MoELayer (its local experts only)."""
+    ids = list(layer.local_expert_ids)
+    with torch.no_grad():
+        layer.router.weight.copy_(w.router_ED)
+        layer.experts.w1_LDF.copy_(w.w1_EDF[ids])
+        layer.experts.w2_LFD.copy_(w.w2_EFD[ids])
+        if w.w3_EDF is not None:
+            layer.experts.w3_LDF.copy_(w.w3_EDF[ids])
+
+
+def expert_mlp(x_TD, w1_DF, w3_DF, w2_FD):
+    h = x_TD @ w1_DF
+    h = F.silu(h) * (x_TD @ w3_DF) if w3_DF is not None else F.gelu(h)
+    return h @ w2_FD
+
+
+@dataclass
+class RefResult:
+    out_TD: torch.Tensor
+    loss_aux: torch.Tensor
+    defaults_used_ED: torch.Tensor
+    defaults_after_ED: torch.Tensor
+    selected_TE: torch.Tensor
+    kept_TE: torch.Tensor
+    probs_TE: torch.Tensor
+
+
+def reference_moe(
+    x_TD: torch.Tensor,
+    w: Weights,
+    *,
+    top_k: int,
+    use_defaults: bool,
+    defaults_ED: torch.Tensor,
+    beta: float = 0.9,
+    weighting: str = "mean",
+    ema_sync: str = "sync",
+    training: bool = True,
+    normalize_topk: bool = False,
+    chunks: Optional[List[int]] = None,
+    aux_coeff: float = 0.0,
+    z_coeff: float = 0.0,
+    capacity_factor: Optional[float] = None,
+    drop_policy: str = "probs",
+) -> RefResult:
+    """Dense forward of the whole (global) batch.
+
+    `chunks` gives the token counts of each data-parallel rank (the batch is their concatenation):
+    capacity and the per-rank aux losses are computed per chunk, exactly as each rank would.
+    Returns the output and the sum over ranks of the aux losses.
+    """
+    T, D = x_TD.shape
+    E = w.router_ED.shape[0]
+    chunks = chunks if chunks is not None else [T]
+    logits_TE = x_TD @ w.router_ED.t()
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    all_ETD = torch.stack(
+        [expert_mlp(x_TD, w.w1_EDF[e], None if w.w3_EDF is None else w.w3_EDF[e], w.w2_EFD[e]) for e in range(E)]
+    )
+
+    selected_TE = torch.zeros(T, E, dtype=torch.bool)
+    for t in range(T):
+        order = sorted(range(E), key=lambda e: -probs_TE[t, e].item())
+        for e in order[:top_k]:
+            selected_TE[t, e] = True
+
+    kept_TE = selected_TE.clone()
+    if capacity_factor is not None:
+        start = 0
+        for n in chunks:
+            cap = math.ceil(capacity_factor * n * top_k / E)
+            for e in range(E):
+                toks = [t for t in range(start, start + n) if selected_TE[t, e]]
+                if drop_policy == "probs":
+                    toks.sort(key=lambda t: -probs_TE[t, e].item())
+                for t in toks[cap:]:
+                    kept_TE[t, e] = False
+            start += n
+
+    gates_TE = probs_TE * selected_TE
+    if normalize_topk:
+        gates_TE = gates_TE / gates_TE.sum(-1, keepdim=True)
+
+    defaults_after = defaults_ED.double().clone()
+    if use_defaults and training:
+        for e in range(E):
+            toks = kept_TE[:, e]
+            if toks.any():
+                wt = probs_TE[toks, e].detach() if weighting == "prob" else torch.ones(int(toks.sum()), dtype=torch.float64)
+                m = (all_ETD[e, toks].detach() * wt[:, None]).sum(0) / wt.sum()
+                defaults_after[e] = beta * defaults_after[e] + (1 - beta) * m
+    used = defaults_after if ema_sync == "sync" else defaults_ED.double()
+
+    out_TD = torch.zeros(T, D, dtype=torch.float64)
+    for e in range(E):
+        out_TD = out_TD + (gates_TE[:, e] * kept_TE[:, e])[:, None] * all_ETD[e]
+        if use_defaults:
+            out_TD = out_TD + (probs_TE[:, e] * ~selected_TE[:, e])[:, None] * used[e][None, :]
+
+    loss_aux = torch.zeros((), dtype=torch.float64)
+    counts_E = selected_TE.sum(0).double() / len(chunks)  # averaged over DP ranks
+    start = 0
+    for n in chunks:
+        if n > 0:
+            p = probs_TE[start : start + n]
+            if aux_coeff:
+                loss_aux = loss_aux + aux_coeff * E / (n * n * top_k) * (p.sum(0) * counts_E).sum()
+            if z_coeff:
+                loss_aux = loss_aux + z_coeff * torch.logsumexp(logits_TE[start : start + n], -1).square().mean()
+        start += n
+    return RefResult(out_TD, loss_aux, used, defaults_after, selected_TE, kept_TE, probs_TE)

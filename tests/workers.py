@@ -1,0 +1,149 @@
+"""Per-rank bodies of the distributed tests (module-level so spawned processes can import them)."""
+
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.distributed as dist
+
+from default_moe import MoEConfig, MoELayer, build_groups, count_collectives
+from reference import Weights, load_into_layer, reference_moe
+
+E, D, F_ = 8, 12, 16
+
+
+def _global_batch(step: int, total: int, skew: bool):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(total, D, generator=g)
+    g_out = torch.randn(total, D, generator=g)
+    if skew:
+        x[:, 0] = 1.0  # a shared feature the skewed router weights key on
+    return x, g_out
+
+
+def _weights(cfg: MoEConfig, skew: bool) -> Weights:
+    w = Weights.random(E, D, F_, cfg.activation == "swiglu", seed=5)
+    if skew:
+        w.router_ED[0, 0] = 2.0  # expert 0 overloaded: uneven splits
+        w.router_ED[E - 1, 0] = -50.0  # expert E-1 never selected: an expert with zero tokens
+    return w
+
+
+def _close(a, b, what, rank, case):
+    torch.testing.assert_close(
+        a.double(), b.double(), rtol=3e-5, atol=3e-6, msg=lambda m: f"rank {rank} case {case} {what}: {m}"
+    )
+
+
+def check_equivalence(rank: int, world: int, case: dict) -> None:
+    """Layer at `case['ep_size']` on `world` ranks == dense reference of the union batch."""
+    chunks: List[int] = case["chunks"]
+    skew = case.get("skew", False)
+    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, **case["config"])
+    groups = build_groups(cfg.ep_size)
+    layer = MoELayer(cfg, groups)
+    w = _weights(cfg, skew)
+    load_into_layer(layer, w)
+    start = sum(chunks[:rank])
+    mine = slice(start, start + chunks[rank])
+    D_prev = torch.zeros(E, D)
+    for step in range(case.get("steps", 3)):
+        x, g_out = _global_batch(step, sum(chunks), skew)
+        layer.zero_grad(set_to_none=True)
+        x_r = x[mine].clone().requires_grad_(True)
+        out = layer(x_r)
+        (out * g_out[mine]).sum().backward()
+
+        wd = w.double()
+        xd = x.double().requires_grad_(True)
+        res = reference_moe(
+            xd, wd, top_k=cfg.top_k, use_defaults=cfg.router == "default", defaults_ED=D_prev, beta=cfg.beta,
+            weighting=cfg.ema_weighting, ema_sync=cfg.ema_sync, normalize_topk=cfg.normalize_topk, chunks=chunks,
+            aux_coeff=cfg.aux_loss_coeff, z_coeff=cfg.z_loss_coeff, capacity_factor=cfg.capacity_factor,
+            drop_policy=cfg.drop_policy,
+        )
+        ((res.out_TD * g_out.double()).sum() + res.loss_aux).backward()
+
+        tag = f"{case['name']} step {step}"
+        _close(out, res.out_TD[mine], "output", rank, tag)
+        _close(x_r.grad, xd.grad[mine], "input grad", rank, tag)
+        router_grad = layer.router.weight.grad.clone()
+        dist.all_reduce(router_grad)  # what DP gradient reduction does (sum; engines then average)
+        _close(router_grad, wd.router_ED.grad, "router grad", rank, tag)
+        ids = list(layer.local_expert_ids)
+        for name, ref in [("w1_LDF", wd.w1_EDF), ("w2_LFD", wd.w2_EFD), ("w3_LDF", wd.w3_EDF)]:
+            p = getattr(layer.experts, name)
+            if p is None:
+                continue
+            grad = p.grad.clone()
+            if groups.expert_dp_size > 1:
+                dist.all_reduce(grad, group=groups.expert_dp_group)
+            _close(grad, ref.grad[ids], f"{name} grad", rank, tag)
+        if layer.defaults is not None:
+            layer.defaults.finish_pending()
+            mine_D = layer.defaults.defaults_ED
+            _close(mine_D, res.defaults_after_ED, "defaults", rank, tag)
+            gathered = [torch.empty_like(mine_D) for _ in range(world)]
+            dist.all_gather(gathered, mine_D)
+            assert all(torch.equal(gathered[0], g) for g in gathered), f"{tag}: defaults differ across ranks"
+            D_prev = res.defaults_after_ED.float()
+        if skew:
+            counts = layer.tokens_per_expert.clone()
+            dist.all_reduce(counts)
+            assert counts[E - 1] == 0 and counts[0] > counts[1:].float().mean(), f"{tag}: skew not uneven {counts}"
+    if layer.defaults is not None:
+        assert layer.defaults.num_updates == case.get("steps", 3)
+
+
+def run_cases(rank: int, world: int, cases: List[dict]) -> None:
+    for case in cases:
+        check_equivalence(rank, world, case)
+
+
+def collective_counts(rank: int, world: int) -> None:
+    """Default issues TopK's all-to-alls byte for byte, plus one E x (D+1) all-reduce."""
+    for sync in ["sync", "async"]:
+        records = {}
+        for router in ["topk", "default"]:
+            cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router=router, ep_size=world, ema_sync=sync)
+            layer = MoELayer(cfg)
+            load_into_layer(layer, _weights(cfg, skew=True))
+            x, g = _global_batch(0, 64, skew=True)
+            x_r = x[rank * 32 : (rank + 1) * 32].clone().requires_grad_(True)
+            with count_collectives() as counter:
+                (layer(x_r) * g[:32]).sum().backward()
+            records[router] = counter.records
+        key = lambda r: (r.op, r.numel, r.nbytes, r.group_size)  # noqa: E731
+        topk = [key(r) for r in records["topk"]]
+        default = [key(r) for r in records["default"]]
+        a2a_t = [k for k in topk if k[0] == "all_to_all"]
+        a2a_d = [k for k in default if k[0] == "all_to_all"]
+        assert a2a_t == a2a_d, f"{sync}: all-to-alls differ\n{a2a_t}\n{a2a_d}"
+        assert len(a2a_t) == 5, a2a_t  # counts, tokens, outputs, and the two in backward
+        extra = list(default)
+        for k in topk:
+            extra.remove(k)
+        assert extra == [("all_reduce", E * (D + 1), E * (D + 1) * 4, world)], f"{sync}: extra collectives {extra}"
+        if rank == 0:
+            print(f"[{sync}] topk: {len(topk)} collectives, {sum(k[2] for k in topk)} B; "
+                  f"default: {len(default)} collectives, {sum(k[2] for k in default)} B")
+
+
+def bad_ep_size(rank: int, world: int) -> None:
+    """world % ep_size != 0 fails with a ValueError on every rank before any collective."""
+    cfg = MoEConfig(hidden_size=D, num_experts=8, ffn_hidden_size=F_, ep_size=4)
+    with count_collectives() as counter:
+        try:
+            MoELayer(cfg)
+        except ValueError as e:
+            assert "ep_size" in str(e) and "world size" in str(e), str(e)
+        else:
+            raise AssertionError("ep_size=4 on a world of 2 was accepted")
+    assert counter.records == []
+
+
+def world2_all(rank: int, world: int, cases: List[dict]) -> None:
+    bad_ep_size(rank, world)
+    collective_counts(rank, world)
+    run_cases(rank, world, cases)
