@@ -62,16 +62,20 @@ class ExpertDefaults(nn.Module):
             keep_TK: slots that reached their expert (None: all).
         """
         E, D = self.defaults_ED.shape
-        w_S = probs_TK.detach().reshape(-1).float() if self.weighting == "prob" else None
-        if w_S is None:
-            w_S = torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
-        if keep_TK is not None:
-            w_S = w_S * keep_TK.reshape(-1)
         y_SD = y_TKD.detach().reshape(-1, D).float()
-        stats = torch.zeros(E, D + 1, dtype=torch.float32, device=y_TKD.device)
-        stats[:, :D].index_add_(0, idx_TK.reshape(-1), y_SD * w_S[:, None])
-        stats[:, D].index_add_(0, idx_TK.reshape(-1), w_S)
-        return stats
+        idx_S = idx_TK.reshape(-1)
+        if self.weighting == "prob":
+            w_S = probs_TK.detach().reshape(-1).float()
+            if keep_TK is not None:
+                w_S = w_S * keep_TK.reshape(-1)
+            y_SD = y_SD * w_S[:, None]
+        else:
+            # Dropped slots have zero raw output, so only the weights need the mask.
+            w_S = keep_TK.reshape(-1).float() if keep_TK is not None else y_SD.new_ones(idx_S.numel())
+        # Accumulate into contiguous tensors (a strided [:, :D] view makes index_add ~5x slower).
+        sums_ED = torch.zeros(E, D, dtype=torch.float32, device=y_TKD.device).index_add_(0, idx_S, y_SD)
+        weight_E = torch.zeros(E, dtype=torch.float32, device=y_TKD.device).index_add_(0, idx_S, w_S)
+        return torch.cat([sums_ED, weight_E[:, None]], dim=1)
 
     @torch.no_grad()
     def update(self, stats_E_D1: torch.Tensor, dp_group: Optional[dist.ProcessGroup]) -> None:

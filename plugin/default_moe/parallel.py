@@ -92,3 +92,27 @@ def build_groups(ep_size: int) -> ParallelGroups:
 def clear_group_cache() -> None:
     """Forget cached groups (call after `destroy_process_group`)."""
     _CACHE.clear()
+
+
+def init_distributed_from_env(timeout_s: float = 600.0) -> "tuple[int, int, torch.device]":
+    """Initialises torch.distributed from torchrun's environment (NCCL with GPUs, gloo on CPU).
+
+    Returns:
+        (rank, world_size, device). Without torchrun variables: a single process, no group.
+    """
+    import datetime
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if "WORLD_SIZE" not in os.environ or is_distributed():
+        return (dist.get_rank(), dist.get_world_size(), device) if is_distributed() else (0, 1, device)
+    dist.init_process_group(
+        backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
+    )
+    return dist.get_rank(), dist.get_world_size(), device

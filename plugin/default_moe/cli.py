@@ -1,0 +1,57 @@
+"""`default-moe` command line: inspect routers and validate configs before a job starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List, Optional
+
+
+def _cmd_routers(args: argparse.Namespace) -> int:
+    from default_moe.routing import registered_routers
+
+    for name, cls in sorted(registered_routers().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:12s} {doc}")
+    return 0
+
+
+def _cmd_check_config(args: argparse.Namespace) -> int:
+    from default_moe.config import MoEConfig
+
+    try:
+        with open(args.path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        print(f"error: cannot read {args.path}: {e}", file=sys.stderr)
+        return 2
+    if args.section:
+        if args.section not in data:
+            print(f"error: {args.path} has no {args.section!r} section", file=sys.stderr)
+            return 2
+        data = data[args.section]
+    data = {k: v for k, v in data.items() if k != "enabled"}
+    try:
+        cfg = MoEConfig.from_dict(data)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(cfg.to_dict(), indent=2))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="default-moe", description=__doc__)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("routers", help="list the registered routers").set_defaults(fn=_cmd_routers)
+    p = sub.add_parser("check-config", help="validate an MoE config JSON and print it with defaults filled in")
+    p.add_argument("path")
+    p.add_argument("--section", default=None, help='read this top-level key, e.g. "default_moe" of a DeepSpeed config')
+    p.set_defaults(fn=_cmd_check_config)
+    args = ap.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Bad input is rejected with a ValueError naming the field, before anything is built."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from default_moe import MoEConfig, MoELayer, count_collectives
+
+BASE = dict(hidden_size=16, num_experts=8, ffn_hidden_size=32)
+
+
+@pytest.mark.parametrize(
+    "override,field,allowed",
+    [
+        ({"top_k": 9}, "top_k", "num_experts"),
+        ({"top_k": 0}, "top_k", ">= 1"),
+        ({"ep_size": 3}, "ep_size", "divisible"),
+        ({"beta": 1.0}, "beta", "[0.0, 1.0)"),
+        ({"beta": -0.1}, "beta", "[0.0, 1.0)"),
+        ({"beta": float("nan")}, "beta", "[0.0, 1.0)"),
+        ({"router": "expert_choice"}, "router", "'default'"),
+        ({"activation": "relu"}, "activation", "'swiglu'"),
+        ({"ema_sync": "later"}, "ema_sync", "'async'"),
+        ({"ema_weighting": "median"}, "ema_weighting", "'prob'"),
+        ({"capacity_factor": 0.0}, "capacity_factor", "> 0"),
+        ({"drop_policy": "random"}, "drop_policy", "'probs'"),
+        ({"hidden_size": 0}, "hidden_size", ">= 1"),
+        ({"num_experts": 2.5}, "num_experts", "integer"),
+        ({"normalize_topk": "yes"}, "normalize_topk", "true or false"),
+        ({"aux_loss_coeff": -1}, "aux_loss_coeff", "[0.0"),
+    ],
+)
+def test_bad_config_values(override, field, allowed):
+    with pytest.raises(ValueError) as e:
+        MoEConfig(**{**BASE, **override})
+    assert f"MoEConfig.{field}" in str(e.value) and allowed in str(e.value), str(e.value)
+
+
+def test_from_dict_rejects_unknown_and_missing_fields():
+    with pytest.raises(ValueError, match=r"unknown MoEConfig field\(s\) \['betta'\]"):
+        MoEConfig.from_dict({**BASE, "betta": 0.9})
+    with pytest.raises(ValueError, match=r"missing required field\(s\) \['ffn_hidden_size'\]"):
+        MoEConfig.from_dict({"hidden_size": 4, "num_experts": 2})
+    assert MoEConfig.from_dict(BASE, beta=0.5).beta == 0.5
+
+
+def test_bad_layer_input_and_no_collective():
+    layer = MoELayer(MoEConfig(**BASE))
+    with count_collectives() as c:
+        with pytest.raises(ValueError, match=r"last dimension must equal MoEConfig.hidden_size \(16\)"):
+            layer(torch.randn(4, 15))
+        with pytest.raises(ValueError, match="floating-point tensor, got torch.int64"):
+            layer(torch.ones(4, 16, dtype=torch.long))
+    assert c.records == []
+
+
+def test_ep_size_needs_a_matching_world():
+    with pytest.raises(ValueError, match=r"ep_size \(2\) must divide the world size \(1\)"):
+        MoELayer(MoEConfig(**BASE, ep_size=2))
+
+
+def test_cli_check_config(tmp_path):
+    good = tmp_path / "ds.json"
+    good.write_text(json.dumps({"train_batch_size": 8, "default_moe": {"enabled": True, **BASE, "beta": 0.8}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "default_moe.cli", "check-config", str(good), "--section", "default_moe"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0 and json.loads(out.stdout)["beta"] == 0.8
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**BASE, "ema_sync": "eventually"}))
+    out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(bad)], capture_output=True, text=True)
+    assert out.returncode == 2 and "MoEConfig.ema_sync must be one of ['sync', 'async']" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "default_moe.cli", "routers"], capture_output=True, text=True)
+    assert out.returncode == 0 and "default" in out.stdout and "topk" in out.stdout
