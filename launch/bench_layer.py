@@ -71,18 +71,20 @@ def main() -> None:
             sync_all()
             times[key].append((time.perf_counter() - t0) / args.iters)
     if rank == 0:
-        base = statistics.median(times[VARIANTS[0]])
         print(f"world={world} ep={world} device={device} dtype={args.dtype} tokens/rank={args.tokens} "
               f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters}")
-        print(f"| router | ema_sync | step ms (median) | tokens/s (all ranks) | time / TopK | all-to-all calls, KiB | all-reduce calls, KiB |")
+        print(f"| router | ema_sync | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | all-to-all calls, KiB | all-reduce calls, KiB |")
         print("|---|---|---|---|---|---|---|")
         for key in VARIANTS:
             t = statistics.median(times[key])
             c = counts[key]
             a2a = c.get("all_to_all", (0, 0))
             ar = c.get("all_reduce", (0, 0))
+            # Paired per-round ratios: both variants ran back to back, so drift cancels.
+            ratios = sorted(a / b for a, b in zip(times[key], times[VARIANTS[0]]))
+            q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             print(f"| {key[0]} | {key[1] if key[0] == 'default' else '-'} | {t*1e3:.1f} | {args.tokens*world/t:,.0f} | "
-                  f"{t/base:.3f} | {a2a[0]}, {a2a[1]/1024:.1f} | {ar[0]}, {ar[1]/1024:.2f} |")
+                  f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f}) | {a2a[0]}, {a2a[1]/1024:.1f} | {ar[0]}, {ar[1]/1024:.2f} |")
     if dist.is_initialized():
         dist.destroy_process_group()
 
