@@ -20,6 +20,9 @@ def free_port() -> int:
 
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
     torch.set_num_threads(1)
+    # What torchrun would set: engines (DeepSpeed) read these.
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",

@@ -17,15 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def mark_expert_params(module: nn.Module, ep_size: int) -> None:
-    """Tags parameters so engines reduce them over the expert-data-parallel group.
+def mark_expert_params(module: nn.Module) -> None:
+    """Marks parameters as expert-parallel: engines reduce their gradients over the
+    expert-data-parallel group (not the whole DP group) and divide by the DP size.
 
-    `allreduce=False` and `group_name="ep_size_N"` are the tags DeepSpeed's engine and
-    `split_params_into_different_moe_groups_for_optimizer` look for; `expert_parallel=True` is ours.
+    Engine-specific tags are added by the integrations (DeepSpeed: `allreduce=False`,
+    `group_name="ep_size_N"`), so a plain engine that does not know them is not confused.
     """
     for p in module.parameters():
-        p.allreduce = False
-        p.group_name = f"ep_size_{ep_size}"
         p.expert_parallel = True
 
 

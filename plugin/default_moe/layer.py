@@ -23,7 +23,7 @@ from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask
 from default_moe.experts import GroupedExperts, mark_expert_params
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, build_groups
-from default_moe.routing import build_router
+from default_moe.routing import build_router, registered_routers
 
 
 def _in_backward() -> bool:
@@ -63,7 +63,7 @@ class MoELayer(nn.Module):
         self.experts = GroupedExperts(
             config.num_local_experts, config.hidden_size, config.ffn_hidden_size, config.activation, config.init_std
         )
-        mark_expert_params(self.experts, config.ep_size)
+        mark_expert_params(self.experts)
         self.defaults: Optional[ExpertDefaults] = None
         if self.router.uses_defaults:
             self.defaults = ExpertDefaults(
@@ -71,6 +71,65 @@ class MoELayer(nn.Module):
             )
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.tokens_per_expert: Optional[torch.Tensor] = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.num_experts
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.config.num_local_experts
+
+    def reconfigure(self, config: MoEConfig, groups: Optional[ParallelGroups] = None) -> None:
+        """Applies a new config to a built layer, in place (used by the engine integrations).
+
+        Router kind, top-k, beta, sync mode, capacity and loss coefficients may change freely.
+        `ep_size` may go from 1 to P: each rank keeps its slice of the experts. Parameters keep
+        their identity (only `.data` is sliced), so an optimizer built before this call stays valid.
+        Shapes (hidden, ffn, experts, activation) cannot change.
+        """
+        old = self.config
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "activation"):
+            if getattr(config, name) != getattr(old, name):
+                raise ValueError(
+                    f"MoEConfig.{name} cannot change on a built layer ({getattr(old, name)!r} -> {getattr(config, name)!r})"
+                )
+        if groups is None:
+            groups = build_groups(config.ep_size)
+        if groups.ep_size != config.ep_size:
+            raise ValueError(
+                f"MoEConfig.ep_size ({config.ep_size}) does not match the size of the given EP group ({groups.ep_size})"
+            )
+        if config.ep_size != old.ep_size:
+            if old.ep_size != 1:
+                raise ValueError(f"only a layer built with ep_size=1 can be resharded, this one has ep_size={old.ep_size}")
+            L = config.num_local_experts
+            keep = slice(groups.ep_rank * L, (groups.ep_rank + 1) * L)
+            with torch.no_grad():
+                for p in self.experts.parameters():
+                    p.data = p.data[keep].clone()
+        self.config, self.groups = config, groups
+        self.dispatcher = AllToAllDispatcher(config.num_experts, groups.ep_group)
+        router_cls = registered_routers()[config.router]
+        if type(self.router) is not router_cls:
+            new = router_cls(config).to(self.router.weight.device)
+            old_params = dict(self.router.named_parameters())
+            if {n: p.shape for n, p in new.named_parameters()} == {n: p.shape for n, p in old_params.items()}:
+                for name, p in old_params.items():  # keep the Parameter objects (optimizer references)
+                    module_name, _, attr = name.rpartition(".")
+                    setattr(new.get_submodule(module_name) if module_name else new, attr, p)
+            self.router = new
+        self.router.config = config
+        if self.router.uses_defaults:
+            if self.defaults is None:
+                self.defaults = ExpertDefaults(
+                    config.num_experts, config.hidden_size, config.beta, config.ema_weighting, config.ema_sync
+                ).to(self.router.weight.device)
+            else:
+                self.defaults.beta, self.defaults.weighting = config.beta, config.ema_weighting
+                self.defaults.sync_mode = config.ema_sync
+        else:
+            self.defaults = None
 
     @property
     def local_expert_ids(self) -> range:

@@ -1,0 +1,289 @@
+"""DeepSpeed integration: the `"default_moe"` config section.
+
+    engine, optimizer, _, _ = default_moe.deepspeed.initialize(model=model, config="ds.json", ...)
+
+or, for scripts that should change by one line, `import default_moe.deepspeed` before calling
+`deepspeed.initialize` (importing registers the hook; `register()` does it explicitly).
+
+With `"default_moe": {"enabled": true, ...}` every `default_moe.MoELayer` of the model is
+reconfigured from the section (router, top_k, beta, ema_sync, ep_size, ...), its experts are
+sharded over DeepSpeed's expert-parallel group `ep_size_N`, its expert parameters get DeepSpeed's
+MoE tags (reduced over the expert-data-parallel group, MoE optimizer param groups), and the
+engine is made aware that the model has MoE layers. Without the section, or with
+`"enabled": false`, this is exactly `deepspeed.initialize`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from default_moe.config import MoEConfig
+from default_moe.layer import MoELayer
+from default_moe.losses import AuxLossAutoScaler
+from default_moe.parallel import ParallelGroups, check_ep_size
+
+SECTION = "default_moe"
+# Section keys that set MoEConfig fields; structural fields (sizes, activation) come from the model.
+SECTION_FIELDS = (
+    "router", "top_k", "beta", "ema_sync", "ema_weighting", "normalize_topk", "ep_size",
+    "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff",
+)
+EXPERT_FILE = "default_moe_experts_ep{ep_size}_rank{ep_rank}.pt"
+
+_ORIGINAL_INITIALIZE = None
+
+
+@dataclasses.dataclass
+class DeepSpeedMoESection:
+    """The validated `"default_moe"` section of a DeepSpeed config."""
+
+    enabled: bool = False
+    overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_ds_config(cls, ds_config: Optional[Dict[str, Any]]) -> "DeepSpeedMoESection":
+        section = (ds_config or {}).get(SECTION)
+        if section is None:
+            return cls(enabled=False)
+        if not isinstance(section, dict):
+            raise ValueError(f'DeepSpeed config "{SECTION}" must be an object, got {type(section).__name__}')
+        allowed = ("enabled",) + SECTION_FIELDS
+        unknown = sorted(set(section) - set(allowed))
+        if unknown:
+            raise ValueError(f'unknown key(s) {unknown} in DeepSpeed config "{SECTION}"; allowed keys: {list(allowed)}')
+        enabled = section.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ValueError(f'DeepSpeed config "{SECTION}.enabled" must be true or false, got {enabled!r}')
+        overrides = {k: v for k, v in section.items() if k != "enabled"}
+        # Validate the values alone (against a shape they all fit) so errors name the field early.
+        num_experts = 1
+        for key in ("top_k", "ep_size"):
+            v = overrides.get(key, getattr(MoEConfig, key))
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                num_experts *= v
+        try:
+            MoEConfig(hidden_size=1, ffn_hidden_size=1, num_experts=num_experts, **overrides)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
+        return cls(enabled=enabled, overrides=overrides)
+
+    def config_for(self, layer_config: MoEConfig) -> MoEConfig:
+        try:
+            return dataclasses.replace(layer_config, **self.overrides)
+        except ValueError as e:
+            raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
+
+
+def _read_ds_config(args: Any, config: Any, config_params: Any) -> Optional[Dict[str, Any]]:
+    """The config dict DeepSpeed will use: `config`, `config_params` or `args.deepspeed_config`."""
+    cfg = config if config is not None else config_params
+    if cfg is None and args is not None:
+        cfg = getattr(args, "deepspeed_config", None)
+    if cfg is None:
+        return None
+    if isinstance(cfg, (str, os.PathLike)):
+        with open(cfg) as f:
+            return json.load(f)
+    if isinstance(cfg, dict):
+        return cfg
+    return None
+
+
+def skip_cpu_jit_builds() -> None:
+    """On CPU, stop DeepSpeed from JIT-compiling its shared-memory comm op (~3 min) at init."""
+    if torch.cuda.is_available():
+        return
+    import deepspeed.comm.torch  # noqa: F401  (the module object is only reachable via sys.modules)
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def _deepspeed_groups(ep_size: int) -> ParallelGroups:
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return ParallelGroups(
+        ep_group=groups._get_expert_parallel_group(name),
+        expert_dp_group=groups._get_expert_data_parallel_group(name),
+        dp_group=groups._get_data_parallel_group(),
+    )
+
+
+def _moe_layers(model: torch.nn.Module) -> List[Tuple[str, MoELayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def _tag_expert_params(layer: MoELayer) -> None:
+    for p in layer.experts.parameters():
+        p.allreduce = False
+        p.group_name = f"ep_size_{layer.config.ep_size}"
+
+
+def _split_optimizer_groups(optimizer: torch.optim.Optimizer) -> None:
+    """Gives an optimizer built before initialize DeepSpeed's MoE param groups (in place)."""
+    from deepspeed.moe.utils import is_moe_param_group, split_params_into_different_moe_groups_for_optimizer
+
+    if any(is_moe_param_group(g) for g in optimizer.param_groups):
+        return
+    named = [{"name": f"group{i}", **g} for i, g in enumerate(optimizer.param_groups)]
+    groups = split_params_into_different_moe_groups_for_optimizer(named)
+    optimizer.param_groups = groups
+
+
+@contextlib.contextmanager
+def _engine_sees_our_layers():
+    """While the engine is built, its `isinstance(module, MoE)` also matches our layers.
+
+    The engine decides from that check whether the model has MoE layers (expert gradient
+    reduction over expert-DP groups, MoE optimizer groups, ZeRO's expert partitions). The
+    checkpoint code keeps the original check (our experts are saved by `_save_experts`).
+    """
+    import deepspeed.runtime.engine as engine_mod
+
+    native = engine_mod.MoE
+
+    class _Match(type):
+        def __instancecheck__(cls, obj):
+            return isinstance(obj, (native, MoELayer))
+
+    class MoEOrDefaultMoE(metaclass=_Match):
+        pass
+
+    engine_mod.MoE = MoEOrDefaultMoE
+    try:
+        yield
+    finally:
+        engine_mod.MoE = native
+
+
+def _expert_state(model) -> Dict[str, Dict[str, torch.Tensor]]:
+    return {
+        name: {n: p.detach().cpu().clone() for n, p in layer.experts.named_parameters()}
+        for name, layer in _moe_layers(model)
+    }
+
+
+def _install_engine_hooks(engine) -> None:
+    """Checkpoint save/load of this rank's experts and the aux-loss gradient scale."""
+    model = engine.module
+    layers = _moe_layers(model)
+    ep_size = layers[0][1].config.ep_size
+    ep_rank = layers[0][1].groups.ep_rank
+    expert_dp_rank = dist.get_rank(layers[0][1].groups.expert_dp_group) if layers[0][1].groups.expert_dp_size > 1 else 0
+    save, load, backward = engine.save_checkpoint, engine.load_checkpoint, engine.backward
+
+    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
+        tag = tag if tag is not None else f"global_step{engine.global_steps}"
+        out = save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kw)
+        # DeepSpeed writes the module state from DP rank 0 only: every EP rank adds its experts.
+        if expert_dp_rank == 0:
+            path = os.path.join(save_dir, str(tag), EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank))
+            tmp = path + ".tmp"
+            torch.save({"ep_size": ep_size, "ep_rank": ep_rank, "experts": _expert_state(model)}, tmp)
+            os.replace(tmp, path)
+        dist.barrier()
+        return out
+
+    def load_checkpoint(load_dir, tag=None, **kw):
+        load_path, client_state = load(load_dir, tag=tag, **kw)
+        if load_path is None:
+            return load_path, client_state
+        ckpt_dir = os.path.dirname(load_path)
+        path = os.path.join(ckpt_dir, EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank))
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{path} is missing: the checkpoint was not written by default_moe at ep_size={ep_size}"
+            )
+        saved = torch.load(path, map_location="cpu", weights_only=True)["experts"]
+        with torch.no_grad():
+            for name, layer in layers:
+                for n, p in layer.experts.named_parameters():
+                    p.copy_(saved[name][n])
+        return load_path, client_state
+
+    def backward_with_aux_scale(loss, *args, **kw):
+        # The aux losses enter backward through the layer outputs, outside the engine's loss
+        # scaling: give them the same 1/gradient_accumulation_steps (and fp16 loss scale).
+        scale = 1.0 / engine.gradient_accumulation_steps()
+        loss_scaler = getattr(engine.optimizer, "cur_scale", None)
+        if engine.fp16_enabled() and loss_scaler is not None:
+            scale *= float(loss_scaler)
+        AuxLossAutoScaler.set_loss_scale(scale)
+        return backward(loss, *args, **kw)
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+    engine.backward = backward_with_aux_scale
+
+
+def initialize(args=None, model=None, optimizer=None, model_parameters=None, *rest, **kwargs):
+    """Drop-in for `deepspeed.initialize` (same arguments, same return value) honouring the
+    `"default_moe"` section of the DeepSpeed config."""
+    import deepspeed
+
+    original = _ORIGINAL_INITIALIZE or deepspeed.initialize
+    ds_config = _read_ds_config(args, kwargs.get("config"), kwargs.get("config_params"))
+    section = DeepSpeedMoESection.from_ds_config(ds_config)
+    if not section.enabled or model is None:
+        return original(args, model, optimizer, model_parameters, *rest, **kwargs)
+
+    layers = _moe_layers(model)
+    if not layers:
+        raise ValueError(f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer')
+    new_configs = [section.config_for(layer.config) for _, layer in layers]  # validates every layer first
+    ep_sizes = {c.ep_size for c in new_configs}
+    if len(ep_sizes) != 1:
+        raise ValueError(f'DeepSpeed config "{SECTION}": all MoE layers must share one ep_size, got {sorted(ep_sizes)}')
+    ep_size = ep_sizes.pop()
+    world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+    try:
+        check_ep_size(ep_size, world)
+    except ValueError as e:
+        raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
+    zero_stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if zero_stage == 3:
+        raise ValueError(f'DeepSpeed config "{SECTION}": ZeRO stage 3 is not supported with default_moe layers; use stage 0, 1 or 2')
+
+    skip_cpu_jit_builds()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    groups = _deepspeed_groups(ep_size)
+    for (_, layer), cfg in zip(layers, new_configs):
+        layer.reconfigure(cfg, groups)
+        _tag_expert_params(layer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        _split_optimizer_groups(optimizer)
+    with _engine_sees_our_layers():
+        result = original(args, model, optimizer, model_parameters, *rest, **kwargs)
+    _install_engine_hooks(result[0])
+    return result
+
+
+def register() -> None:
+    """Makes a plain `deepspeed.initialize(...)` honour the `"default_moe"` section."""
+    global _ORIGINAL_INITIALIZE
+    import deepspeed
+
+    if _ORIGINAL_INITIALIZE is None:
+        _ORIGINAL_INITIALIZE = deepspeed.initialize
+        deepspeed.initialize = initialize
+
+
+def unregister() -> None:
+    """Restores DeepSpeed's own `deepspeed.initialize`."""
+    global _ORIGINAL_INITIALIZE
+    import deepspeed
+
+    if _ORIGINAL_INITIALIZE is not None:
+        deepspeed.initialize = _ORIGINAL_INITIALIZE
+        _ORIGINAL_INITIALIZE = None
