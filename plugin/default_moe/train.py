@@ -1,0 +1,333 @@
+"""The main job: train a small GPT whose FFNs are MoE layers, through DeepSpeed with the
+"default_moe" section, on the shipped corpus (or your own), on all local ranks.
+
+    torchrun --nproc_per_node 2 launch/train.py --config configs/gpt_tiny.json [--steps 300] [--resume]
+
+Every `RunConfig` field is a command-line flag (`--micro-batch 8`); the run config file sets the
+defaults and names the DeepSpeed JSON, whose "default_moe" section `--router`, `--beta`,
+`--ep-size` and `--ema-sync` override. Writes to `--run-dir`: checkpoints (ckpt/), TensorBoard
+events (tb/), `metrics.json`, and `loss.png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from default_moe import data as data_mod
+from default_moe.integrations import deepspeed as dm_ds
+from default_moe.models.gpt import GPT, GPTConfig
+
+
+@dataclass
+class RunConfig:
+    """Run settings (model shape in GPTConfig fields, optimisation, logging)."""
+
+    deepspeed_config: str = "configs/ds_gpt_tiny.json"
+    run_dir: str = "runs/gpt_tiny"
+    data: str = data_mod.SHIPPED
+    tokenizer: Optional[str] = None
+    token_dtype: str = "uint16"
+    steps: int = 500
+    micro_batch: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    eval_every: int = 50
+    eval_batches: int = 8
+    ckpt_every: int = 250
+    log_every: int = 10
+    seed: int = 1234
+    # Overrides of the DeepSpeed "default_moe" section (None: keep the JSON's value).
+    router: Optional[str] = None
+    beta: Optional[float] = None
+    ep_size: Optional[int] = None
+    ema_sync: Optional[str] = None
+    model: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "micro_batch", "eval_every", "eval_batches", "ckpt_every", "log_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"RunConfig.{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {v!r}")
+        if not (self.lr > 0):
+            raise ValueError(f"RunConfig.lr (--lr) must be > 0, got {self.lr!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"RunConfig.warmup_steps (--warmup-steps) must be >= 0, got {self.warmup_steps!r}")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> tuple:
+    """Run config file + command-line overrides -> (RunConfig, GPTConfig, DeepSpeed config dict, resume)."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="configs/gpt_tiny.json", help="run config JSON")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir/ckpt")
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "model":
+            continue
+        typ = {"int": int, "float": float, "str": str}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=None, help=f"(RunConfig.{f.name})")
+    for f in dataclasses.fields(GPTConfig):
+        if f.name in ("router",):
+            continue
+        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, dest=f"model_{f.name}",
+                        help=f"(GPTConfig.{f.name})")
+    args = ap.parse_args(argv)
+    try:
+        with open(args.config) as fh:
+            file_cfg = json.load(fh)
+    except (OSError, json.JSONDecodeError) as e:
+        ap.error(f"--config {args.config}: {e}")
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(file_cfg) - known)
+    if unknown:
+        ap.error(f"{args.config}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    values = dict(file_cfg)
+    for f in dataclasses.fields(RunConfig):
+        v = getattr(args, f.name, None)
+        if v is not None and f.name != "model":
+            values[f.name] = v
+    model = dict(values.get("model", {}))
+    for f in dataclasses.fields(GPTConfig):
+        v = getattr(args, f"model_{f.name}", None)
+        if v is not None:
+            model[f.name] = v
+    values["model"] = model
+    try:
+        run = RunConfig(**values)
+        gpt_unknown = sorted(set(model) - {f.name for f in dataclasses.fields(GPTConfig)})
+        if gpt_unknown:
+            raise ValueError(f'unknown key(s) {gpt_unknown} in "model"')
+        gpt = GPTConfig(**model)
+        with open(run.deepspeed_config) as fh:
+            ds_config = json.load(fh)
+        section = dict(ds_config.get("default_moe", {"enabled": True}))
+        for key in ("router", "beta", "ep_size", "ema_sync"):
+            if getattr(run, key) is not None:
+                section[key] = getattr(run, key)
+        ds_config["default_moe"] = section
+        dm_ds.DeepSpeedMoESection.from_ds_config(ds_config)  # fail early, before any process group
+        if section.get("enabled", True):
+            dataclasses.replace(gpt.moe_config(), **{k: v for k, v in section.items() if k != "enabled"})
+    except (ValueError, TypeError, OSError, json.JSONDecodeError) as e:
+        ap.error(str(e))
+    return run, gpt, ds_config, args.resume
+
+
+def lr_lambda(run: RunConfig):
+    def f(step: int) -> float:
+        if step < run.warmup_steps:
+            return (step + 1) / run.warmup_steps
+        progress = min(1.0, (step - run.warmup_steps) / max(1, run.steps - run.warmup_steps))
+        return run.min_lr_ratio + (1 - run.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine, val_tokens, run: RunConfig, gpt: GPTConfig, rank: int) -> float:
+    engine.eval()
+    losses = []
+    for i in range(run.eval_batches):
+        # A fixed validation set: the same windows at every evaluation.
+        x, y = data_mod.sample_batch(val_tokens, run.micro_batch, gpt.seq_len, run.seed + 1, 0, rank, i)
+        losses.append(engine(x.to(engine.device), y.to(engine.device)).item())
+    engine.train()
+    return _mean_over_ranks(sum(losses) / len(losses), engine.device)
+
+
+def _expert_load(model) -> List[float]:
+    """Max/mean token load over experts for each MoE layer (1.0 = perfectly balanced), global."""
+    out = []
+    for layer in model.moe_layers:
+        counts = layer.tokens_per_expert.to(torch.float64).clone()
+        dist.all_reduce(counts)
+        out.append((counts.max() / counts.mean().clamp_min(1e-9)).item())
+    return out
+
+
+def plot(history: Dict[str, list], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if history["train"]:
+        steps, losses = zip(*history["train"])
+        ax.plot(steps, losses, label="train loss", alpha=0.8)
+    if history["val"]:
+        steps, losses = zip(*history["val"])
+        ax.plot(steps, losses, "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _quiet_engine_logs() -> None:
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # torch 2.13 deprecates a collective DeepSpeed's ZeRO still calls every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    run, gpt, ds_config, resume = parse_args(argv)
+    import deepspeed
+
+    _quiet_engine_logs()
+    from torch.utils.tensorboard import SummaryWriter
+    from tqdm import tqdm
+
+    dm_ds.skip_cpu_jit_builds()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir = Path(run.run_dir)
+    ckpt_dir = run_dir / "ckpt"
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    if rank == 0:  # tokenise once into the cache; the other ranks then read it
+        tokens = data_mod.load_tokens(run.data, run.tokenizer, run.token_dtype)
+    dist.barrier()
+    tokens = data_mod.load_tokens(run.data, run.tokenizer, run.token_dtype)
+    train_tokens, val_tokens = data_mod.split_train_val(tokens)
+    if int(tokens.max()) >= gpt.vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} >= GPTConfig.vocab_size {gpt.vocab_size}")
+
+    torch.manual_seed(run.seed)  # same initial weights on every rank; the section shards experts
+    model = GPT(gpt)
+    ds_config = dict(ds_config)
+    ds_config["train_micro_batch_size_per_gpu"] = run.micro_batch
+    ds_config.setdefault("gradient_accumulation_steps", 1)
+    ds_config.pop("train_batch_size", None)
+    ds_config["optimizer"]["params"]["lr"] = run.lr
+    engine, _, _, scheduler = dm_ds.initialize(
+        model=model, model_parameters=list(model.parameters()), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run)),
+    )
+    gas = engine.gradient_accumulation_steps()
+    moe_cfg = model.moe_layers[0].config
+    n_params = sum(p.numel() for p in model.parameters())
+    n_expert = sum(p.numel() for l in model.moe_layers for p in l.experts.parameters())
+    total_params = n_params + n_expert * (moe_cfg.ep_size - 1)
+    active = total_params - n_expert * moe_cfg.ep_size * (1 - moe_cfg.top_k / moe_cfg.num_experts)
+
+    history: Dict[str, list] = {"train": [], "val": [], "step_time": [], "load": []}
+    start_step = 0
+    if resume:
+        if not (ckpt_dir / "latest").exists():
+            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        start_step, history = client["step"], client["history"]
+
+    writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
+    if rank == 0:
+        print(f"[train] world={world} device={engine.device} router={moe_cfg.router} ep_size={moe_cfg.ep_size} "
+              f"experts={moe_cfg.num_experts} top_k={moe_cfg.top_k} beta={moe_cfg.beta} ema_sync={moe_cfg.ema_sync} "
+              f"zero={engine.zero_optimization_stage()} gas={gas}")
+        print(f"[train] model: d={gpt.d_model} layers={gpt.n_layers} vocab={gpt.vocab_size} seq={gpt.seq_len}; "
+              f"params {total_params/1e6:.2f}M total, {active/1e6:.2f}M active per token; "
+              f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
+              + (f"; resumed at step {start_step}" if resume else ""))
+    tokens_per_step = run.micro_batch * gpt.seq_len * gas * world
+    bar = tqdm(range(start_step, run.steps), initial=start_step, total=run.steps, disable=rank != 0,
+               desc="train", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    t_start = time.perf_counter()
+    for step in bar:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for micro in range(gas):
+            x, y = data_mod.sample_batch(train_tokens, run.micro_batch, gpt.seq_len, run.seed, step, rank, micro)
+            loss = engine(x.to(engine.device), y.to(engine.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        history["step_time"].append(time.perf_counter() - t0)
+        done = step + 1
+        if done % run.log_every == 0 or done == run.steps:
+            train_loss = _mean_over_ranks(loss_sum / gas, engine.device)
+            history["train"].append((done, train_loss))
+            load = _expert_load(model)
+            history["load"].append((done, max(load)))
+            if rank == 0:
+                aux = {k: float(v) for k, v in model.moe_layers[0].aux_losses.items()}
+                bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
+                                load=f"{max(load):.2f}")
+                writer.add_scalar("train/loss", train_loss, done)
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+                writer.add_scalar("train/aux_load_balancing_layer0", aux["load_balancing"], done)
+                for i, v in enumerate(load):
+                    writer.add_scalar(f"load/max_over_mean_layer{i}", v, done)
+        if done % run.eval_every == 0 or done == run.steps:
+            val = evaluate(engine, val_tokens, run, gpt, rank)
+            history["val"].append((done, val))
+            load = _expert_load(model)
+            if rank == 0:
+                writer.add_scalar("val/loss", val, done)
+                writer.add_scalar("val/perplexity", math.exp(val), done)
+                tqdm.write(f"[train] step {done:5d}  train {history['train'][-1][1]:.4f}  val {val:.4f}  "
+                           f"ppl {math.exp(val):8.2f}  expert load max/mean per layer "
+                           f"{' '.join(f'{v:.2f}' for v in load)}", file=sys.stdout)
+        if done % run.ckpt_every == 0 or done == run.steps:
+            engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done, "history": history})
+    bar.close()
+
+    if rank == 0:
+        elapsed = time.perf_counter() - t_start
+        recent = history["step_time"][-min(50, len(history["step_time"])):] or [float("nan")]
+        step_time = sorted(recent)[len(recent) // 2]
+        final_val = history["val"][-1][1] if history["val"] else float("nan")
+        metrics = {
+            "steps": run.steps, "router": moe_cfg.router, "ep_size": moe_cfg.ep_size, "world": world,
+            "final_train_loss": history["train"][-1][1] if history["train"] else None,
+            "final_val_loss": final_val, "final_val_ppl": math.exp(final_val),
+            "median_step_s": step_time, "tokens_per_s": tokens_per_step / step_time,
+            "wall_s_this_session": elapsed, "params_total": total_params, "params_active": active,
+            "history": history,
+        }
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        plot(history, run_dir / "loss.png", f"GPT-MoE {moe_cfg.router}, {moe_cfg.num_experts} experts top-{moe_cfg.top_k}")
+        norms = [layer.defaults.defaults_ED.norm(dim=1).mean().item() for layer in model.moe_layers if layer.defaults is not None]
+        print("[train] ---- summary ----")
+        print(f"[train] steps {run.steps}, final train loss {metrics['final_train_loss']:.4f}, "
+              f"validation loss {final_val:.4f} (perplexity {math.exp(final_val):.2f})")
+        print(f"[train] median step {step_time*1e3:.0f} ms, {metrics['tokens_per_s']:,.0f} tokens/s over {world} ranks; "
+              f"{elapsed:.0f} s this session")
+        if norms:
+            print(f"[train] mean default-vector norm per layer: {' '.join(f'{n:.3f}' for n in norms)}")
+        print(f"[train] wrote {run_dir/'loss.png'}, {run_dir/'metrics.json'}, TensorBoard events in {run_dir/'tb'}, "
+              f"checkpoints in {ckpt_dir}")
+        writer.close()
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

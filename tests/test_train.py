@@ -1,0 +1,91 @@
+"""The main job: data loading, config errors, and a torchrun smoke run with resume."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from default_moe import data as data_mod
+from default_moe.train import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shipped_corpus_and_tokenizer_round_trip():
+    tok = data_mod.load_tokenizer()
+    assert tok.get_vocab_size() == 4096
+    text = "Dense backpropagation for sparse experts: `dict.get()` returns None."
+    assert tok.decode(tok.encode(text).ids) == text
+    assert data_mod.data_path("LICENSE-PSF.txt").exists()
+
+
+def test_user_text_and_binary_tokens(tmp_path, monkeypatch):
+    monkeypatch.setenv("DEFAULT_MOE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("hello world\n\n" * 200)
+    (tmp_path / "docs" / "b.md").write_text("# title\n\nsome markdown text\n" * 100)
+    toks = data_mod.load_tokens(str(tmp_path / "docs"))
+    assert len(toks) > 500 and toks.dtype == np.uint16
+    again = data_mod.load_tokens(str(tmp_path / "docs"))  # from the cache
+    assert np.array_equal(toks, again) and len(list((tmp_path / "cache").glob("tokens-*.npy"))) == 1
+    ids = np.arange(1000, dtype="<u4") % 4096
+    ids.tofile(tmp_path / "pre.bin")
+    b = data_mod.load_tokens(str(tmp_path / "pre.bin"), token_dtype="uint32")
+    assert np.array_equal(np.asarray(b), ids)
+    with pytest.raises(ValueError, match="no such file"):
+        data_mod.load_tokens(str(tmp_path / "missing.txt"))
+    x1, y1 = data_mod.sample_batch(toks, 3, 16, seed=1, step=5, rank=1)
+    x2, y2 = data_mod.sample_batch(toks, 3, 16, seed=1, step=5, rank=1)
+    x3, _ = data_mod.sample_batch(toks, 3, 16, seed=1, step=5, rank=0)
+    assert (x1 == x2).all() and (y1 == y2).all() and not (x1 == x3).all()
+    assert (x1[:, 1:] == y1[:, :-1]).all()
+
+
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--router", "nope"], "MoEConfig.router must be one of"),
+        (["--beta", "1.0"], "MoEConfig.beta"),
+        (["--steps", "0"], "RunConfig.steps (--steps) must be an integer >= 1"),
+        (["--n-heads", "3"], "GPTConfig.d_model (128) must be divisible by GPTConfig.n_heads (3)"),
+        (["--top-k", "9"], "MoEConfig.top_k must be <= num_experts (8)"),
+        (["--deepspeed-config", "nope.json"], "nope.json"),
+    ],
+)
+def test_bad_run_config_is_rejected_before_start(argv, needle, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+def _train(run_dir, *extra):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            str(ROOT / "launch" / "train.py"), "--run-dir", str(run_dir), "--micro-batch", "4", "--seq-len", "32",
+            "--eval-every", "2", "--eval-batches", "2", "--ckpt-every", "2", "--log-every", "1", *extra]
+    out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    return out.stdout
+
+
+@pytest.mark.distributed
+def test_main_job_smoke_and_resume(tmp_path):
+    out = _train(tmp_path, "--steps", "4")
+    assert "router=default ep_size=2" in out and "---- summary ----" in out
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert len(m["history"]["train"]) == 4 and all(np.isfinite(l) for _, l in m["history"]["train"])
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "ckpt" / "step4" / "default_moe_experts_ep2_rank1.pt").exists()
+
+    out = _train(tmp_path, "--steps", "6", "--resume")
+    assert "resumed at step 4" in out
+    m2 = json.loads((tmp_path / "metrics.json").read_text())
+    assert [s for s, _ in m2["history"]["train"]] == [1, 2, 3, 4, 5, 6]
+    assert m2["history"]["train"][:4] == m["history"]["train"]
