@@ -46,13 +46,15 @@ def main() -> None:
             step = statistics.median(times)
             tokens = m["tokens_per_s"] * m["median_step_s"]
             loads = [v for _, v in m["history"]["load"]]
-            results.append((name, step, tokens / step, m["final_val_loss"], sum(loads) / len(loads)))
+            rank_loads = [v for _, v in m["history"]["rank_load"]]
+            results.append((name, step, tokens / step, m["final_val_loss"], sum(loads) / len(loads),
+                            sum(rank_loads) / len(rank_loads)))
     base = results[0][1]
     print(f"main job, {args.nproc} ranks, {args.steps} steps each (median step after the first 10)")
-    print("| default_moe flag | step ms | tokens/s | time / flag off | val loss at end | mean max/mean expert load |")
-    print("|---|---|---|---|---|---|")
-    for name, step, tps, val, load in results:
-        print(f"| {name} | {step*1e3:.0f} | {tps:,.0f} | {step/base:.3f} | {val:.3f} | {load:.2f} |")
+    print("| default_moe flag | step ms | tokens/s | time / flag off | val loss at end | expert load max/mean | EP-rank load max/mean |")
+    print("|---|---|---|---|---|---|---|")
+    for name, step, tps, val, load, rload in results:
+        print(f"| {name} | {step*1e3:.0f} | {tps:,.0f} | {step/base:.3f} | {val:.3f} | {load:.2f} | {rload:.2f} |")
 
 
 if __name__ == "__main__":

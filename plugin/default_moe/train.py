@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -152,14 +152,17 @@ def evaluate(engine, val_tokens, run: RunConfig, gpt: GPTConfig, rank: int) -> f
     return _mean_over_ranks(sum(losses) / len(losses), engine.device)
 
 
-def _expert_load(model) -> List[float]:
-    """Max/mean token load over experts for each MoE layer (1.0 = perfectly balanced), global."""
-    out = []
+def _expert_load(model) -> Tuple[List[float], float]:
+    """Global load imbalance: per MoE layer, max/mean tokens over experts (1.0 = balanced), and
+    the worst layer's max/mean tokens over EP ranks (what sets an expert-parallel step's time)."""
+    per_layer, rank_load = [], 1.0
     for layer in model.moe_layers:
         counts = layer.tokens_per_expert.to(torch.float64).clone()
         dist.all_reduce(counts)
-        out.append((counts.max() / counts.mean().clamp_min(1e-9)).item())
-    return out
+        per_layer.append((counts.max() / counts.mean().clamp_min(1e-9)).item())
+        per_rank = counts.view(layer.config.ep_size, -1).sum(1)
+        rank_load = max(rank_load, (per_rank.max() / per_rank.mean().clamp_min(1e-9)).item())
+    return per_layer, rank_load
 
 
 def plot(history: Dict[str, list], path: Path, title: str) -> None:
@@ -238,7 +241,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     total_params = n_params + n_expert * (moe_cfg.ep_size - 1)
     active = total_params - n_expert * moe_cfg.ep_size * (1 - moe_cfg.top_k / moe_cfg.num_experts)
 
-    history: Dict[str, list] = {"train": [], "val": [], "step_time": [], "load": []}
+    history: Dict[str, list] = {"train": [], "val": [], "step_time": [], "load": [], "rank_load": []}
     start_step = 0
     if resume:
         if not (ckpt_dir / "latest").exists():
@@ -273,8 +276,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if done % run.log_every == 0 or done == run.steps:
             train_loss = _mean_over_ranks(loss_sum / gas, engine.device)
             history["train"].append((done, train_loss))
-            load = _expert_load(model)
+            load, rank_load = _expert_load(model)
             history["load"].append((done, max(load)))
+            history["rank_load"].append((done, rank_load))
             if rank == 0:
                 aux = {k: float(v) for k, v in model.moe_layers[0].aux_losses.items()}
                 bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}",
@@ -284,10 +288,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 writer.add_scalar("train/aux_load_balancing_layer0", aux["load_balancing"], done)
                 for i, v in enumerate(load):
                     writer.add_scalar(f"load/max_over_mean_layer{i}", v, done)
+                writer.add_scalar("load/ep_rank_max_over_mean", rank_load, done)
         if done % run.eval_every == 0 or done == run.steps:
             val = evaluate(engine, val_tokens, run, gpt, rank)
             history["val"].append((done, val))
-            load = _expert_load(model)
+            load, _ = _expert_load(model)
             if rank == 0:
                 writer.add_scalar("val/loss", val, done)
                 writer.add_scalar("val/perplexity", math.exp(val), done)
