@@ -135,7 +135,8 @@ def reference_moe(
     for e in range(E):
         out_TD = out_TD + (gates_TE[:, e] * kept_TE[:, e])[:, None] * all_ETD[e]
         if use_defaults:
-            out_TD = out_TD + (probs_TE[:, e] * ~selected_TE[:, e])[:, None] * used[e][None, :]
+            # Every expert that did not run for the token (not selected, or dropped) uses its default.
+            out_TD = out_TD + (probs_TE[:, e] * ~kept_TE[:, e])[:, None] * used[e][None, :]
 
     loss_aux = torch.zeros((), dtype=torch.float64)
     counts_E = selected_TE.sum(0).double() / len(chunks)  # averaged over DP ranks

@@ -12,3 +12,9 @@ pytestmark = pytest.mark.distributed
 
 def test_deepspeed_section_engines_reference_checkpoints(tmp_path):
     run_distributed(ds_workers.all_checks, 2, str(tmp_path))
+
+
+def test_deepspeed_own_moe_layers_converted(tmp_path):
+    import ds_moe_workers
+
+    run_distributed(ds_moe_workers.all_checks, 2, str(tmp_path))

@@ -123,6 +123,11 @@ class ExpertDefaults(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "defaults_ED"
+        if key not in state_dict:
+            # A checkpoint from before Default MoE was switched on: start from zero defaults
+            # (the paper's initialisation) instead of failing a strict load.
+            state_dict[key] = torch.zeros_like(self.defaults_ED)
         if self._pending is not None:
             if self._pending[0] is not None:
                 self._pending[0].wait()

@@ -182,7 +182,9 @@ class MoELayer(nn.Module):
                 self.defaults.update(stats, self.groups.dp_group)
             # A copy: the next in-place EMA update must not touch a tensor saved for this backward.
             D_ED = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
-            unselected_TE = torch.ones_like(route.probs_TE).scatter(1, idx_TK, 0.0)
+            # Experts that did not process the token: not in the top-k, or dropped over capacity.
+            not_run_TK = torch.zeros_like(gates_TK) if keep_TK is None else (~keep_TK).to(gates_TK.dtype)
+            unselected_TE = torch.ones_like(route.probs_TE).scatter(1, idx_TK, not_run_TK)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 default_TD = (route.probs_TE * unselected_TE) @ D_ED
             out_TD = out_TD + default_TD.to(out_TD.dtype)

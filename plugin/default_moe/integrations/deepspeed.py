@@ -123,6 +123,12 @@ def _moe_layers(model: torch.nn.Module) -> List[Tuple[str, MoELayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
 
 
+def _deepspeed_moe_layers(model: torch.nn.Module) -> list:
+    from deepspeed.moe.layer import MoE
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoE)]
+
+
 def _tag_expert_params(layer: MoELayer) -> None:
     for p in layer.experts.parameters():
         p.allreduce = False
@@ -237,19 +243,29 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     if not section.enabled or model is None:
         return original(args, model, optimizer, model_parameters, *rest, **kwargs)
 
+    from default_moe.integrations import deepspeed_moe
+
     layers = _moe_layers(model)
-    if not layers:
-        raise ValueError(f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer')
-    new_configs = [section.config_for(layer.config) for _, layer in layers]  # validates every layer first
-    ep_sizes = {c.ep_size for c in new_configs}
-    if len(ep_sizes) != 1:
-        raise ValueError(f'DeepSpeed config "{SECTION}": all MoE layers must share one ep_size, got {sorted(ep_sizes)}')
-    ep_size = ep_sizes.pop()
-    world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
-    try:
-        check_ep_size(ep_size, world)
-    except ValueError as e:
-        raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
+    ds_layers = _deepspeed_moe_layers(model)
+    if not layers and not ds_layers:
+        raise ValueError(
+            f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer '
+            f"and no deepspeed.moe.layer.MoE"
+        )
+    # Validate every layer's new config before anything is built or changed.
+    new_configs = [section.config_for(layer.config) for _, layer in layers]
+    ds_configs = [deepspeed_moe.layer_config(m, section.overrides) for _, m in ds_layers]
+    ep_size = 1
+    if layers:
+        ep_sizes = {c.ep_size for c in new_configs}
+        if len(ep_sizes) != 1:
+            raise ValueError(f'DeepSpeed config "{SECTION}": all MoE layers must share one ep_size, got {sorted(ep_sizes)}')
+        ep_size = ep_sizes.pop()
+        world = int(os.environ.get("WORLD_SIZE", dist.get_world_size() if dist.is_initialized() else 1))
+        try:
+            check_ep_size(ep_size, world)
+        except ValueError as e:
+            raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
     zero_stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     if zero_stage == 3:
         raise ValueError(f'DeepSpeed config "{SECTION}": ZeRO stage 3 is not supported with default_moe layers; use stage 0, 1 or 2')
@@ -257,15 +273,19 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     skip_cpu_jit_builds()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-    groups = _deepspeed_groups(ep_size)
-    for (_, layer), cfg in zip(layers, new_configs):
-        layer.reconfigure(cfg, groups)
-        _tag_expert_params(layer)
+    for (_, moe), cfg in zip(ds_layers, ds_configs):
+        deepspeed_moe.convert(moe, cfg)  # DeepSpeed's engine wires its groups as usual
+    if layers:
+        groups = _deepspeed_groups(ep_size)
+        for (_, layer), cfg in zip(layers, new_configs):
+            layer.reconfigure(cfg, groups)
+            _tag_expert_params(layer)
     if isinstance(optimizer, torch.optim.Optimizer):
         _split_optimizer_groups(optimizer)
     with _engine_sees_our_layers():
         result = original(args, model, optimizer, model_parameters, *rest, **kwargs)
-    _install_engine_hooks(result[0])
+    if layers:
+        _install_engine_hooks(result[0])
     return result
 
 

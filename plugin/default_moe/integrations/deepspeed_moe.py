@@ -1,0 +1,174 @@
+"""Default MoE for DeepSpeed's own MoE layers (`deepspeed.moe.layer.MoE`), converted in place.
+
+Choice: keep DeepSpeed's module and swap its `MOELayer` (`moe.deepspeed_moe`) for
+`DefaultMOELayer`, a subclass that reuses the same gate and experts modules. Parameter names and
+objects stay exactly as they were (`deepspeed_moe.gate.wg.weight`,
+`deepspeed_moe.experts.deepspeed_experts.N...`), so existing checkpoints load, DeepSpeed's
+engine still recognises the layer (expert groups, MoE optimizer groups, per-expert checkpoint
+files), and its gating functions keep their capacity/drop semantics, `l_aux` and `exp_counts`.
+What the subclass adds: the fp32 softmax over all experts, the default term
+sum_{experts that did not run} pi_i D_i (capacity-dropped routes included), and the EMA defaults
+(`deepspeed_moe.defaults.defaults_ED`, no "expert" in the name, so DeepSpeed saves it with the
+replicated module state), updated from the raw expert outputs and all-reduced over DP.
+
+Router "topk" runs DeepSpeed's forward unchanged (same gates, same RNG use): outputs equal the
+unconverted layer's. Router "default" combines with the raw pi (DeepSpeed's top-2 gating
+renormalises the two gates; its top-1 does not), unless `normalize_topk` is true.
+
+Limits: Tutel dispatch and tensor-parallel experts are refused (DeepSpeed's forward has extra
+steps for them that this subclass does not reproduce).
+
+Legend: S tokens, E experts, C capacity, K routes per token, M hidden.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from default_moe.config import MoEConfig
+from default_moe.defaults import ExpertDefaults
+from default_moe.layer import _in_backward
+from default_moe.routing import registered_routers
+
+# Keys of the "default_moe" section that a DeepSpeed MoE layer takes from its own constructor.
+FIXED_BY_DS_LAYER = {"top_k": "k", "ep_size": "ep_size", "capacity_factor": "capacity_factor"}
+NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff")
+
+
+def layer_config(moe, overrides: dict) -> MoEConfig:
+    """The MoEConfig of a DeepSpeed MoE layer with the section applied (validated)."""
+    gate = moe.deepspeed_moe.gate
+    for key in NOT_APPLICABLE:
+        if key in overrides:
+            raise ValueError(
+                f'DeepSpeed config "default_moe": {key!r} does not apply to deepspeed.moe.layer.MoE layers '
+                f"(their gate returns l_aux for your loss and sets its own drop policy); remove it"
+            )
+    current = {"top_k": gate.k, "ep_size": moe.ep_size, "capacity_factor": gate.capacity_factor}
+    for key, value in current.items():
+        if key in overrides and overrides[key] != value:
+            raise ValueError(
+                f'DeepSpeed config "default_moe": {key}={overrides[key]!r} differs from the deepspeed.moe.layer.MoE '
+                f"layer's {key}={value!r}; set it in MoE(...) instead"
+            )
+    rest = {k: v for k, v in overrides.items() if k not in current}
+    return MoEConfig(
+        hidden_size=gate.wg.in_features, num_experts=moe.num_experts, ffn_hidden_size=1,
+        top_k=gate.k, ep_size=moe.ep_size, capacity_factor=gate.capacity_factor, aux_loss_coeff=0.0, **rest,
+    )
+
+
+def convert(moe, config: MoEConfig) -> None:
+    """Replaces `moe.deepspeed_moe` by a `DefaultMOELayer` with the same gate and experts."""
+    from deepspeed.utils import groups
+
+    base = moe.deepspeed_moe
+    if getattr(base, "use_tutel", False):
+        raise ValueError('DeepSpeed config "default_moe": deepspeed.moe.layer.MoE with use_tutel=True is not supported')
+    if groups.mpu is not None:
+        raise ValueError('DeepSpeed config "default_moe": deepspeed.moe.layer.MoE with tensor parallelism (mpu) is not supported')
+    if isinstance(base, DefaultMOELayer):
+        base.set_config(config)
+        return
+    moe.deepspeed_moe = DefaultMOELayer(base, config)
+
+
+def _moe_layer_base():
+    from deepspeed.moe.sharded_moe import MOELayer
+
+    return MOELayer
+
+
+class DefaultMOELayer(_moe_layer_base()):
+    """DeepSpeed's `MOELayer` plus our router semantics and the Default MoE term."""
+
+    def __init__(self, base, config: MoEConfig) -> None:
+        super().__init__(base.gate, base.experts, base.ep_group_name, base.ep_size, base.num_local_experts)
+        if base.ep_group is not None:
+            self.ep_group = base.ep_group
+        self.defaults: Optional[ExpertDefaults] = None
+        self.set_config(config)
+
+    def set_config(self, config: MoEConfig) -> None:
+        self.moe_config = config
+        uses_defaults = registered_routers()[config.router].uses_defaults
+        if not uses_defaults:
+            self.defaults = None
+        elif self.defaults is None:
+            self.defaults = ExpertDefaults(
+                config.num_experts, config.hidden_size, config.beta, config.ema_weighting, config.ema_sync
+            ).to(self.gate.wg.weight.device)
+        else:
+            self.defaults.beta, self.defaults.weighting = config.beta, config.ema_weighting
+            self.defaults.sync_mode = config.ema_sync
+
+    def _route(self, x_SM: Tensor, used_token: Optional[Tensor]):
+        """TopKGate.forward, keeping the logits (same calls, same random numbers)."""
+        from deepspeed.moe.sharded_moe import multiplicative_jitter, top1gating, top2gating, topkgating
+
+        gate = self.gate
+        x_fp32 = x_SM.float()
+        if gate.noisy_gate_policy == "Jitter" and gate.training:
+            x_fp32 = multiplicative_jitter(x_fp32, device=x_SM.device)
+        logits_SE = F.linear(x_fp32, weight=gate.wg.weight.float(), bias=None)
+        cf = gate.capacity_factor if gate.training else gate.eval_capacity_factor
+        if gate.k == 1:
+            out = top1gating(logits_SE, cf, gate.min_capacity, used_token,
+                             gate.noisy_gate_policy if gate.training else None, gate.drop_tokens, gate.use_rts,
+                             gate.ep_group, True, False)
+        elif gate.k == 2:
+            out = top2gating(logits_SE, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group,
+                             gate.top2_2nd_expert_sampling, True)
+        else:
+            out = topkgating(logits_SE, gate.k, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group,
+                             sparse_routes=True)
+        return logits_SE, out
+
+    def forward(self, *input: Tensor, **kwargs: Any) -> Tensor:
+        from deepspeed.moe.sharded_moe import _AllToAll, _route_slots, _sparse_encode
+
+        x = input[0]
+        used_token = input[1] if len(input) > 1 else None
+        M = x.shape[-1]
+        x_SM = x.reshape(-1, M)
+        S = x_SM.shape[0]
+        recompute = _in_backward()
+        if self.defaults is not None and not recompute:
+            self.defaults.finish_pending()
+
+        logits_SE, (self.l_aux, C, E, idx_KS, loc_KS, gates_KS, self.exp_counts) = self._route(x_SM, used_token)
+        C = int(C)
+        kept_KS = idx_KS >= 0
+        idx_SK = idx_KS.t().long().clamp_min(0)
+        probs_SE = torch.softmax(logits_SE, dim=-1)
+        probs_SK = probs_SE.gather(1, idx_SK)
+        if self.defaults is not None and not self.moe_config.normalize_topk:
+            gates_KS = probs_SK.t() * kept_KS  # raw pi, as the paper combines
+
+        slots_KS = _route_slots(idx_KS, loc_KS, E, C)
+        dispatched = _sparse_encode(x_SM, slots_KS, E, C)
+        dispatched = _AllToAll.apply(self.ep_group, dispatched) if self.ep_size > 1 else dispatched.contiguous()
+        dispatched = dispatched.reshape(self.ep_size, self.num_local_experts, -1, M)
+        expert_out = self.experts(dispatched).reshape(self.ep_size * self.num_local_experts, -1, M)
+        expert_out = _AllToAll.apply(self.ep_group, expert_out) if self.ep_size > 1 else expert_out.contiguous()
+        # DeepSpeed's _sparse_decode, keeping the raw per-route outputs for the EMA.
+        flat = expert_out.view(E * C, M)
+        padded = torch.cat([flat, flat.new_zeros(1, M)])
+        routed_KSM = padded.index_select(0, slots_KS.reshape(-1)).view(slots_KS.shape[0], S, M)
+        out_SM = (routed_KSM * gates_KS.unsqueeze(-1)).sum(0).to(expert_out.dtype)
+
+        if self.defaults is not None:
+            keep_SK = kept_KS.t()
+            if self.training and not recompute:
+                from deepspeed.utils import groups
+
+                stats = self.defaults.local_statistics(routed_KSM.transpose(0, 1), idx_SK, probs_SK, keep_SK)
+                self.defaults.update(stats, groups._get_data_parallel_group())
+            D_ED = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
+            ran_SE = torch.zeros_like(probs_SE).scatter_add(1, idx_SK, keep_SK.to(probs_SE.dtype))
+            out_SM = out_SM + ((probs_SE * (ran_SE == 0)) @ D_ED).to(out_SM.dtype)
+        return out_SM.reshape(x.shape)

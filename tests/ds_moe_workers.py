@@ -1,0 +1,146 @@
+"""Per-rank bodies of the tests that convert DeepSpeed's own MoE layers (2 gloo processes)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+import default_moe.integrations.deepspeed as dm_ds
+from default_moe.integrations import deepspeed_moe
+from ds_workers import assert_losses, batch, ds_config, train_engine
+
+D_IN, D, E, D_OUT = 8, 16, 4, 4
+
+
+class DSMoEModel(nn.Module):
+    """Linear -> deepspeed.moe.layer.MoE (residual) -> Linear; MSE + 0.01 * l_aux."""
+
+    def __init__(self, seed=0, k=1, ep_size=2, sampling=True):
+        super().__init__()
+        from deepspeed.moe.layer import MoE
+
+        torch.manual_seed(seed)
+        self.inp = nn.Linear(D_IN, D)
+        expert = nn.Sequential(nn.Linear(D, 32), nn.GELU(), nn.Linear(32, D))
+        self.moe = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=ep_size, k=k, capacity_factor=1.0,
+                       min_capacity=2, use_rts=False, top2_2nd_expert_sampling=sampling)
+        with torch.no_grad():  # DeepSpeed copies one expert E times: make them differ
+            for p in self.moe.deepspeed_moe.experts.parameters():
+                p.normal_(0, 0.3)
+        self.out = nn.Linear(D, D_OUT)
+
+    def forward(self, x, y):
+        h = self.inp(x)
+        o, l_aux, _ = self.moe(h)
+        return F.mse_loss(self.out(h + o), y) + 0.01 * l_aux
+
+
+def section(router, **kw):
+    return {"enabled": True, "router": router, "beta": 0.7, **kw}
+
+
+def dense_reference_check(rank, world):
+    """Converted layer (router default, EP 1) == the formula written out with every expert run."""
+    from deepspeed.moe.sharded_moe import top1gating, top2gating
+
+    for k in (1, 2):
+        model = DSMoEModel(seed=3, k=k, ep_size=1, sampling=False)
+        moe = model.moe
+        cfg = deepspeed_moe.layer_config(moe, {"router": "default", "beta": 0.7})
+        deepspeed_moe.convert(moe, cfg)
+        layer = moe.deepspeed_moe
+        layer.train()
+        x = torch.randn(40, D, generator=torch.Generator().manual_seed(rank + 10 * k))
+        out = layer(x)
+        with torch.no_grad():
+            logits = x @ moe.deepspeed_moe.gate.wg.weight.t()
+            probs = torch.softmax(logits, -1)
+            gating = top1gating(logits, 1.0, 2, None, None, True, False, None, True) if k == 1 else \
+                top2gating(logits, 1.0, 2, True, None, False, True)
+            idx, kept = gating[3].long(), gating[3] >= 0
+            experts = moe.deepspeed_moe.experts.deepspeed_experts
+            all_out = torch.stack([experts[e](x) for e in range(E)])  # [E, S, D]
+            ran = torch.zeros(40, E, dtype=torch.bool)
+            sums, counts = torch.zeros(E, D), torch.zeros(E)
+            for r in range(k):
+                for s in range(40):
+                    if kept[r, s]:
+                        e = idx[r, s]
+                        ran[s, e] = True
+                        sums[e] += all_out[e, s]
+                        counts[e] += 1
+            dist.all_reduce(sums), dist.all_reduce(counts)
+            D_ref = torch.where(counts[:, None] > 0, 0.3 * sums / counts.clamp_min(1)[:, None], torch.zeros(E, D))
+            ref = ((probs * ran).t()[:, :, None] * all_out).sum(0) + (probs * ~ran) @ D_ref
+        torch.testing.assert_close(layer.defaults.defaults_ED, D_ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+        assert (~ran).any() and ran.any()
+
+
+def all_checks(rank: int, world: int, tmpdir: str) -> None:
+    import deepspeed
+
+    dm_ds.skip_cpu_jit_builds()
+    plain = deepspeed.initialize
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    dense_reference_check(rank, world)
+
+    # Bad sections for DeepSpeed MoE layers fail before the engine.
+    for bad, needle in [({"top_k": 2}, "differs from the deepspeed.moe.layer.MoE layer's top_k=1"),
+                        ({"aux_loss_coeff": 0.1}, "does not apply to deepspeed.moe.layer.MoE")]:
+        try:
+            dm_ds.initialize(model=DSMoEModel(), config=ds_config(1, section=section("default", **bad)))
+        except ValueError as e:
+            assert needle in str(e), str(e)
+        else:
+            raise AssertionError(bad)
+
+    for k in (1, 2):
+        # Flag off == DeepSpeed's own run; router topk converted == unconverted.
+        e_plain, *_ = plain(model=DSMoEModel(k=k), config=ds_config(1, section=None))
+        base = train_engine(e_plain, 3, 1)
+        e_off, *_ = dm_ds.initialize(model=DSMoEModel(k=k), config=ds_config(1, section={"enabled": False}))
+        assert train_engine(e_off, 3, 1) == base
+        m_topk = DSMoEModel(k=k)
+        e_topk, *_ = dm_ds.initialize(model=m_topk, config=ds_config(1, section=section("topk")))
+        assert isinstance(m_topk.moe.deepspeed_moe, deepspeed_moe.DefaultMOELayer) and e_topk.has_moe_layers
+        assert_losses(train_engine(e_topk, 3, 1), base, f"k={k} converted topk vs DeepSpeed", rtol=1e-6)
+
+        # Router default: trains, differs, defaults identical across ranks, ZeRO 0/1/2.
+        for stage in (0, 1, 2):
+            m = DSMoEModel(k=k)
+            e, *_ = dm_ds.initialize(model=m, config=ds_config(stage, 2, section=section("default")))
+            losses = train_engine(e, 3, 2)
+            assert all(torch.isfinite(torch.tensor(losses))) and losses != base[:len(losses)]
+            Dm = m.moe.deepspeed_moe.defaults.defaults_ED
+            assert Dm.shape == (E, D) and Dm.abs().sum() > 0
+            got = [torch.empty_like(Dm) for _ in range(world)]
+            dist.all_gather(got, Dm)
+            assert all(torch.equal(g, Dm) for g in got)
+
+    # Checkpoints: the defaults survive save/load, resume is exact, and a checkpoint written
+    # before the flag was switched on loads (zero defaults).
+    m = DSMoEModel(k=2)
+    e, *_ = dm_ds.initialize(model=m, config=ds_config(1, section=section("default")))
+    train_engine(e, 2, 1)
+    e.save_checkpoint(f"{tmpdir}/dsmoe")
+    D_saved = m.moe.deepspeed_moe.defaults.defaults_ED.clone()
+    torch.manual_seed(1)  # top-2 samples its second expert: same random numbers in both continuations
+    cont = train_engine(e, 2, 1, first_step=2)
+    m2 = DSMoEModel(k=2, seed=9)
+    e2, *_ = dm_ds.initialize(model=m2, config=ds_config(1, section=section("default")))
+    e2.load_checkpoint(f"{tmpdir}/dsmoe")
+    assert torch.equal(m2.moe.deepspeed_moe.defaults.defaults_ED, D_saved)
+    torch.manual_seed(1)
+    assert train_engine(e2, 2, 1, first_step=2) == cont
+
+    e_old, *_ = plain(model=DSMoEModel(k=2), config=ds_config(1, section=None))
+    train_engine(e_old, 1, 1)
+    e_old.save_checkpoint(f"{tmpdir}/before_flag")
+    m3 = DSMoEModel(k=2, seed=5)
+    e3, *_ = dm_ds.initialize(model=m3, config=ds_config(1, section=section("default")))
+    e3.load_checkpoint(f"{tmpdir}/before_flag")
+    assert m3.moe.deepspeed_moe.defaults.defaults_ED.abs().sum() == 0
+    assert torch.equal(m3.moe.deepspeed_moe.gate.wg.weight, e_old.module.moe.deepspeed_moe.gate.wg.weight)
