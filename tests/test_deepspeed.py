@@ -18,3 +18,10 @@ def test_deepspeed_own_moe_layers_converted(tmp_path):
     import ds_moe_workers
 
     run_distributed(ds_moe_workers.all_checks, 2, str(tmp_path))
+
+
+def test_autoep_hf_models(tmp_path):
+    pytest.importorskip("transformers")
+    import autoep_workers
+
+    run_distributed(autoep_workers.all_checks, 2, str(tmp_path))

@@ -243,18 +243,27 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     if not section.enabled or model is None:
         return original(args, model, optimizer, model_parameters, *rest, **kwargs)
 
-    from default_moe.integrations import deepspeed_moe
+    from default_moe.integrations import autoep, deepspeed_moe
 
     layers = _moe_layers(model)
     ds_layers = _deepspeed_moe_layers(model)
-    if not layers and not ds_layers:
+    use_autoep = bool((ds_config.get("expert_parallel") or {}).get("enabled", False))
+    if not layers and not ds_layers and not use_autoep:
         raise ValueError(
-            f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer '
-            f"and no deepspeed.moe.layer.MoE"
+            f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer, '
+            f'no deepspeed.moe.layer.MoE, and "expert_parallel" (AutoEP) is not enabled'
         )
     # Validate every layer's new config before anything is built or changed.
     new_configs = [section.config_for(layer.config) for _, layer in layers]
     ds_configs = [deepspeed_moe.layer_config(m, section.overrides) for _, m in ds_layers]
+    autoep_settings = None
+    if use_autoep:
+        if layers or ds_layers:
+            raise ValueError(f'DeepSpeed config "{SECTION}": AutoEP models cannot also hold default_moe or DeepSpeed MoE layers')
+        try:
+            autoep_settings = autoep.check_section(section.overrides)
+        except ValueError as e:
+            raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
     ep_size = 1
     if layers:
         ep_sizes = {c.ep_size for c in new_configs}
@@ -282,7 +291,8 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
             _tag_expert_params(layer)
     if isinstance(optimizer, torch.optim.Optimizer):
         _split_optimizer_groups(optimizer)
-    with _engine_sees_our_layers():
+    autoep_ctx = autoep.building_with(autoep_settings) if use_autoep else contextlib.nullcontext()
+    with _engine_sees_our_layers(), autoep_ctx:
         result = original(args, model, optimizer, model_parameters, *rest, **kwargs)
     if layers:
         _install_engine_hooks(result[0])

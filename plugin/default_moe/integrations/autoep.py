@@ -1,0 +1,145 @@
+"""Default MoE for DeepSpeed AutoEP (0.19.x): HuggingFace MoE models (Mixtral, Qwen3-MoE, ...)
+made expert-parallel from the `"expert_parallel"` config section.
+
+AutoEP replaces each HF sparse MoE block by `AutoEPMoELayer`, whose router returns only the top-k
+scores and whose combine weights the expert outputs without exposing them. While the engine is
+built, `deepspeed.module_inject.auto_ep_layer.AutoEPMoELayer` is replaced by a subclass (built by
+`layer_class`), so AutoEP constructs ours. The subclass adds a `defaults` buffer (`[E, H]`, in the
+module state, not an expert parameter) and, for routers that use defaults, wraps AutoEP's own
+`_forward`: AutoEP still routes, dispatches (uneven all-to-all), runs its grouped experts and
+returns; only its final combine step (`combine_from_routed`, looked up by name at call time) is
+replaced for the duration of the call by one that keeps the raw per-slot expert outputs, updates
+the EMA from them (all-reduced over DP) and adds sum_{i not in S} pi_i D_i.
+
+pi: the router's own score function over all experts (softmax for Mixtral/Qwen3, sigmoid where a
+preset uses it), in fp32, from the same gate weights. `route_norm` (Mixtral renormalises its top-k
+scores): under router "default" the selected experts are combined with the raw pi, as the paper
+does (the default term always uses raw pi); set `"normalize_topk": true` in the section to keep
+the renormalised top-k scores for the selected experts. Router "topk" leaves AutoEP untouched.
+
+Refused with a clear error: DeepEP backend, AutoEP+AutoTP folding, `score_apply="pre"` and the
+fused combine (the raw expert outputs are not available there).
+
+Legend: T tokens, K top-k, E experts, H hidden.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Dict
+
+import torch
+
+from default_moe.config import MoEConfig
+from default_moe.defaults import ExpertDefaults
+from default_moe.layer import _in_backward
+from default_moe.routing import registered_routers
+
+SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk")
+
+
+def check_section(overrides: Dict) -> Dict:
+    """The section keys that apply to AutoEP layers; others are refused by name."""
+    other = sorted(set(overrides) - set(SECTION_KEYS))
+    if other:
+        raise ValueError(
+            f'DeepSpeed config "default_moe": {other} do not apply to AutoEP layers (top-k and expert count come from '
+            f'the HF model config, ep_size from "expert_parallel.autoep_size"); allowed here: {list(SECTION_KEYS)}'
+        )
+    # Validate values against a shape they fit.
+    MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=1, **overrides)
+    return dict(overrides)
+
+
+def layer_class(settings: Dict):
+    """An `AutoEPMoELayer` subclass bound to the section's settings."""
+    from deepspeed.module_inject import auto_ep_layer as mod
+
+    base = mod.AutoEPMoELayer
+    if getattr(base, "_default_moe", False):
+        base = base.__mro__[1]
+
+    class DefaultAutoEPMoELayer(base):
+        _default_moe = True
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.moe_config = MoEConfig(
+                hidden_size=self.hidden_size, num_experts=self.num_experts, ffn_hidden_size=1,
+                top_k=self.top_k, ep_size=self.ep_size, aux_loss_coeff=0.0, **settings,
+            )
+            self.defaults = None
+            if registered_routers()[self.moe_config.router].uses_defaults:
+                self.defaults = ExpertDefaults(
+                    self.num_experts, self.hidden_size, self.moe_config.beta, self.moe_config.ema_weighting,
+                    self.moe_config.ema_sync,
+                ).to(self.router.gate.weight.device)
+
+        def _check_supported(self) -> None:
+            folded = self.folding_group_handles is not None and self.folding_group_handles.spec.tp_size > 1
+            problems = []
+            if self.ep_size > 1 and self.comm_backend != mod.COMM_BACKEND:
+                problems.append(f"comm backend {self.comm_backend!r}")
+            if folded:
+                problems.append("AutoEP+AutoTP folding")
+            if self.score_apply != "post":
+                problems.append(f"score_apply={self.score_apply!r}")
+            if self.combine_impl == "fused_weighted_sum":
+                problems.append("combine_impl='fused_weighted_sum'")
+            if problems:
+                raise ValueError(f'DeepSpeed config "default_moe" with AutoEP does not support {", ".join(problems)}')
+
+        def _forward(self, hidden_states: torch.Tensor):
+            if self.defaults is None:
+                return super()._forward(hidden_states)
+            self._check_supported()
+            recompute = _in_backward()
+            if not recompute:
+                self.defaults.finish_pending()
+            x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
+            captured = {}
+            hook = self.router.register_forward_hook(lambda m, a, out: captured.update(selected_TK=out[1]))
+            original_combine = mod.combine_from_routed
+
+            def combine(expert_output, top_scores, token_indices_sorted, top_k, score_apply, combine_impl, shape):
+                bsz, seqlen, H = shape
+                T = bsz * seqlen
+                y_TKH = expert_output.new_zeros(T * top_k, H).index_copy(0, token_indices_sorted, expert_output)
+                y_TKH = y_TKH.view(T, top_k, H)
+                idx_TK = captured["selected_TK"].long()
+                with torch.autocast(device_type=x_TH.device.type, enabled=False):
+                    logits_TE = self.router.gate(x_TH).float()
+                    probs_TE = torch.sigmoid(logits_TE) if self.router.score_func == "sigmoid" else torch.softmax(logits_TE, -1)
+                probs_TK = probs_TE.gather(1, idx_TK)
+                gates_TK = top_scores.float() if self.moe_config.normalize_topk else probs_TK
+                if self.training and not recompute:
+                    from deepspeed.utils import groups
+
+                    stats = self.defaults.local_statistics(y_TKH, idx_TK, probs_TK, None)
+                    self.defaults.update(stats, groups._get_data_parallel_group())
+                D_EH = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
+                unselected_TE = torch.ones_like(probs_TE).scatter(1, idx_TK, 0.0)
+                out = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1) + (probs_TE * unselected_TE) @ D_EH
+                return out.to(expert_output.dtype).reshape(bsz, seqlen, H)
+
+            mod.combine_from_routed = combine
+            try:
+                return super()._forward(hidden_states)
+            finally:
+                mod.combine_from_routed = original_combine
+                hook.remove()
+
+    return DefaultAutoEPMoELayer
+
+
+@contextlib.contextmanager
+def building_with(settings: Dict):
+    """While the engine is built, AutoEP constructs our layer class."""
+    from deepspeed.module_inject import auto_ep_layer as mod
+
+    original = mod.AutoEPMoELayer
+    mod.AutoEPMoELayer = layer_class(settings)
+    try:
+        yield
+    finally:
+        mod.AutoEPMoELayer = original

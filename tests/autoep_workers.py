@@ -1,0 +1,151 @@
+"""Per-rank bodies of the AutoEP tests: a tiny random HF Mixtral (and Qwen3-MoE) on 2 processes."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import default_moe.integrations.deepspeed as dm_ds
+
+H, E, K, V = 64, 4, 2, 256
+
+
+def mixtral(seed=0):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = MixtralConfig(vocab_size=V, hidden_size=H, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=E,
+                        num_experts_per_tok=K, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    return MixtralForCausalLM(cfg)
+
+
+def qwen3_moe(seed=0):
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen3MoeConfig(vocab_size=V, hidden_size=H, intermediate_size=128, moe_intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=E,
+                         num_experts_per_tok=K, max_position_embeddings=64, head_dim=16)
+    cfg._attn_implementation = "eager"
+    return Qwen3MoeForCausalLM(cfg)
+
+
+def config(stage, section, preset="mixtral"):
+    cfg = {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0, "torch_adam": True}},
+        "gradient_clipping": 0.0,
+        "steps_per_print": 10_000,
+        "expert_parallel": {"enabled": True, "autoep_size": 2, "preset_model": preset},
+    }
+    if section is not None:
+        cfg["default_moe"] = section
+    return cfg
+
+
+def train(engine, steps, first=0):
+    out = []
+    for step in range(first, first + steps):
+        g = torch.Generator().manual_seed(100 * step + dist.get_rank())
+        ids = torch.randint(0, V, (2, 24), generator=g)
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        l = loss.detach().clone()
+        dist.all_reduce(l)
+        out.append(l.item() / dist.get_world_size())
+    return out
+
+
+def moe_layers(model):
+    return [m for m in model.modules() if hasattr(m, "_default_moe")]
+
+
+def dense_check(engine, rank, world, beta):
+    """One converted layer's forward == Default MoE written out with every expert computed."""
+    layer = moe_layers(engine.module)[0]
+    layer.train()
+    w = {}
+    for name in ("w1", "w2", "w3"):
+        local = getattr(layer.experts, name).detach()
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local)
+        w[name] = torch.cat(parts)  # global expert order: rank-major
+    D_before = layer.defaults.defaults_ED.clone()
+    x = torch.randn(1, 30, H, generator=torch.Generator().manual_seed(7 + rank))
+    out = layer(x)
+    out = out[0] if isinstance(out, tuple) else out
+    with torch.no_grad():
+        xt = x[0]
+        probs = torch.softmax(xt @ layer.router.gate.weight.t(), -1)
+        sel = torch.topk(probs, K, dim=-1).indices
+        chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(1, sel, True)
+        experts = torch.stack([(F.silu(xt @ w["w1"][e].t()) * (xt @ w["w3"][e].t())) @ w["w2"][e].t() for e in range(E)])
+        sums = torch.stack([experts[e][chosen[:, e]].sum(0) for e in range(E)])
+        counts = chosen.sum(0).float()
+        dist.all_reduce(sums), dist.all_reduce(counts)
+        mean = sums / counts.clamp_min(1)[:, None]
+        D_ref = torch.where(counts[:, None] > 0, beta * D_before + (1 - beta) * mean, D_before)
+        ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D_ref
+    torch.testing.assert_close(layer.defaults.defaults_ED, D_ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.reshape(30, H), ref, rtol=1e-4, atol=1e-5)
+
+
+def all_checks(rank: int, world: int, tmpdir: str) -> None:
+    import deepspeed
+
+    dm_ds.skip_cpu_jit_builds()
+    plain = deepspeed.initialize
+    section = {"enabled": True, "router": "default", "beta": 0.8}
+
+    try:
+        dm_ds.initialize(model=mixtral(), config=config(1, {"enabled": True, "top_k": 2}))
+    except ValueError as e:
+        assert "do not apply to AutoEP layers" in str(e), str(e)
+    else:
+        raise AssertionError("top_k accepted for AutoEP")
+
+    e_plain, *_ = plain(model=mixtral(), config=config(1, None))
+    base = train(e_plain, 3)
+    e_off, *_ = dm_ds.initialize(model=mixtral(), config=config(1, {"enabled": False}))
+    assert train(e_off, 3) == base
+    e_topk, *_ = dm_ds.initialize(model=mixtral(), config=config(1, {"enabled": True, "router": "topk"}))
+    assert train(e_topk, 3) == base
+
+    for stage in (1, 2):
+        m = mixtral()
+        e, *_ = dm_ds.initialize(model=m, config=config(stage, section))
+        layers = moe_layers(m)
+        assert len(layers) == 2 and all(l.defaults.defaults_ED.shape == (E, H) for l in layers)
+        losses = train(e, 3)
+        assert all(torch.isfinite(torch.tensor(losses))) and losses != base, (losses, base)
+        for l in layers:
+            Dm = l.defaults.defaults_ED
+            got = [torch.empty_like(Dm) for _ in range(world)]
+            dist.all_gather(got, Dm)
+            assert Dm.abs().sum() > 0 and all(torch.equal(g, Dm) for g in got)
+        if stage == 1:
+            dense_check(e, rank, world, beta=0.8)
+            e.save_checkpoint(f"{tmpdir}/autoep")
+            saved = [l.defaults.defaults_ED.clone() for l in layers]
+            cont = train(e, 2, first=3)
+            m2 = mixtral(seed=4)
+            e2, *_ = dm_ds.initialize(model=m2, config=config(1, section))
+            e2.load_checkpoint(f"{tmpdir}/autoep")
+            assert all(torch.equal(l.defaults.defaults_ED, s) for l, s in zip(moe_layers(m2), saved))
+            resumed = train(e2, 2, first=3)
+            assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(resumed, cont)), (resumed, cont)
+
+    try:
+        from transformers import Qwen3MoeForCausalLM  # noqa: F401
+    except ImportError:
+        return
+    m = qwen3_moe()
+    e, *_ = dm_ds.initialize(model=m, config=config(1, section, preset="qwen3_moe"))
+    losses = train(e, 2)
+    assert len(moe_layers(m)) == 2 and all(torch.isfinite(torch.tensor(losses)))
