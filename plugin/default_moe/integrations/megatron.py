@@ -1,0 +1,278 @@
+"""Megatron (megatron-core) integration: Default MoE in existing megatron-core model code.
+
+Two ways in:
+
+    from default_moe.integrations import megatron as dm
+    spec = dm.patch_spec(get_gpt_decoder_block_spec(config, use_transformer_engine=False),
+                         router="default", beta=0.9)              # 1. patch a spec you hold
+    dm.install(router="default", beta=0.9)                        # 2. every GPT spec builder emits ours
+
+and for Megatron-LM scripts, `extra_args_provider=dm.extra_args_provider` adds
+`--moe-router-type`, `--moe-default-beta`, `--moe-default-ema-sync`, `--moe-default-ema-weighting`;
+`dm.install_from_args(args)` applies them (see patches/megatron-lm-pretrain_gpt.diff).
+
+What our layer keeps from megatron-core: its router (`TopKRouter`, with z-loss, aux losses,
+expert bias, group-limited routing, capacity and token dropping), its token dispatchers and its
+experts (SequentialMLP, TEGroupedMLP). What it adds (`DefaultMoELayer`, a `MoELayer` subclass, and
+`DefaultTopKRouter`, a `TopKRouter` subclass):
+- the fp32 softmax over ALL experts of the same logits (`moe_router_pre_softmax` semantics, so the
+  sparse and dense probabilities agree: no top-k renormalisation);
+- the experts run with unit probabilities, so their raw outputs feed the EMA; the layer then
+  scales them by the routing probabilities itself (the same product megatron applies before fc2,
+  as the expert MLPs have no fc2 bias in MoE layers);
+- per-expert statistics from the raw outputs on the expert's rank, zero rows elsewhere, one
+  all-reduce of E x (H+1) over the data-parallel(+context-parallel) group: every replica holds
+  the same defaults; the EMA update follows the core `ExpertDefaults`;
+- the default term `(dense_probs * ~routing_map) @ D` added in `postprocess` (routes dropped over
+  capacity count as not run). No collective is added for the router gradient.
+- `defaults.defaults_ED` in the state dict and in `sharded_state_dict` (replicated).
+
+Refused with a clear error (they make no sense with a dense softmax over all experts or hide the
+raw expert outputs): `moe_router_score_function="sigmoid"`, `moe_router_pre_softmax=False` with
+top-k > 1, `moe_apply_probs_on_input`, `moe_pad_expert_input_to_capacity`. Allowed: expert bias
+(it only changes selection; pi stays the unbiased softmax), capacity/token dropping, z-loss, aux
+losses, group-limited routing, `moe_router_topk_scaling_factor` (scales the selected experts'
+gates only; the default term uses raw pi).
+
+Tested on CPU with megatron-core 0.16.1 (the version pip resolves on Python 3.11) through the
+local spec (`SequentialMLP`). The Transformer Engine path (`TEGroupedMLP`) goes through the same
+`routed_experts_compute` override and takes unit probabilities the same way, but it is not tested
+here (Transformer Engine does not install on CPU).
+
+Legend: T tokens, E experts, H hidden, N dispatched rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+from typing import Any, Dict, Optional
+
+import torch
+
+from default_moe.config import MoEConfig
+from default_moe.defaults import ExpertDefaults
+from default_moe.layer import _in_backward
+from default_moe.routing import registered_routers
+
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+
+SETTINGS = ("router", "beta", "ema_sync", "ema_weighting")
+
+
+def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """Checks the Default MoE settings (router, beta, ema_sync, ema_weighting)."""
+    settings = dict(settings or {})
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise ValueError(f"unknown default_moe setting(s) {unknown}; allowed: {list(SETTINGS)}")
+    MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=1, **settings)
+    return settings
+
+
+def check_megatron_config(config) -> None:
+    """Refuses megatron router settings that make no sense with Default MoE's dense softmax."""
+    problems = []
+    if config.moe_router_score_function != "softmax":
+        problems.append(f"moe_router_score_function={config.moe_router_score_function!r} (needs 'softmax')")
+    if not config.moe_router_pre_softmax and config.moe_router_topk > 1:
+        problems.append("moe_router_pre_softmax=False with top-k > 1 (set moe_router_pre_softmax=True: "
+                        "the selected gates must be the raw softmax over all experts)")
+    if config.moe_apply_probs_on_input:
+        problems.append("moe_apply_probs_on_input=True (the raw expert outputs are needed)")
+    if config.moe_pad_expert_input_to_capacity:
+        problems.append("moe_pad_expert_input_to_capacity=True (padding rows would enter the EMA)")
+    if problems:
+        raise ValueError("Default MoE cannot run with megatron-core " + "; ".join(problems))
+
+
+class DefaultTopKRouter(TopKRouter):
+    """megatron-core's TopKRouter that also keeps the fp32 softmax over all experts."""
+
+    dense_probs: Optional[torch.Tensor] = None
+    routing_map: Optional[torch.Tensor] = None
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        # Same logits as the sparse path, so gradients through both reach the router weights.
+        self.dense_probs = torch.softmax(logits.reshape(-1, self.config.num_moe_experts).float(), dim=-1)
+        probs, routing_map = super().routing(logits, padding_mask)
+        self.routing_map = routing_map
+        return probs, routing_map
+
+
+class DefaultMoELayer(McoreMoELayer):
+    """megatron-core MoELayer with the Default MoE term and EMA defaults.
+
+    Args: as `MoELayer`, plus `default_moe`: the settings dict (router, beta, ema_sync, ema_weighting).
+    """
+
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, default_moe=None):
+        settings = validate_settings(default_moe)
+        if submodules is not None and submodules.router in (None, TopKRouter):
+            submodules = dataclasses.replace(submodules, router=DefaultTopKRouter)
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        self.moe_config = MoEConfig(
+            hidden_size=config.hidden_size, num_experts=config.num_moe_experts,
+            ffn_hidden_size=config.moe_ffn_hidden_size or config.ffn_hidden_size, top_k=config.moe_router_topk,
+            aux_loss_coeff=0.0, **settings,
+        )
+        self.defaults: Optional[ExpertDefaults] = None
+        if registered_routers()[self.moe_config.router].uses_defaults:
+            check_megatron_config(config)
+            if not isinstance(self.router, DefaultTopKRouter):
+                raise ValueError(f"Default MoE needs DefaultTopKRouter (a TopKRouter), got {type(self.router).__name__}")
+            self.defaults = ExpertDefaults(
+                config.num_moe_experts, config.hidden_size, self.moe_config.beta, self.moe_config.ema_weighting,
+                self.moe_config.ema_sync,
+            ).to(self.router.weight.device)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.defaults is not None and not _in_backward():
+            self.defaults.finish_pending()
+        return super().forward(hidden_states, *args, **kwargs)
+
+    def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
+        if self.defaults is None:
+            return super().routed_experts_compute(hidden_states, probs)
+        dispatched_N, tokens_per_expert, permuted_probs_N = self.token_dispatcher.dispatch_postprocess(
+            hidden_states, probs
+        )
+        raw_NH, mlp_bias = self.experts(dispatched_N, tokens_per_expert, torch.ones_like(permuted_probs_N))
+        assert mlp_bias is None, f"mlp_bias is not supported for {type(self.token_dispatcher)}"
+        if self.training and not _in_backward():
+            self._update_defaults(raw_NH, tokens_per_expert, permuted_probs_N)
+        expert_out_NH = raw_NH * permuted_probs_N.unsqueeze(-1).to(raw_NH.dtype)
+        return self.token_dispatcher.combine_preprocess(expert_out_NH), mlp_bias
+
+    def _update_defaults(self, raw_NH, tokens_per_expert, probs_N) -> None:
+        E, H = self.defaults.defaults_ED.shape
+        counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).reshape(-1).to(raw_NH.device)
+        local_ids = torch.tensor(self.local_expert_indices, device=raw_NH.device)
+        n = int(counts.sum())
+        expert_N = torch.repeat_interleave(local_ids, counts)
+        raw = raw_NH[:n].detach().float()
+        if self.moe_config.ema_weighting == "prob":
+            w_N = probs_N[:n].detach().float()
+            raw = raw * w_N[:, None]
+        else:
+            w_N = raw.new_ones(n)
+        sums_EH = raw.new_zeros(E, H).index_add_(0, expert_N, raw)
+        weight_E = raw.new_zeros(E).index_add_(0, expert_N, w_N)
+        # Rows of other ranks' experts are zero here; the DP all-reduce fills them in.
+        stats = torch.cat([sums_EH, weight_E[:, None]], dim=1)
+        self.defaults.update(stats, parallel_state.get_data_parallel_group(with_context_parallel=True))
+
+    def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
+        output = super().postprocess(output, shared_expert_output)
+        if self.defaults is None:
+            return output
+        D_EH = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
+        probs_TE, routing_map_TE = self.router.dense_probs, self.router.routing_map
+        default_TH = (probs_TE * ~routing_map_TE) @ D_EH
+        return output + default_TH.view(output.shape).to(output.dtype)
+
+
+def _patch(spec: Any, settings: Dict[str, Any]) -> Any:
+    if isinstance(spec, ModuleSpec):
+        module = spec.module
+        if isinstance(module, type) and issubclass(module, McoreMoELayer):
+            return ModuleSpec(
+                module=DefaultMoELayer,
+                params={**spec.params, "default_moe": settings},
+                submodules=spec.submodules,
+                metainfo=dict(spec.metainfo),
+            )
+        if spec.submodules is not None:
+            return dataclasses.replace(spec, submodules=_patch(spec.submodules, settings))
+        return spec
+    if isinstance(spec, functools.partial):  # megatron-core >= 0.17 specs
+        if isinstance(spec.func, type) and issubclass(spec.func, McoreMoELayer):
+            return functools.partial(DefaultMoELayer, *spec.args, **{**spec.keywords, "default_moe": settings})
+        if "submodules" in spec.keywords:
+            return functools.partial(spec.func, *spec.args, **{**spec.keywords, "submodules": _patch(spec.keywords["submodules"], settings)})
+        return spec
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        changes = {f.name: _patch(getattr(spec, f.name), settings) for f in dataclasses.fields(spec)}
+        return dataclasses.replace(spec, **changes)
+    if isinstance(spec, list):
+        return [_patch(s, settings) for s in spec]
+    if isinstance(spec, tuple) and not (len(spec) == 2 and isinstance(spec[0], str)):
+        return tuple(_patch(s, settings) for s in spec)
+    return spec
+
+
+def patch_spec(spec: Any, **settings: Any) -> Any:
+    """A copy of a GPT layer spec or decoder-block spec whose MoE layers are `DefaultMoELayer`s.
+
+    Works with megatron-core's `ModuleSpec` (0.16) and `functools.partial` (newer) specs.
+    """
+    return _patch(spec, validate_settings(settings))
+
+
+_ORIGINAL_BUILDER = None
+
+
+def install(**settings: Any) -> None:
+    """Makes every megatron-core GPT spec builder emit `DefaultMoELayer` for its MoE layers.
+
+    All of `gpt_layer_specs`' builders (local, Transformer Engine, decoder block) get their MoE
+    spec from `get_moe_module_spec_for_backend`, which this wraps. Call once at start-up, before
+    the model provider builds specs; `uninstall()` undoes it.
+    """
+    global _ORIGINAL_BUILDER
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    settings = validate_settings(settings)
+    if _ORIGINAL_BUILDER is None:
+        _ORIGINAL_BUILDER = gpt_layer_specs.get_moe_module_spec_for_backend
+
+    def builder(*args, **kwargs):
+        return _patch(_ORIGINAL_BUILDER(*args, **kwargs), settings)
+
+    gpt_layer_specs.get_moe_module_spec_for_backend = builder
+
+
+def uninstall() -> None:
+    global _ORIGINAL_BUILDER
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if _ORIGINAL_BUILDER is not None:
+        gpt_layer_specs.get_moe_module_spec_for_backend = _ORIGINAL_BUILDER
+        _ORIGINAL_BUILDER = None
+
+
+def _beta(value: str) -> float:
+    try:
+        beta = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--moe-default-beta must be a number in [0, 1), got {value!r}") from None
+    if not 0.0 <= beta < 1.0:
+        raise argparse.ArgumentTypeError(f"--moe-default-beta must be a number in [0, 1), got {value!r}")
+    return beta
+
+
+def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron-LM `extra_args_provider`: the Default MoE command-line flags."""
+    group = parser.add_argument_group(title="default-moe")
+    group.add_argument("--moe-router-type", default="topk", choices=sorted(registered_routers()),
+                       help="router training method (default-moe)")
+    group.add_argument("--moe-default-beta", type=_beta, default=0.9, help="EMA decay of the default vectors")
+    group.add_argument("--moe-default-ema-sync", default="sync", choices=["sync", "async"])
+    group.add_argument("--moe-default-ema-weighting", default="mean", choices=["mean", "prob"])
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
+    return validate_settings({
+        "router": args.moe_router_type, "beta": args.moe_default_beta,
+        "ema_sync": args.moe_default_ema_sync, "ema_weighting": args.moe_default_ema_weighting,
+    })
+
+
+def install_from_args(args: argparse.Namespace) -> None:
+    """`install(...)` with the settings of the parsed Megatron-LM arguments."""
+    install(**settings_from_args(args))

@@ -1,0 +1,93 @@
+"""Test support: run megatron-core 0.16.x on CPU with gloo.
+
+megatron-core assumes CUDA in a handful of places (device placement, side streams, the RNG
+tracker, split sizes of all-to-all); these shims replace those calls by CPU equivalents. They are
+applied only when CUDA is absent, only by tests, and the plugin never imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+_APPLIED = False
+
+
+class _FakeStream:
+    def __init__(self, *a, **k):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, *a, **k):
+        return _FakeEvent()
+
+    def synchronize(self):
+        pass
+
+
+class _FakeEvent(_FakeStream):
+    def record(self, *a, **k):
+        pass
+
+    def wait(self, *a, **k):
+        pass
+
+    def query(self):
+        return True
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Maps device='cuda' arguments to the CPU (hard-coded in megatron's optimizer/schedules)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        dev = kwargs.get("device")
+        if dev is not None and "cuda" in str(dev):
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+_MODE = None
+
+
+def apply() -> None:
+    """Installs the shims (idempotent; a no-op when CUDA is available)."""
+    global _APPLIED, _MODE
+    if _APPLIED or torch.cuda.is_available():
+        return
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.Stream = _FakeStream
+    torch.cuda.Event = _FakeEvent
+    torch.cuda.current_stream = lambda *a, **k: _FakeStream()
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
+    torch.Tensor.cuda = lambda self, *a, **k: self
+
+    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    moe_utils.te_general_gemm = None  # 0.16.1: NameError when Transformer Engine is missing
+
+    def to_cpu(tensor, as_numpy=False, record_stream=False):
+        # Upstream converts only CUDA tensors; CPU split sizes must become numpy too, or
+        # all_to_all_single receives tensors for its split lists.
+        if torch.is_tensor(tensor):
+            tensor = tensor.cpu()
+            return tensor.numpy() if as_numpy else tensor
+        return tensor
+
+    moe_utils.maybe_move_tensor_to_cpu = to_cpu
+    token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
+    _MODE = _CudaToCpu()
+    _MODE.__enter__()
+    _APPLIED = True

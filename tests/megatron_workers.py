@@ -1,0 +1,240 @@
+"""Per-rank bodies of the megatron-core tests (2 gloo processes, CPU, megatron-core 0.16.x)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import megatron_cpu
+
+H, E, K, FFN = 16, 4, 2, 32
+
+
+def setup(ep=2):
+    megatron_cpu.apply()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=ep)
+    model_parallel_cuda_manual_seed(123)
+
+
+def tconfig(**kw):
+    from megatron.core.transformer import TransformerConfig
+
+    base = dict(num_layers=2, hidden_size=H, num_attention_heads=2, num_moe_experts=E, moe_router_topk=K,
+                moe_ffn_hidden_size=FFN, ffn_hidden_size=FFN, moe_token_dispatcher_type="alltoall",
+                moe_router_pre_softmax=True, moe_aux_loss_coeff=0.0, use_cpu_initialization=True,
+                add_bias_linear=False, expert_model_parallel_size=2, init_method_std=0.3)
+    base.update(kw)
+    return TransformerConfig(**base)
+
+
+def build_layer(router, **kw):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from default_moe.integrations import megatron as dm
+
+    spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False), router=router, beta=0.6)
+    mlp = spec.submodules.mlp
+    assert mlp.module is dm.DefaultMoELayer
+    return mlp.module(tconfig(**kw), mlp.submodules, **mlp.params)
+
+
+def gather_cat(t):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def layer_vs_reference(rank, world):
+    """EP=2: output, gradients and D equal a dense float64 reference with gathered weights."""
+    from default_moe.integrations import megatron as dm
+
+    torch.manual_seed(0)
+    layer = build_layer("default")
+    layer.train()
+    assert isinstance(layer.router, dm.DefaultTopKRouter)
+    layer.router.register_forward_hook(lambda m, a, o: m.dense_probs.retain_grad())
+    g = torch.Generator().manual_seed(50 + rank)
+    x = torch.randn(6, 2, H, generator=g, requires_grad=True)
+    g_out = torch.randn(6, 2, H, generator=g)
+    with torch.no_grad():
+        layer.defaults.defaults_ED.normal_(0, 0.5)  # start from nonzero defaults
+        layer.defaults.defaults_ED.copy_(gather_cat(layer.defaults.defaults_ED)[:E])  # same on all ranks
+    D0 = layer.defaults.defaults_ED.clone()
+    out, _ = layer(x)
+    (out * g_out).sum().backward()
+
+    # Reference on the union batch (float64), with every expert run.
+    W = layer.router.weight.detach().double().requires_grad_(True)
+    fc1 = gather_cat(torch.stack([e.linear_fc1.weight.detach() for e in layer.experts.local_experts])).double().requires_grad_(True)
+    fc2 = gather_cat(torch.stack([e.linear_fc2.weight.detach() for e in layer.experts.local_experts])).double().requires_grad_(True)
+    X = gather_cat(x.detach().reshape(-1, H)).double().requires_grad_(True)
+    G = gather_cat(g_out.reshape(-1, H)).double()
+    probs = torch.softmax(X @ W.t(), -1)
+    top = torch.topk(probs, K, -1).indices
+    chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)
+    experts = torch.stack([F.gelu(X @ fc1[e].t()) @ fc2[e].t() for e in range(E)])  # [E, T, H]
+    with torch.no_grad():
+        counts = chosen.sum(0).double()
+        mean = torch.stack([experts[e][chosen[:, e]].sum(0) for e in range(E)]) / counts.clamp_min(1)[:, None]
+        D_ref = torch.where(counts[:, None] > 0, 0.6 * D0.double() + 0.4 * mean, D0.double())
+    ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D_ref
+    (ref * G).sum().backward()
+    T = x.shape[0] * x.shape[1]
+    mine = slice(rank * T, (rank + 1) * T)
+    close = functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-5)  # fp32 vs float64
+    close(layer.defaults.defaults_ED.double(), D_ref)
+    close(out.detach().reshape(-1, H).double(), ref[mine].detach())
+    close(x.grad.reshape(-1, H).double(), X.grad[mine])
+    rgrad = layer.router.weight.grad.clone()
+    dist.all_reduce(rgrad)
+    close(rgrad.double(), W.grad)
+    ids = layer.local_expert_indices
+    close(torch.stack([e.linear_fc1.weight.grad for e in layer.experts.local_experts]).double(), fc1.grad[ids])
+    close(torch.stack([e.linear_fc2.weight.grad for e in layer.experts.local_experts]).double(), fc2.grad[ids])
+    # d L / d pi_j for unselected j is <dL/dy, D_j>.
+    pg = layer.router.dense_probs.grad
+    unsel = ~layer.router.routing_map
+    close(pg[unsel].double(), (G[mine] @ D_ref.t())[unsel])
+    Dm = layer.defaults.defaults_ED
+    assert torch.equal(gather_cat(Dm)[:E], gather_cat(Dm)[E:])
+
+    # TopK through the same class: no defaults, no signal to unselected experts.
+    torch.manual_seed(0)
+    topk = build_layer("topk")
+    assert topk.defaults is None
+    topk.router.register_forward_hook(lambda m, a, o: m.dense_probs.retain_grad())
+    xt = x.detach().clone().requires_grad_(True)
+    o, _ = topk(xt)
+    (o * g_out).sum().backward()
+    assert topk.router.dense_probs.grad is None  # the dense softmax feeds nothing under TopK
+
+
+def specs_and_install(rank, world):
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from default_moe.integrations import megatron as dm
+
+    cfg = tconfig(num_layers=4, moe_layer_freq=[0, 1, 0, 1])
+    plain = gpt_layer_specs.get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+    mlps = [s.submodules.mlp.module for s in plain.layer_specs]
+    assert mlps[1] is MoELayer and mlps[0] is not MoELayer
+    patched = dm.patch_spec(plain, router="default")
+    got = [s.submodules.mlp.module for s in patched.layer_specs]
+    assert got[1] is dm.DefaultMoELayer and got[3] is dm.DefaultMoELayer and got[0] is mlps[0] and got[2] is mlps[2]
+    assert [s.submodules.mlp.module for s in plain.layer_specs] == mlps  # the input spec is untouched
+    # functools.partial specs (megatron-core >= 0.17)
+    part = functools.partial(MoELayer, submodules=plain.layer_specs[1].submodules.mlp.submodules)
+    pp = dm.patch_spec(part, router="default", beta=0.5)
+    assert pp.func is dm.DefaultMoELayer and pp.keywords["default_moe"]["beta"] == 0.5
+    dm.install(router="default", beta=0.8)
+    try:
+        inst = gpt_layer_specs.get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
+        assert [s.submodules.mlp.module for s in inst.layer_specs] == got
+        local = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E)
+        assert local.submodules.mlp.module is dm.DefaultMoELayer
+        assert local.submodules.mlp.params["default_moe"]["beta"] == 0.8
+    finally:
+        dm.uninstall()
+    assert gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp.module is MoELayer
+    for bad, needle in [({"router": "nope"}, "MoEConfig.router"), ({"beta": 1.5}, "MoEConfig.beta"),
+                        ({"betta": 0.5}, "unknown default_moe setting")]:
+        try:
+            dm.patch_spec(plain, **bad)
+        except ValueError as e:
+            assert needle in str(e), str(e)
+        else:
+            raise AssertionError(bad)
+    try:
+        build_layer("default", moe_router_score_function="sigmoid")
+    except ValueError as e:
+        assert "moe_router_score_function='sigmoid'" in str(e)
+    else:
+        raise AssertionError("sigmoid accepted")
+
+
+def train_gpt(rank, world, tmpdir):
+    """A tiny GPTModel trains through megatron's DDP, optimizer and schedule; checkpoint keeps D."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from default_moe.integrations import megatron as dm
+
+    cfg = tconfig(moe_aux_loss_coeff=0.01, init_method_std=0.05)
+    dm.install(router="default", beta=0.9)
+    try:
+        spec = get_gpt_layer_local_spec(num_experts=E)
+    finally:
+        dm.uninstall()
+    torch.manual_seed(0)
+    model = GPTModel(config=cfg, transformer_layer_spec=spec, vocab_size=64, max_sequence_length=16)
+    moe_layers = [m for m in model.modules() if isinstance(m, dm.DefaultMoELayer)]
+    assert len(moe_layers) == 2
+    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(), model)
+    cfg.finalize_model_grads_func = finalize_model_grads
+    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, clip_grad=0.0), [ddp])
+    g = torch.Generator().manual_seed(rank)
+    tokens = torch.randint(0, 64, (2, 16), generator=g)
+    labels = torch.roll(tokens, -1, 1)
+    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
+
+    def step_fn(data_iterator, model_chunk):
+        out = model_chunk(tokens, pos, None, labels=labels)
+        def loss_fn(output):
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach()}
+        return out, loss_fn
+
+    fb = get_forward_backward_func()
+    losses = []
+    for _ in range(8):
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        res = fb(forward_step_func=step_fn, data_iterator=iter([None]), model=[ddp], num_microbatches=1,
+                 seq_length=16, micro_batch_size=2, forward_only=False)
+        opt.step()
+        l = res[0]["loss"].clone()
+        dist.all_reduce(l)
+        losses.append(l.item() / world)
+    assert losses[-1] < losses[0] - 0.05, losses
+    for layer in moe_layers:
+        Dm = layer.defaults.defaults_ED
+        assert Dm.abs().sum() > 0 and torch.equal(gather_cat(Dm)[:E], gather_cat(Dm)[E:])
+        assert layer.defaults.num_updates == 8
+
+    sd = model.sharded_state_dict()
+    keys = [k for k in sd if k.endswith("defaults.defaults_ED")]
+    assert len(keys) == 2, [k for k in sd if "default" in k]
+    dist_checkpointing.save(sd, tmpdir)
+    saved = [l.defaults.defaults_ED.clone() for l in moe_layers]
+    torch.manual_seed(5)
+    dm.install(router="default", beta=0.9)
+    try:
+        model2 = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E),
+                          vocab_size=64, max_sequence_length=16)
+    finally:
+        dm.uninstall()
+    loaded = dist_checkpointing.load(model2.sharded_state_dict(), tmpdir)
+    model2.load_state_dict(loaded)
+    got = [m.defaults.defaults_ED for m in model2.modules() if isinstance(m, dm.DefaultMoELayer)]
+    assert all(torch.equal(a, b) for a, b in zip(got, saved))
+    # Plain state_dict round trip too.
+    assert all(k in model.state_dict() for k in keys)
+
+
+def all_checks(rank, world, tmpdir):
+    setup()
+    layer_vs_reference(rank, world)
+    specs_and_install(rank, world)
+    train_gpt(rank, world, tmpdir)
