@@ -27,3 +27,24 @@ def test_megatron_lm_arguments():
                 ["--moe-default-ema-sync", "later"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
+
+
+def test_megatron_lm_provider_wrapper():
+    """What patches/megatron-lm-pretrain_gpt.diff relies on: chained arg providers, and a model
+    provider that builds its specs with Default MoE installed (and uninstalls afterwards)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from default_moe.integrations import megatron as dm
+
+    seen = []
+    parser = dm.chain_extra_args_providers(None, lambda p: seen.append(p) or p)(argparse.ArgumentParser())
+    assert seen and parser.parse_args(["--moe-router-type", "default"]).moe_router_type == "default"
+    args = parser.parse_args(["--moe-router-type", "default", "--moe-default-beta", "0.5"])
+
+    def provider():
+        return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp
+
+    mlp = dm.wrap_model_provider(provider, get_args=lambda: args)()
+    assert mlp.module is dm.DefaultMoELayer and mlp.params["default_moe"]["beta"] == 0.5
+    assert gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp.module is MoELayer

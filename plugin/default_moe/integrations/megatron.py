@@ -276,3 +276,36 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 def install_from_args(args: argparse.Namespace) -> None:
     """`install(...)` with the settings of the parsed Megatron-LM arguments."""
     install(**settings_from_args(args))
+
+
+def chain_extra_args_providers(*others):
+    """An `extra_args_provider` that adds ours and then each of `others` (None entries skipped)."""
+
+    def provider(parser):
+        parser = extra_args_provider(parser)
+        for other in others:
+            if other is not None:
+                parser = other(parser)
+        return parser
+
+    return provider
+
+
+def wrap_model_provider(model_provider, get_args=None):
+    """Wraps a Megatron-LM model provider so that its specs use Default MoE per the parsed flags.
+
+    `get_args` defaults to `megatron.training.get_args` (Megatron-LM's global arguments).
+    """
+
+    @functools.wraps(model_provider)
+    def provider(*args, **kwargs):
+        getter = get_args
+        if getter is None:
+            from megatron.training import get_args as getter
+        install_from_args(getter())
+        try:
+            return model_provider(*args, **kwargs)
+        finally:
+            uninstall()
+
+    return provider
