@@ -38,6 +38,80 @@ def _check_choice(name: str, value: Any, allowed: tuple) -> None:
         raise ValueError(f"MoEConfig.{name} must be one of {list(allowed)}, got {value!r}")
 
 
+SPARSEMIXER_VERSIONS = ("auto", "v1", "v2")
+
+
+@dataclass
+class SparseMixerConfig:
+    """SparseMixer (Liu et al. 2023; v2 from GRIN-MoE) settings.
+
+    Args:
+        version: "v1" (top-1, mid-point estimator, learnable omega), "v2" (top-2, Heun-style
+            scale) or "auto" (v1 for top_k=1, v2 for top_k=2).
+        jitter_eps: the masking threshold epsilon; None: 0.1 for v1 (SparseMixer's recipe), 0.01
+            for v2 (Phi-3.5-MoE's router_jitter_noise).
+    """
+
+    version: str = "auto"
+    jitter_eps: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if self.version not in SPARSEMIXER_VERSIONS:
+            raise ValueError(f"MoEConfig.sparsemixer.version must be one of {list(SPARSEMIXER_VERSIONS)}, got {self.version!r}")
+        if self.jitter_eps is not None:
+            ok = isinstance(self.jitter_eps, (int, float)) and not isinstance(self.jitter_eps, bool)
+            if not ok or not (0.0 <= self.jitter_eps < 1.0):
+                raise ValueError(f"MoEConfig.sparsemixer.jitter_eps must be a number in [0, 1), got {self.jitter_eps!r}")
+
+    def resolved(self, top_k: int) -> "tuple[str, float]":
+        version = self.version if self.version != "auto" else {1: "v1", 2: "v2"}.get(top_k, "v2")
+        eps = self.jitter_eps if self.jitter_eps is not None else (0.1 if version == "v1" else 0.01)
+        return version, eps
+
+
+@dataclass
+class StableMoEConfig:
+    """StableMoE (Dai et al. 2022) settings.
+
+    Args:
+        vocab_size: size of the token-id vocabulary of the distilled router's embedding (required).
+        router_dim: width of the distilled router (paper: 50).
+        balance_coeff: weight of the stage-1 balance loss (paper/README: 0.3).
+        distill_coeff: weight of the stage-1 distillation loss (README: 0.3).
+        stage2_step: training forwards (micro-batches) after which routing is frozen to the
+            distilled router (paper: 10% of training). Required.
+    """
+
+    vocab_size: Optional[int] = None
+    router_dim: int = 50
+    balance_coeff: float = 0.3
+    distill_coeff: float = 0.3
+    stage2_step: Optional[int] = None
+
+    def check(self) -> None:
+        for name in ("vocab_size", "stage2_step"):
+            v = getattr(self, name)
+            if v is None:
+                raise ValueError(f"MoEConfig.stablemoe.{name} is required with router 'stablemoe'")
+        _check_int("stablemoe.vocab_size", self.vocab_size, 1)
+        _check_int("stablemoe.router_dim", self.router_dim, 1)
+        _check_int("stablemoe.stage2_step", self.stage2_step, 0)
+        _check_float("stablemoe.balance_coeff", self.balance_coeff, 0.0, math.inf, hi_open=True)
+        _check_float("stablemoe.distill_coeff", self.distill_coeff, 0.0, math.inf, hi_open=True)
+
+
+def _nested(name: str, value: Any, cls: type):
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, Mapping):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"unknown MoEConfig.{name} field(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**value)
+    raise ValueError(f"MoEConfig.{name} must be a mapping of its fields, got {type(value).__name__}")
+
+
 @dataclass
 class MoEConfig:
     """Everything one MoE layer needs to know.
@@ -82,10 +156,15 @@ class MoEConfig:
     ema_weighting: str = "mean"
     ema_sync: str = "sync"
     init_std: float = 0.02
+    sparsemixer: SparseMixerConfig = dataclasses.field(default_factory=SparseMixerConfig)
+    stablemoe: StableMoEConfig = dataclasses.field(default_factory=StableMoEConfig)
 
     def __post_init__(self) -> None:
         # Imported here: the router registry imports this module.
         from default_moe.routing import registered_routers
+
+        self.sparsemixer = _nested("sparsemixer", self.sparsemixer, SparseMixerConfig)
+        self.stablemoe = _nested("stablemoe", self.stablemoe, StableMoEConfig)
 
         _check_int("hidden_size", self.hidden_size, 1)
         _check_int("num_experts", self.num_experts, 1)
@@ -118,6 +197,18 @@ class MoEConfig:
         _check_choice("ema_weighting", self.ema_weighting, EMA_WEIGHTINGS)
         _check_choice("ema_sync", self.ema_sync, EMA_SYNC_MODES)
         _check_float("init_std", self.init_std, 0.0, math.inf, hi_open=True)
+        if self.router == "sparsemixer":
+            version, _ = self.sparsemixer.resolved(self.top_k)
+            need = {"v1": 1, "v2": 2}[version]
+            if self.top_k != need:
+                raise ValueError(
+                    f"MoEConfig.top_k must be {need} for SparseMixer {version} (sparsemixer.version="
+                    f"{self.sparsemixer.version!r}), got {self.top_k}"
+                )
+        if self.router == "stablemoe":
+            if self.top_k != 1:
+                raise ValueError(f"MoEConfig.top_k must be 1 for router 'stablemoe' (top-1 routing), got {self.top_k}")
+            self.stablemoe.check()
 
     @property
     def num_local_experts(self) -> int:
@@ -144,3 +235,7 @@ class MoEConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def needs_token_ids(self) -> bool:
+        return self.router in ("stablemoe", "hash")

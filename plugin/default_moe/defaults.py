@@ -45,6 +45,9 @@ class ExpertDefaults(nn.Module):
         self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
         self._pending: Optional[tuple] = None  # (work handle, stats tensor) of an async update
         self.num_updates = 0
+        # The last update's batch means and which experts it saw (diagnostics only).
+        self.last_batch_mean_ED: Optional[torch.Tensor] = None
+        self.last_seen_E: Optional[torch.Tensor] = None
 
     def local_statistics(
         self,
@@ -110,6 +113,7 @@ class ExpertDefaults(nn.Module):
         # In place: the buffer object stays the one engines and optimisers may hold.
         self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, self.defaults_ED))
         self.num_updates += 1
+        self.last_batch_mean_ED, self.last_seen_E = mean_ED, seen_E
 
     def _apply(self, fn, *args, **kwargs):
         # Follow device moves but stay fp32: a bf16 EMA would lose the small (1 - beta) updates.

@@ -21,14 +21,10 @@ from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults
 from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask
 from default_moe.experts import GroupedExperts, mark_expert_params
+from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, build_groups
 from default_moe.routing import build_router, registered_routers
-
-
-def _in_backward() -> bool:
-    """True while the autograd engine runs, i.e. when activation checkpointing recomputes us."""
-    return torch._C._current_graph_task_id() != -1
 
 
 class MoELayer(nn.Module):
@@ -71,6 +67,7 @@ class MoELayer(nn.Module):
             )
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.tokens_per_expert: Optional[torch.Tensor] = None
+        self.dropped_slots = 0
 
     @property
     def num_experts(self) -> int:
@@ -176,6 +173,8 @@ class MoELayer(nn.Module):
         y_TKD = self.dispatcher.combine(y_local_ND, plan)
 
         out_TD = (y_TKD * gates_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
+        if route.output_scale_D is not None:
+            out_TD = out_TD * route.output_scale_D.to(out_TD.dtype)
         if self.defaults is not None:
             if update_defaults:
                 stats = self.defaults.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK)
@@ -192,6 +191,7 @@ class MoELayer(nn.Module):
         if not recompute:
             self.aux_losses = {k: v.detach() for k, v in route.aux_losses.items()}
             self.tokens_per_expert = torch.bincount(idx_TK.reshape(-1), minlength=cfg.num_experts).detach()
+            self.dropped_slots = 0 if keep_TK is None else (~keep_TK).sum().detach()  # no host sync
         if route.aux_losses and out_TD.requires_grad:
             out_TD = AuxLossAutoScaler.apply(out_TD, sum(route.aux_losses.values()))
         return out_TD.view(x.shape)

@@ -115,6 +115,10 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
         for key in ("router", "beta", "ep_size", "ema_sync"):
             if getattr(run, key) is not None:
                 section[key] = getattr(run, key)
+        if section.get("router") == "stablemoe" and "stablemoe" not in section:
+            # The distilled router embeds token ids; stage 2 from 10% of training (the paper's).
+            gas = int(ds_config.get("gradient_accumulation_steps", 1))
+            section["stablemoe"] = {"vocab_size": gpt.vocab_size, "stage2_step": max(1, run.steps // 10) * gas}
         ds_config["default_moe"] = section
         dm_ds.DeepSpeedMoESection.from_ds_config(ds_config)  # fail early, before any process group
         if section.get("enabled", True):
@@ -163,6 +167,43 @@ def _expert_load(model) -> Tuple[List[float], float]:
         per_rank = counts.view(layer.config.ep_size, -1).sum(1)
         rank_load = max(rank_load, (per_rank.max() / per_rank.mean().clamp_min(1e-9)).item())
     return per_layer, rank_load
+
+
+def run_diagnostics(engine, model, val_tokens, run: RunConfig, gpt: GPTConfig, rank: int, state: dict) -> Dict[str, float]:
+    """Router diagnostics on a fixed probe batch (the first validation batch)."""
+    from default_moe import diagnostics as diag
+
+    x, _ = data_mod.sample_batch(val_tokens, run.micro_batch, gpt.seq_len, run.seed + 2, 0, rank, 0)
+    x = x.to(engine.device)
+    inputs = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: inputs.__setitem__(i, (args[0].detach(), kwargs.get("token_ids"))),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(model.moe_layers)
+    ]
+    engine.eval()
+    try:
+        with torch.no_grad():
+            engine(x)
+    finally:
+        engine.train()
+        for h in hooks:
+            h.remove()
+    out: Dict[str, float] = {}
+    for i, layer in enumerate(model.moe_layers):
+        h, ids = inputs[i]
+        fidelity = diag.router_gradient_fidelity(layer, h, ids, seed=run.seed + i)
+        if fidelity is not None:
+            out[f"fidelity_layer{i}"] = fidelity
+        frac, state[i] = diag.routing_fluctuation(layer, h, ids, state.get(i))
+        if frac is not None:
+            out[f"fluctuation_layer{i}"] = frac
+        report = diag.defaults_report(layer)
+        for k, v in (report or {}).items():
+            out[f"defaults_{k}_layer{i}"] = v
+    return out
 
 
 def plot(history: Dict[str, list], path: Path, title: str) -> None:
@@ -259,6 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"data: {len(train_tokens):,} train / {len(val_tokens):,} val tokens"
               + (f"; resumed at step {start_step}" if resume else ""))
     tokens_per_step = run.micro_batch * gpt.seq_len * gas * world
+    probe_state: Dict[int, torch.Tensor] = {}
     bar = tqdm(range(start_step, run.steps), initial=start_step, total=run.steps, disable=rank != 0,
                desc="train", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
     t_start = time.perf_counter()
@@ -285,7 +327,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 load=f"{max(load):.2f}")
                 writer.add_scalar("train/loss", train_loss, done)
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
-                writer.add_scalar("train/aux_load_balancing_layer0", aux["load_balancing"], done)
+                for name, value in aux.items():
+                    writer.add_scalar(f"train/aux_{name}_layer0", value, done)
                 for i, v in enumerate(load):
                     writer.add_scalar(f"load/max_over_mean_layer{i}", v, done)
                 writer.add_scalar("load/ep_rank_max_over_mean", rank_load, done)
@@ -293,7 +336,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             val = evaluate(engine, val_tokens, run, gpt, rank)
             history["val"].append((done, val))
             load, _ = _expert_load(model)
+            diag = run_diagnostics(engine, model, val_tokens, run, gpt, rank, probe_state)
+            history.setdefault("diagnostics", []).append((done, diag))
             if rank == 0:
+                for k, v in diag.items():
+                    writer.add_scalar(f"diag/{k}", v, done)
+                fid = " ".join(f"{diag[k]:.2f}" for k in sorted(diag) if k.startswith("fidelity"))
+                flu = " ".join(f"{diag[k]:.2f}" for k in sorted(diag) if k.startswith("fluctuation"))
+                tqdm.write(f"[train] step {done:5d}  router-gradient fidelity per layer {fid or 'n/a'}"
+                           + (f"  routing fluctuation {flu}" if flu else ""), file=sys.stdout)
                 writer.add_scalar("val/loss", val, done)
                 writer.add_scalar("val/perplexity", math.exp(val), done)
                 tqdm.write(f"[train] step {done:5d}  train {history['train'][-1][1]:.4f}  val {val:.4f}  "

@@ -32,7 +32,7 @@ import torch
 
 from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults
-from default_moe.layer import _in_backward
+from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.routing import registered_routers
 
 SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk")
@@ -45,6 +45,11 @@ def check_section(overrides: Dict) -> Dict:
         raise ValueError(
             f'DeepSpeed config "default_moe": {other} do not apply to AutoEP layers (top-k and expert count come from '
             f'the HF model config, ep_size from "expert_parallel.autoep_size"); allowed here: {list(SECTION_KEYS)}'
+        )
+    router = overrides.get("router", "default")
+    if router not in ("topk", "default"):
+        raise ValueError(
+            f"router {router!r} is available for default_moe.MoELayer models; AutoEP layers support ['topk', 'default']"
         )
     # Validate values against a shape they fit.
     MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=1, **overrides)

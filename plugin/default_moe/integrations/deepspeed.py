@@ -34,7 +34,7 @@ SECTION = "default_moe"
 # Section keys that set MoEConfig fields; structural fields (sizes, activation) come from the model.
 SECTION_FIELDS = (
     "router", "top_k", "beta", "ema_sync", "ema_weighting", "normalize_topk", "ep_size",
-    "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff",
+    "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe",
 )
 EXPERT_FILE = "default_moe_experts_ep{ep_size}_rank{ep_rank}.pt"
 
@@ -63,16 +63,22 @@ class DeepSpeedMoESection:
         if not isinstance(enabled, bool):
             raise ValueError(f'DeepSpeed config "{SECTION}.enabled" must be true or false, got {enabled!r}')
         overrides = {k: v for k, v in section.items() if k != "enabled"}
-        # Validate the values alone (against a shape they all fit) so errors name the field early.
-        num_experts = 1
-        for key in ("top_k", "ep_size"):
-            v = overrides.get(key, getattr(MoEConfig, key))
-            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                num_experts *= v
-        try:
-            MoEConfig(hidden_size=1, ffn_hidden_size=1, num_experts=num_experts, **overrides)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
+        # Validate the values alone, against shapes they fit, so errors name the field early;
+        # the top-k each router allows is checked per layer later (it may come from the model).
+        first_error = None
+        for top_k in ([overrides["top_k"]] if "top_k" in overrides else [1, 2]):
+            num_experts = 1
+            for v in (top_k, overrides.get("ep_size", 1)):
+                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                    num_experts *= v
+            try:
+                MoEConfig(hidden_size=1, ffn_hidden_size=1, num_experts=num_experts, **{**overrides, "top_k": top_k})
+                first_error = None
+                break
+            except (ValueError, TypeError) as e:
+                first_error = first_error or e
+        if first_error is not None:
+            raise ValueError(f'DeepSpeed config "{SECTION}": {first_error}') from None
         return cls(enabled=enabled, overrides=overrides)
 
     def config_for(self, layer_config: MoEConfig) -> MoEConfig:
@@ -121,6 +127,37 @@ def _deepspeed_groups(ep_size: int) -> ParallelGroups:
 
 def _moe_layers(model: torch.nn.Module) -> List[Tuple[str, MoELayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, MoELayer)]
+
+
+def _live_parameters(model_parameters, model: torch.nn.Module, optimizer):
+    """`model_parameters` after reconfiguration: a router of another kind has new parameters."""
+    live = [p for p in model.parameters()]
+    live_ids = {id(p) for p in live}
+
+    def params_of(items):
+        return [q for it in items for q in (it["params"] if isinstance(it, dict) else [it])]
+
+    if isinstance(optimizer, torch.optim.Optimizer):
+        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(
+                f'DeepSpeed config "{SECTION}": the router changed kind and its new parameters {missing[:4]} are not in '
+                "the optimizer you passed; build the optimizer after initialize, or let DeepSpeed build it from the config"
+            )
+    if model_parameters is None:
+        return None
+    items = list(model_parameters)
+    if all(id(p) in live_ids for p in params_of(items)) and {id(p) for p in params_of(items)} >= {
+        id(p) for p in live if p.requires_grad
+    }:
+        return items
+    if all(isinstance(it, torch.Tensor) for it in items):
+        return [p for p in live if p.requires_grad]
+    raise ValueError(
+        f'DeepSpeed config "{SECTION}": the router changed kind, so the parameter groups passed as model_parameters '
+        "no longer match the model; pass model.parameters() or build the groups after initialize"
+    )
 
 
 def _deepspeed_moe_layers(model: torch.nn.Module) -> list:
@@ -289,6 +326,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
         for (_, layer), cfg in zip(layers, new_configs):
             layer.reconfigure(cfg, groups)
             _tag_expert_params(layer)
+    model_parameters = _live_parameters(model_parameters, model, optimizer)
     if isinstance(optimizer, torch.optim.Optimizer):
         _split_optimizer_groups(optimizer)
     autoep_ctx = autoep.building_with(autoep_settings) if use_autoep else contextlib.nullcontext()

@@ -31,12 +31,14 @@ from torch import Tensor
 
 from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults
-from default_moe.layer import _in_backward
+from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.routing import registered_routers
 
 # Keys of the "default_moe" section that a DeepSpeed MoE layer takes from its own constructor.
 FIXED_BY_DS_LAYER = {"top_k": "k", "ep_size": "ep_size", "capacity_factor": "capacity_factor"}
-NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff")
+NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe")
+# Routers these converted layers implement (the others need our router and dispatch code paths).
+ENGINE_ROUTERS = ("topk", "default")
 
 
 def layer_config(moe, overrides: dict) -> MoEConfig:
@@ -55,6 +57,12 @@ def layer_config(moe, overrides: dict) -> MoEConfig:
                 f'DeepSpeed config "default_moe": {key}={overrides[key]!r} differs from the deepspeed.moe.layer.MoE '
                 f"layer's {key}={value!r}; set it in MoE(...) instead"
             )
+    router = overrides.get("router", "default")
+    if router not in ENGINE_ROUTERS:
+        raise ValueError(
+            f'DeepSpeed config "default_moe": router {router!r} is available for default_moe.MoELayer models; '
+            f"deepspeed.moe.layer.MoE layers support {list(ENGINE_ROUTERS)}"
+        )
     rest = {k: v for k, v in overrides.items() if k not in current}
     return MoEConfig(
         hidden_size=gate.wg.in_features, num_experts=moe.num_experts, ffn_hidden_size=1,

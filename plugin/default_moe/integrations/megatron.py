@@ -53,7 +53,7 @@ import torch
 
 from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults
-from default_moe.layer import _in_backward
+from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.routing import registered_routers
 
 from megatron.core import parallel_state
@@ -62,6 +62,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 SETTINGS = ("router", "beta", "ema_sync", "ema_weighting")
+MEGATRON_ROUTERS = ("topk", "default")
 
 
 def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -70,6 +71,12 @@ def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
         raise ValueError(f"unknown default_moe setting(s) {unknown}; allowed: {list(SETTINGS)}")
+    router = settings.get("router", "default")
+    if router not in MEGATRON_ROUTERS:
+        raise ValueError(
+            f"router {router!r} is not available in the megatron-core integration yet "
+            f"(supported: {list(MEGATRON_ROUTERS)}; the others run in default_moe.MoELayer models)"
+        )
     MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=1, **settings)
     return settings
 

@@ -71,9 +71,10 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model)
         self.moe = MoELayer(cfg.moe_config())
 
-    def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, idx_BS: torch.Tensor) -> torch.Tensor:
         x_BSD = x_BSD + self.attn(self.ln1(x_BSD))
-        return x_BSD + self.moe(self.ln2(x_BSD))
+        # Token ids reach the MoE layer for routers that route by token (hash, StableMoE).
+        return x_BSD + self.moe(self.ln2(x_BSD), token_ids=idx_BS)
 
 
 class GPT(nn.Module):
@@ -97,7 +98,7 @@ class GPT(nn.Module):
         B, S = idx_BS.shape
         x = self.tok(idx_BS) + self.pos(torch.arange(S, device=idx_BS.device))
         for block in self.blocks:
-            x = block(x)
+            x = block(x, idx_BS)
         logits_BSV = F.linear(self.ln_f(x), self.tok.weight)
         if targets_BS is None:
             return logits_BSV

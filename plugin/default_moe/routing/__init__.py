@@ -31,12 +31,14 @@ class RouterOutput:
         gates_TK: combine weights of the selected experts (differentiable, fp32).
         aux_losses: named scalar losses the layer attaches to the graph (already scaled by their
             coefficients).
+        output_scale_D: optional per-channel scale of the layer output (SparseMixer v1's omega).
     """
 
     probs_TE: torch.Tensor
     idx_TK: torch.Tensor
     gates_TK: torch.Tensor
     aux_losses: Dict[str, torch.Tensor] = field(default_factory=dict)
+    output_scale_D: Optional[torch.Tensor] = None
 
 
 class Router(nn.Module):
@@ -84,7 +86,7 @@ def build_router(config) -> Router:
 
 def _load_builtin() -> None:
     # Import for the registration side effect; deferred to avoid an import cycle with config.
-    from default_moe.routing import topk  # noqa: F401
+    from default_moe.routing import hash, sparsemixer, stablemoe, topk  # noqa: F401
 
 
 __all__ = ["Router", "RouterOutput", "register_router", "registered_routers", "build_router"]

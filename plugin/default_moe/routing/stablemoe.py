@@ -1,0 +1,92 @@
+"""StableMoE routing (Dai et al. 2022), after Hunter-DDM/stablemoe `BaseLayer`.
+
+Stage 1 (training forwards < `stablemoe.stage2_step`):
+  - affinity s_ti = h_t . C_i with expert centroids C [E, D] (orthogonal init, gain 0.1); greedy
+    a_t = argmax_i s_ti (no gradient through the choice); gate sigmoid(s_{t,a_t}) (gradient to C
+    and h: "cohesive" routing);
+  - balance loss  balance_coeff * sum_i ((|A_i| - n_bar) / n_bar) * sum_{t in A_i} sigmoid(s_ti) / T
+    (the ratio is a constant; fairseq sums over tokens and divides the gradient by ntokens, so the
+    per-token mean is used here);
+  - distilled router: embedding of the input token id Emb [V, R] and centroids C' [E, R]
+    (orthogonal, gain 0.1), s'_t = Emb(x_t) . C'^T, trained by distill_coeff * CE(s'_t, a_t)
+    (mean over tokens) on the detached stage-1 assignments; only Emb and C' get its gradient.
+Stage 2 (from `stage2_step` on) and every forward outside training (eval/inference): routing by
+the frozen distilled router, a_t = argmax_i s'_ti (no gradient); the gate sigmoid(h_t . C_{a_t})
+is still trained; no balance or distillation loss.
+
+The number of training forwards seen (`num_steps`) and the stage are buffers: a checkpoint resumed
+in stage 2 stays in stage 2. Under gradient accumulation `stage2_step` counts micro-batches.
+
+Legend: T tokens, E experts, D hidden, R distilled-router width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from default_moe.layer_utils import in_backward
+from default_moe.parallel import ParallelGroups
+from default_moe.routing import Router, RouterOutput, register_router
+
+
+@register_router("stablemoe")
+class StableMoERouter(Router):
+    """StableMoE's two-stage top-1 router; needs `token_ids`."""
+
+    uses_defaults = False
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.config = config
+        sc = config.stablemoe
+        self.centroids_ED = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.distill_emb = nn.Embedding(sc.vocab_size, sc.router_dim)
+        self.distill_centroids_ER = nn.Parameter(torch.empty(config.num_experts, sc.router_dim))
+        nn.init.orthogonal_(self.centroids_ED, gain=0.1)
+        nn.init.orthogonal_(self.distill_centroids_ER, gain=0.1)
+        self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+
+    @property
+    def stage(self) -> int:
+        return 2 if int(self.num_steps) >= self.config.stablemoe.stage2_step else 1
+
+    def distilled_scores(self, token_ids_T: torch.Tensor) -> torch.Tensor:
+        return self.distill_emb(token_ids_T) @ self.distill_centroids_ER.t()
+
+    def forward(
+        self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
+    ) -> RouterOutput:
+        cfg, sc = self.config, self.config.stablemoe
+        if token_ids_T is None:
+            raise ValueError("router 'stablemoe' needs the input token ids: call the layer as layer(x, token_ids=ids)")
+        if token_ids_T.numel() != x_TD.shape[0]:
+            raise ValueError(f"token_ids has {token_ids_T.numel()} entries for {x_TD.shape[0]} tokens")
+        token_ids_T = token_ids_T.to(x_TD.device).long()
+        with torch.autocast(device_type=x_TD.device.type, enabled=False):
+            scores_TE = x_TD.float() @ self.centroids_ED.float().t()
+        first_stage = self.training and self.stage == 1
+        if first_stage:
+            idx_T = scores_TE.detach().argmax(-1)
+        else:
+            with torch.no_grad():
+                idx_T = self.distilled_scores(token_ids_T).argmax(-1)
+        gate_T = torch.sigmoid(scores_TE.gather(1, idx_T[:, None]).squeeze(1))
+        aux = {}
+        if first_stage:
+            T, E = scores_TE.shape
+            counts_E = torch.bincount(idx_T, minlength=E).float()
+            n_bar = max(T / E, 1e-9)
+            sig_TE = torch.sigmoid(scores_TE)
+            assigned_T = sig_TE.gather(1, idx_T[:, None]).squeeze(1)
+            ratio_T = ((counts_E - n_bar) / n_bar)[idx_T]
+            aux["stablemoe_balance"] = sc.balance_coeff * (ratio_T * assigned_T).sum() / max(T, 1)
+            distill_T = F.cross_entropy(self.distilled_scores(token_ids_T), idx_T, reduction="sum") / max(T, 1)
+            aux["stablemoe_distill"] = sc.distill_coeff * distill_T
+        if self.training and not in_backward():
+            self.num_steps += 1
+        probs_TE = torch.zeros_like(scores_TE).scatter(1, idx_T[:, None], 1.0)
+        return RouterOutput(probs_TE=probs_TE, idx_TK=idx_T[:, None], gates_TK=gate_T[:, None], aux_losses=aux)
