@@ -144,7 +144,9 @@ def specs_and_install(rank, world):
     finally:
         dm.uninstall()
     assert gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp.module is MoELayer
-    for bad, needle in [({"router": "nope"}, "MoEConfig.router"), ({"beta": 1.5}, "MoEConfig.beta"),
+    for bad, needle in [({"router": "nope"}, "router 'nope' is not available"),
+                        ({"router": "sparsemixer"}, "router 'sparsemixer' is not available in the megatron-core integration"),
+                        ({"beta": 1.5}, "MoEConfig.beta"),
                         ({"betta": 0.5}, "unknown default_moe setting")]:
         try:
             dm.patch_spec(plain, **bad)

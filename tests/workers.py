@@ -147,3 +147,59 @@ def world2_all(rank: int, world: int, cases: List[dict]) -> None:
     bad_ep_size(rank, world)
     collective_counts(rank, world)
     run_cases(rank, world, cases)
+    router_equivalence(rank, world)
+
+
+def router_equivalence(rank: int, world: int) -> None:
+    """SparseMixer, StableMoE and hash under EP=2 equal the single-process layer run on each
+    rank's tokens (same weights, same random numbers), outputs and summed gradients."""
+    from default_moe.parallel import ParallelGroups
+
+    cases = [
+        ("sparsemixer", {"top_k": 1}),
+        ("sparsemixer", {"top_k": 2}),
+        ("stablemoe", {"top_k": 1, "stablemoe": {"vocab_size": 30, "stage2_step": 1}}),
+        ("hash", {"top_k": 2}),
+    ]
+    chunks = [20, 12]
+    for router, kw in cases:
+        cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router=router, aux_loss_coeff=0.0, **kw)
+        torch.manual_seed(11)
+        ref = MoELayer(cfg, ParallelGroups.single())
+        layer = MoELayer(MoEConfig(**{**cfg.to_dict(), "ep_size": world}))
+        layer.router.load_state_dict(ref.router.state_dict())
+        ids_local = list(layer.local_expert_ids)
+        with torch.no_grad():
+            for (n, p), (_, q) in zip(layer.experts.named_parameters(), ref.experts.named_parameters()):
+                p.copy_(q[ids_local])
+        for step in range(2):
+            x, g = _global_batch(step, sum(chunks), skew=False)
+            tok = torch.randint(0, 30, (sum(chunks),), generator=torch.Generator().manual_seed(step))
+            start = sum(chunks[:rank])
+            mine = slice(start, start + chunks[rank])
+            layer.zero_grad(), ref.zero_grad()
+            if router == "sparsemixer":
+                layer.router.generator = torch.Generator().manual_seed(100 * step + rank)
+            out = layer(x[mine], token_ids=tok[mine])
+            (out * g[mine]).sum().backward()
+            ref_outs = []
+            for r in range(world):
+                s = slice(sum(chunks[:r]), sum(chunks[: r + 1]))
+                if router == "sparsemixer":
+                    ref.router.generator = torch.Generator().manual_seed(100 * step + r)
+                o = ref(x[s], token_ids=tok[s])
+                (o * g[s]).sum().backward()
+                ref_outs.append(o)
+                if router == "stablemoe" and r < world - 1:
+                    ref.router.num_steps -= 1  # one step per micro-batch: the chunks are one step
+            tag = f"{router} {kw.get('top_k')} step {step}"
+            _close(out, ref_outs[rank], "output", rank, tag)
+            for (n, p) in layer.router.named_parameters():
+                grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                dist.all_reduce(grad)
+                refg = dict(ref.router.named_parameters())[n].grad
+                _close(grad, refg if refg is not None else torch.zeros_like(grad), f"router {n} grad", rank, tag)
+            for (n, p), (_, q) in zip(layer.experts.named_parameters(), ref.experts.named_parameters()):
+                _close(p.grad, q.grad[ids_local], f"expert {n} grad", rank, tag)
+        if router == "stablemoe":
+            assert layer.router.stage == 2 and int(layer.router.num_steps) == int(ref.router.num_steps) == 2
