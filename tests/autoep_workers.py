@@ -141,6 +141,27 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
             resumed = train(e2, 2, first=3)
             assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(resumed, cont)), (resumed, cont)
 
+    # SparseMixer v2 (Mixtral is top-2): trains, AutoEP's router is re-routed, losses differ.
+    m = mixtral()
+    e, *_ = dm_ds.initialize(model=m, config=config(1, {"enabled": True, "router": "sparsemixer"}))
+    sm = train(e, 3)
+    assert all(torch.isfinite(torch.tensor(sm))) and sm != base
+    layer = moe_layers(m)[0]
+    assert layer.moe_config.router == "sparsemixer" and layer.defaults is None
+    layer.eval()
+    x = torch.randn(1, 12, H)
+    with torch.no_grad():
+        top_scores, idx, _ = layer.router(x[0])
+        probs = torch.softmax(x[0] @ layer.router.gate.weight.t(), -1)
+    assert torch.equal(idx, torch.topk(probs, 2, -1).indices)  # eval: deterministic argmax picks
+    layer.train()
+    try:
+        dm_ds.initialize(model=mixtral(), config=config(1, {"enabled": True, "router": "hash"}))
+    except ValueError as err:
+        assert "routes by token id" in str(err)
+    else:
+        raise AssertionError("hash accepted for AutoEP")
+
     try:
         from transformers import Qwen3MoeForCausalLM  # noqa: F401
     except ImportError:

@@ -89,9 +89,11 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
 
     # Bad sections for DeepSpeed MoE layers fail before the engine.
     for bad, needle in [({"top_k": 2}, "differs from the deepspeed.moe.layer.MoE layer's top_k=1"),
-                        ({"aux_loss_coeff": 0.1}, "does not apply to deepspeed.moe.layer.MoE")]:
+                        ({"aux_loss_coeff": 0.1}, "does not apply to deepspeed.moe.layer.MoE"),
+                        ({"router": "stablemoe", "top_k": 1, "stablemoe": {"vocab_size": 10, "stage2_step": 5}},
+                         "deepspeed.moe.layer.MoE layers support")]:
         try:
-            dm_ds.initialize(model=DSMoEModel(), config=ds_config(1, section=section("default", **bad)))
+            dm_ds.initialize(model=DSMoEModel(), config=ds_config(1, section={**section("default"), **bad}))
         except ValueError as e:
             assert needle in str(e), str(e)
         else:
@@ -119,6 +121,23 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
             got = [torch.empty_like(Dm) for _ in range(world)]
             dist.all_gather(got, Dm)
             assert all(torch.equal(g, Dm) for g in got)
+
+    # SparseMixer through DeepSpeed's dispatch: trains at k=1 (v1) and k=2 (v2); in eval the
+    # routes are the deterministic argmax picks of the masked softmax.
+    for k in (1, 2):
+        m = DSMoEModel(k=k)
+        e, *_ = dm_ds.initialize(model=m, config=ds_config(1, section={"enabled": True, "router": "sparsemixer"}))
+        losses = train_engine(e, 3, 1)
+        assert all(torch.isfinite(torch.tensor(losses)))
+        layer = m.moe.deepspeed_moe
+        layer.eval()
+        h = torch.randn(10, D)
+        with torch.no_grad():
+            _, routes = layer._route(h, None)
+            top = torch.topk(h @ layer.gate.wg.weight.t(), k, -1).indices
+        kept = routes[3] >= 0
+        assert torch.equal(routes[3].t().long()[kept.t()], top[kept.t()])
+        layer.train()
 
     # Checkpoints: the defaults survive save/load, resume is exact, and a checkpoint written
     # before the flag was switched on loads (zero defaults).

@@ -11,6 +11,9 @@ returns; only its final combine step (`combine_from_routed`, looked up by name a
 replaced for the duration of the call by one that keeps the raw per-slot expert outputs, updates
 the EMA from them (all-reduced over DP) and adds sum_{i not in S} pi_i D_i.
 
+SparseMixer (v1/v2) re-routes AutoEP's router on the same gate weights (custom backward in the
+top scores; v1's omega scales the routed output); its balance loss is HF's own router aux loss.
+
 pi: the router's own score function over all experts (softmax for Mixtral/Qwen3, sigmoid where a
 preset uses it), in fp32, from the same gate weights. `route_norm` (Mixtral renormalises its top-k
 scores): under router "default" the selected experts are combined with the raw pi, as the paper
@@ -35,7 +38,8 @@ from default_moe.defaults import ExpertDefaults
 from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.routing import registered_routers
 
-SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk")
+SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk", "sparsemixer")
+AUTOEP_ROUTERS = ("topk", "default", "sparsemixer")
 
 
 def check_section(overrides: Dict) -> Dict:
@@ -47,13 +51,19 @@ def check_section(overrides: Dict) -> Dict:
             f'the HF model config, ep_size from "expert_parallel.autoep_size"); allowed here: {list(SECTION_KEYS)}'
         )
     router = overrides.get("router", "default")
-    if router not in ("topk", "default"):
+    if router not in AUTOEP_ROUTERS:
         raise ValueError(
-            f"router {router!r} is available for default_moe.MoELayer models; AutoEP layers support ['topk', 'default']"
+            f"router {router!r} is available for default_moe.MoELayer models (it routes by token id, which HF MoE "
+            f"blocks do not receive); AutoEP layers support {list(AUTOEP_ROUTERS)}"
         )
-    # Validate values against a shape they fit.
-    MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=1, **overrides)
-    return dict(overrides)
+    errors = []
+    for top_k in (1, 2):  # the real top-k comes from the HF config
+        try:
+            MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=top_k, **overrides)
+            return dict(overrides)
+        except ValueError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 def layer_class(settings: Dict):
@@ -74,11 +84,41 @@ def layer_class(settings: Dict):
                 top_k=self.top_k, ep_size=self.ep_size, aux_loss_coeff=0.0, **settings,
             )
             self.defaults = None
+            self.omega = None
+            if self.moe_config.router == "sparsemixer":
+                self._install_sparsemixer()
             if registered_routers()[self.moe_config.router].uses_defaults:
                 self.defaults = ExpertDefaults(
                     self.num_experts, self.hidden_size, self.moe_config.beta, self.moe_config.ema_weighting,
                     self.moe_config.ema_sync,
                 ).to(self.router.gate.weight.device)
+
+        def _install_sparsemixer(self) -> None:
+            """AutoEP's router, re-routed by SparseMixer on the same gate weights: its forward
+            returns (top_scores, experts, counts) as AutoEP expects, the scores carrying
+            SparseMixer's custom backward. Balance loss: HF's own router aux loss
+            (`output_router_logits`) as Phi-3.5-MoE does; no other is added here."""
+            from deepspeed.moe.ep_count import count_tokens_per_expert
+
+            from default_moe.routing.sparsemixer import sparsemixer_route
+
+            router, layer = self.router, self
+            version, eps = self.moe_config.sparsemixer.resolved(self.top_k)
+            if router.score_func != "softmax" or router.num_expert_groups is not None:
+                raise ValueError('DeepSpeed config "default_moe": router "sparsemixer" needs a softmax router without expert groups')
+            if version == "v1":
+                self.omega = torch.nn.Parameter(torch.ones(self.hidden_size, device=router.gate.weight.device))
+            self.sparsemixer_generator = None
+
+            def forward(x, expert_bias=None):
+                with torch.autocast(device_type=x.device.type, enabled=False):
+                    logits_TE = router.gate(x).float()
+                idx_TK, gates_TK, _, _ = sparsemixer_route(
+                    logits_TE, version, eps, layer.training, layer.sparsemixer_generator
+                )
+                return gates_TK, idx_TK, count_tokens_per_expert(idx_TK, layer.num_experts)
+
+            router.forward = forward
 
         def _check_supported(self) -> None:
             folded = self.folding_group_handles is not None and self.folding_group_handles.spec.tp_size > 1
@@ -95,8 +135,22 @@ def layer_class(settings: Dict):
                 raise ValueError(f'DeepSpeed config "default_moe" with AutoEP does not support {", ".join(problems)}')
 
         def _forward(self, hidden_states: torch.Tensor):
-            if self.defaults is None:
+            if self.defaults is None and self.omega is None:
                 return super()._forward(hidden_states)
+            if self.defaults is None:  # SparseMixer v1: omega scales the routed output
+                self._check_supported()
+                original_combine = mod.combine_from_routed
+                omega = self.omega
+
+                def scaled(*args, **kwargs):
+                    out = original_combine(*args, **kwargs)
+                    return out * omega.to(out.dtype)
+
+                mod.combine_from_routed = scaled
+                try:
+                    return super()._forward(hidden_states)
+                finally:
+                    mod.combine_from_routed = original_combine
             self._check_supported()
             recompute = _in_backward()
             if not recompute:

@@ -11,7 +11,10 @@ sum_{experts that did not run} pi_i D_i (capacity-dropped routes included), and 
 (`deepspeed_moe.defaults.defaults_ED`, no "expert" in the name, so DeepSpeed saves it with the
 replicated module state), updated from the raw expert outputs and all-reduced over DP.
 
-Router "topk" runs DeepSpeed's forward unchanged (same gates, same RNG use): outputs equal the
+Router "sparsemixer" (v1 top-1 / v2 top-2, by the gate's k) samples the experts with SparseMixer's
+estimator on the gate's weights and feeds DeepSpeed's dispatch with them (its capacity rules and
+l_aux formula kept); v1's omega is not added here (the gate has no such parameter; GRIN's v2 has
+none either). Router "topk" runs DeepSpeed's forward unchanged (same gates, same RNG use): outputs equal the
 unconverted layer's. Router "default" combines with the raw pi (DeepSpeed's top-2 gating
 renormalises the two gates; its top-1 does not), unless `normalize_topk` is true.
 
@@ -36,14 +39,21 @@ from default_moe.routing import registered_routers
 
 # Keys of the "default_moe" section that a DeepSpeed MoE layer takes from its own constructor.
 FIXED_BY_DS_LAYER = {"top_k": "k", "ep_size": "ep_size", "capacity_factor": "capacity_factor"}
-NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe")
-# Routers these converted layers implement (the others need our router and dispatch code paths).
-ENGINE_ROUTERS = ("topk", "default")
+NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff", "stablemoe")
+# Routers these converted layers implement (hash and StableMoE route by token id, which
+# deepspeed.moe.layer.MoE does not receive).
+ENGINE_ROUTERS = ("topk", "default", "sparsemixer")
 
 
 def layer_config(moe, overrides: dict) -> MoEConfig:
     """The MoEConfig of a DeepSpeed MoE layer with the section applied (validated)."""
     gate = moe.deepspeed_moe.gate
+    router = overrides.get("router", "default")
+    if router not in ENGINE_ROUTERS:
+        raise ValueError(
+            f'DeepSpeed config "default_moe": router {router!r} is available for default_moe.MoELayer models; '
+            f"deepspeed.moe.layer.MoE layers support {list(ENGINE_ROUTERS)}"
+        )
     for key in NOT_APPLICABLE:
         if key in overrides:
             raise ValueError(
@@ -57,12 +67,6 @@ def layer_config(moe, overrides: dict) -> MoEConfig:
                 f'DeepSpeed config "default_moe": {key}={overrides[key]!r} differs from the deepspeed.moe.layer.MoE '
                 f"layer's {key}={value!r}; set it in MoE(...) instead"
             )
-    router = overrides.get("router", "default")
-    if router not in ENGINE_ROUTERS:
-        raise ValueError(
-            f'DeepSpeed config "default_moe": router {router!r} is available for default_moe.MoELayer models; '
-            f"deepspeed.moe.layer.MoE layers support {list(ENGINE_ROUTERS)}"
-        )
     rest = {k: v for k, v in overrides.items() if k not in current}
     return MoEConfig(
         hidden_size=gate.wg.in_features, num_experts=moe.num_experts, ffn_hidden_size=1,
@@ -114,11 +118,49 @@ class DefaultMOELayer(_moe_layer_base()):
             self.defaults.beta, self.defaults.weighting = config.beta, config.ema_weighting
             self.defaults.sync_mode = config.ema_sync
 
+    def _sparsemixer_route(self, logits_SE: Tensor):
+        """SparseMixer's sampled experts and gates in DeepSpeed's sparse-route format, with
+        DeepSpeed's capacity rules (capacity_factor * k, min_capacity, or the EP-wide max count
+        when drop_tokens=False; later routes queue after earlier ones, as top2gating does) and its
+        l_aux formula (E^2 / k * mean(me * ce))."""
+        import torch.distributed as dist
+        from deepspeed.moe.sharded_moe import _capacity
+
+        from default_moe.routing.sparsemixer import sparsemixer_route
+
+        gate = self.gate
+        version, eps = self.moe_config.sparsemixer.resolved(gate.k)
+        idx_SK, gates_SK, _, balance_SE = sparsemixer_route(
+            logits_SE, version, eps, gate.training, getattr(self, "sparsemixer_generator", None)
+        )
+        S, E = logits_SE.shape
+        K = idx_SK.shape[1]
+        masks_KSE = F.one_hot(idx_SK.t(), E)
+        exp_counts = masks_KSE.sum(dim=(0, 1)).detach()
+        cf = gate.capacity_factor if gate.training else gate.eval_capacity_factor
+        if gate.drop_tokens:
+            capacity = _capacity(balance_SE, torch.tensor(cf * K), torch.tensor(gate.min_capacity))
+        else:
+            capacity = exp_counts.max().clone()
+            if gate.ep_group is not None:
+                dist.all_reduce(capacity, op=dist.ReduceOp.MAX, group=gate.ep_group)
+        # Position of each route in its expert's queue: all first routes, then all second routes.
+        flat = masks_KSE.reshape(K * S, E)
+        loc_KS = ((torch.cumsum(flat, 0) - 1) * flat).sum(-1).reshape(K, S)
+        kept_KS = loc_KS < capacity
+        idx_KS = torch.where(kept_KS, idx_SK.t(), torch.full_like(idx_SK.t(), -1)).to(torch.int32)
+        me = balance_SE.mean(0)
+        ce = masks_KSE.float().sum(0).mean(0)
+        l_aux = torch.mean(me * ce) * E * E / K
+        return logits_SE, (l_aux, capacity, E, idx_KS, loc_KS.to(torch.int32), gates_SK.t() * kept_KS, exp_counts)
+
     def _route(self, x_SM: Tensor, used_token: Optional[Tensor]):
         """TopKGate.forward, keeping the logits (same calls, same random numbers)."""
         from deepspeed.moe.sharded_moe import multiplicative_jitter, top1gating, top2gating, topkgating
 
         gate = self.gate
+        if self.moe_config.router == "sparsemixer":
+            return self._sparsemixer_route(F.linear(x_SM.float(), weight=gate.wg.weight.float(), bias=None))
         x_fp32 = x_SM.float()
         if gate.noisy_gate_policy == "Jitter" and gate.training:
             x_fp32 = multiplicative_jitter(x_fp32, device=x_SM.device)

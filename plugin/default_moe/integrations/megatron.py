@@ -61,8 +61,9 @@ from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-SETTINGS = ("router", "beta", "ema_sync", "ema_weighting")
-MEGATRON_ROUTERS = ("topk", "default")
+SETTINGS = ("router", "beta", "ema_sync", "ema_weighting", "sparsemixer")
+# hash and StableMoE route by token id, which megatron-core's TransformerLayer does not pass to MLPs.
+MEGATRON_ROUTERS = ("topk", "default", "sparsemixer")
 
 
 def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -77,8 +78,14 @@ def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
             f"router {router!r} is not available in the megatron-core integration yet "
             f"(supported: {list(MEGATRON_ROUTERS)}; the others run in default_moe.MoELayer models)"
         )
-    MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=1, **settings)
-    return settings
+    errors = []
+    for top_k in (1, 2):  # the real top-k comes from the TransformerConfig
+        try:
+            MoEConfig(hidden_size=1, num_experts=2, ffn_hidden_size=1, top_k=top_k, **settings)
+            return settings
+        except ValueError as e:
+            errors.append(e)
+    raise errors[0]
 
 
 def check_megatron_config(config) -> None:
@@ -111,6 +118,58 @@ class DefaultTopKRouter(TopKRouter):
         return probs, routing_map
 
 
+class SparseMixerTopKRouter(TopKRouter):
+    """megatron-core TopKRouter routed by SparseMixer (v1 top-1 / v2 top-2): sampled experts and
+    SparseMixer's custom router backward, on megatron's own router weights and z-loss. The balance
+    loss is SparseMixer's (sampled experts, DP-global counts) with `moe_aux_loss_coeff`, attached
+    with megatron's `MoEAuxLossAutoScaler`. v1's learnable output scale `omega` is applied by
+    `DefaultMoELayer.postprocess`."""
+
+    def __init__(self, config, pg_collection=None, sparsemixer=None):
+        from default_moe.config import SparseMixerConfig
+
+        super().__init__(config=config, pg_collection=pg_collection)
+        problems = []
+        if config.moe_expert_capacity_factor is not None:
+            problems.append("moe_expert_capacity_factor (SparseMixer samples its experts dropless)")
+        if config.moe_router_enable_expert_bias:
+            problems.append("moe_router_enable_expert_bias")
+        if config.moe_router_load_balancing_type not in ("aux_loss", "none"):
+            problems.append(f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r}")
+        if problems:
+            raise ValueError("router 'sparsemixer' cannot run with megatron-core " + ", ".join(problems))
+        cfg = SparseMixerConfig(**(sparsemixer or {})) if not isinstance(sparsemixer, SparseMixerConfig) else sparsemixer
+        self.version, self.eps = cfg.resolved(config.moe_router_topk)
+        if {"v1": 1, "v2": 2}[self.version] != config.moe_router_topk:
+            raise ValueError(f"SparseMixer {self.version} needs moe_router_topk={ {'v1': 1, 'v2': 2}[self.version] }")
+        self.omega = torch.nn.Parameter(torch.ones(config.hidden_size)) if self.version == "v1" else None
+        self.generator = None
+        self.dense_probs = self.routing_map = None
+
+    def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        from default_moe.losses import switch_load_balancing_loss
+        from default_moe.routing.sparsemixer import sparsemixer_route
+
+        E = self.config.num_moe_experts
+        logits_TE = self.apply_z_loss(logits.reshape(-1, E), padding_mask=padding_mask)
+        idx_TK, gates_TK, probs_TE, balance_TE = sparsemixer_route(
+            logits_TE.float(), self.version, self.eps, self.training, self.generator
+        )
+        probs_out = torch.zeros_like(probs_TE).scatter(1, idx_TK, gates_TK)
+        routing_map = torch.zeros_like(probs_TE, dtype=torch.bool).scatter(1, idx_TK, True)
+        coeff = self.config.moe_aux_loss_coeff
+        coeff = sum(coeff) if isinstance(coeff, (list, tuple)) else coeff
+        if self.training and torch.is_grad_enabled() and coeff:
+            aux = switch_load_balancing_loss(
+                balance_TE, idx_TK, coeff, parallel_state.get_data_parallel_group(with_context_parallel=True)
+            )
+            probs_out = MoEAuxLossAutoScaler.apply(probs_out, aux)
+        self.dense_probs, self.routing_map = probs_TE, routing_map
+        return probs_out, routing_map
+
+
 class DefaultMoELayer(McoreMoELayer):
     """megatron-core MoELayer with the Default MoE term and EMA defaults.
 
@@ -120,7 +179,11 @@ class DefaultMoELayer(McoreMoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, default_moe=None):
         settings = validate_settings(default_moe)
         if submodules is not None and submodules.router in (None, TopKRouter):
-            submodules = dataclasses.replace(submodules, router=DefaultTopKRouter)
+            if settings.get("router") == "sparsemixer":
+                router = functools.partial(SparseMixerTopKRouter, sparsemixer=settings.get("sparsemixer"))
+            else:
+                router = DefaultTopKRouter
+            submodules = dataclasses.replace(submodules, router=router)
         super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
         self.moe_config = MoEConfig(
             hidden_size=config.hidden_size, num_experts=config.num_moe_experts,
@@ -174,6 +237,9 @@ class DefaultMoELayer(McoreMoELayer):
         self.defaults.update(stats, parallel_state.get_data_parallel_group(with_context_parallel=True))
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
+        omega = getattr(self.router, "omega", None)
+        if omega is not None:  # SparseMixer v1 scales the routed output, not the shared experts'
+            output = output * omega.to(output.dtype)
         output = super().postprocess(output, shared_expert_output)
         if self.defaults is None:
             return output
@@ -270,14 +336,19 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--moe-default-beta", type=_beta, default=0.9, help="EMA decay of the default vectors")
     group.add_argument("--moe-default-ema-sync", default="sync", choices=["sync", "async"])
     group.add_argument("--moe-default-ema-weighting", default="mean", choices=["mean", "prob"])
+    group.add_argument("--moe-sparsemixer-version", default="auto", choices=["auto", "v1", "v2"])
+    group.add_argument("--moe-sparsemixer-jitter-eps", type=float, default=None)
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
-    return validate_settings({
+    settings = {
         "router": args.moe_router_type, "beta": args.moe_default_beta,
         "ema_sync": args.moe_default_ema_sync, "ema_weighting": args.moe_default_ema_weighting,
-    })
+    }
+    if args.moe_router_type == "sparsemixer":
+        settings["sparsemixer"] = {"version": args.moe_sparsemixer_version, "jitter_eps": args.moe_sparsemixer_jitter_eps}
+    return validate_settings(settings)
 
 
 def install_from_args(args: argparse.Namespace) -> None:

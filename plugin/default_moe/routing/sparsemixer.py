@@ -79,6 +79,49 @@ class _HeunGate(torch.autograd.Function):
         return grad_logits, None, None, None, None
 
 
+def _heun_round(logits_TE: torch.Tensor, eps: float, training: bool, generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One v2 routing round: (expert, gate with the custom backward, masked softmax)."""
+    masked_TE = jitter_mask(logits_TE.detach(), eps)
+    probs_TE = torch.softmax(logits_TE.detach().masked_fill(masked_TE, float("-inf")), dim=-1)
+    if training:
+        idx_T = gumbel_argmax(logits_TE.detach(), masked_TE, generator)
+        keep_T = (idx_T == probs_TE.argmax(-1)) | (torch.rand(idx_T.shape, device=idx_T.device, generator=generator) > 0.75)
+        scale_T = torch.where(keep_T, 1.0, 1.0 / 3.0).to(probs_TE.dtype)
+        m_T = probs_TE.gather(1, idx_T[:, None]).squeeze(1)
+        return idx_T, _HeunGate.apply(logits_TE, m_T, idx_T, probs_TE, scale_T), probs_TE
+    idx_T = probs_TE.argmax(-1)
+    return idx_T, probs_TE.gather(1, idx_T[:, None]).squeeze(1), probs_TE
+
+
+def sparsemixer_route(
+    logits_TE: torch.Tensor, version: str, eps: float, training: bool, generator=None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SparseMixer on fp32 router logits (shared by our router and the engine adapters).
+
+    Returns:
+        idx_TK, gates_TK (custom backward), probs_TE (masked softmax of the first round), and the
+        probabilities the balance loss averages (masked softmax for v1, raw softmax for v2).
+    """
+    if version == "v1":
+        probs_TE = masked_softmax(logits_TE, eps)  # differentiable
+        if training:
+            idx_T = gumbel_argmax(logits_TE.detach(), jitter_mask(logits_TE.detach(), eps), generator)
+            euler_T = (idx_T == logits_TE.detach().argmax(-1)) | (
+                torch.rand(idx_T.shape, device=idx_T.device, generator=generator) > 0.5
+            )
+            m_T = probs_TE.gather(1, idx_T[:, None]).squeeze(1)
+            gate_T = _MidpointScale.apply(m_T, euler_T.to(m_T.dtype))
+        else:
+            idx_T = logits_TE.argmax(-1)
+            gate_T = probs_TE.gather(1, idx_T[:, None]).squeeze(1)
+        return idx_T[:, None], gate_T[:, None], probs_TE, probs_TE
+    idx1, gate1, probs1 = _heun_round(logits_TE, eps, training, generator)
+    # Round 2 on the original logits with the first expert removed (the gradient still reaches the
+    # original logits; it is 0 at D1 since p2_D1 = 0).
+    idx2, gate2, _ = _heun_round(logits_TE.scatter(1, idx1[:, None], float("-inf")), eps, training, generator)
+    return torch.stack([idx1, idx2], 1), torch.stack([gate1, gate2], 1), probs1, torch.softmax(logits_TE, dim=-1)
+
+
 @register_router("sparsemixer")
 class SparseMixerRouter(Router):
     """SparseMixer v1 (top-1) / v2 (top-2) router; see the module docstring."""
@@ -95,55 +138,15 @@ class SparseMixerRouter(Router):
         self.omega = nn.Parameter(torch.ones(config.hidden_size)) if self.version == "v1" else None
         self.generator: Optional[torch.Generator] = None  # tests may pin the sampling
 
-    def _round(self, logits_TE: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One v2 routing round: (expert, gate with custom backward, masked softmax)."""
-        masked_TE = jitter_mask(logits_TE.detach(), self.eps)
-        probs_TE = torch.softmax(logits_TE.detach().masked_fill(masked_TE, float("-inf")), dim=-1)
-        if self.training:
-            idx_T = gumbel_argmax(logits_TE.detach(), masked_TE, self.generator)
-            keep_T = (idx_T == probs_TE.argmax(-1)) | (
-                torch.rand(idx_T.shape, device=idx_T.device, generator=self.generator) > 0.75
-            )
-            scale_T = torch.where(keep_T, 1.0, 1.0 / 3.0).to(probs_TE.dtype)
-        else:
-            idx_T = probs_TE.argmax(-1)
-            scale_T = torch.ones_like(idx_T, dtype=probs_TE.dtype)
-        m_T = probs_TE.gather(1, idx_T[:, None]).squeeze(1)
-        if self.training:
-            gate_T = _HeunGate.apply(logits_TE, m_T, idx_T, probs_TE, scale_T)
-        else:
-            gate_T = m_T
-        return idx_T, gate_T, probs_TE
-
     def forward(
         self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
     ) -> RouterOutput:
         cfg = self.config
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-        if self.version == "v1":
-            probs_TE = masked_softmax(logits_TE, self.eps)  # differentiable
-            if self.training:
-                idx_T = gumbel_argmax(logits_TE.detach(), jitter_mask(logits_TE.detach(), self.eps), self.generator)
-                euler_T = (idx_T == logits_TE.detach().argmax(-1)) | (
-                    torch.rand(idx_T.shape, device=idx_T.device, generator=self.generator) > 0.5
-                )
-                m_T = probs_TE.gather(1, idx_T[:, None]).squeeze(1)
-                gate_T = _MidpointScale.apply(m_T, euler_T.to(m_T.dtype))
-            else:
-                idx_T = logits_TE.argmax(-1)
-                gate_T = probs_TE.gather(1, idx_T[:, None]).squeeze(1)
-            idx_TK, gates_TK, balance_probs_TE = idx_T[:, None], gate_T[:, None], probs_TE
-        else:
-            idx1, gate1, probs1 = self._round(logits_TE)
-            # Round 2 on the original logits with the first expert removed (the gradient still
-            # reaches the original logits; it is 0 at D1 since p2_D1 = 0).
-            logits2_TE = logits_TE.scatter(1, idx1[:, None], float("-inf"))
-            idx2, gate2, probs2 = self._round(logits2_TE)
-            idx_TK = torch.stack([idx1, idx2], dim=1)
-            gates_TK = torch.stack([gate1, gate2], dim=1)
-            balance_probs_TE = torch.softmax(logits_TE, dim=-1)
-            probs_TE = probs1
+        idx_TK, gates_TK, probs_TE, balance_probs_TE = sparsemixer_route(
+            logits_TE, self.version, self.eps, self.training, self.generator
+        )
         aux = {
             "load_balancing": losses.switch_load_balancing_loss(
                 balance_probs_TE, idx_TK, cfg.aux_loss_coeff, groups.dp_group
