@@ -239,3 +239,24 @@ class MoEConfig:
     @property
     def needs_token_ids(self) -> bool:
         return self.router in ("stablemoe", "hash")
+
+
+def check_overrides(overrides: Mapping[str, Any]) -> None:
+    """Validates a partial config (an engine section: no sizes) against shapes it can fit.
+
+    Sizes come from the model later; top-k is tried at its given value or at 1 and 2 (a router
+    may require either), so only values that fit no shape are refused here. Raises the
+    `ValueError` of the first attempt, naming the field.
+    """
+    first_error = None
+    for top_k in ([overrides["top_k"]] if "top_k" in overrides else [1, 2]):
+        num_experts = 1
+        for v in (top_k, overrides.get("ep_size", 1)):
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+                num_experts *= v
+        try:
+            MoEConfig(hidden_size=1, ffn_hidden_size=1, num_experts=num_experts, **{**overrides, "top_k": top_k})
+            return
+        except (ValueError, TypeError) as e:
+            first_error = first_error or e
+    raise ValueError(str(first_error)) from None

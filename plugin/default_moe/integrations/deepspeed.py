@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from default_moe.config import MoEConfig
+from default_moe.config import MoEConfig, check_overrides
 from default_moe.layer import MoELayer
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, check_ep_size
@@ -63,22 +63,10 @@ class DeepSpeedMoESection:
         if not isinstance(enabled, bool):
             raise ValueError(f'DeepSpeed config "{SECTION}.enabled" must be true or false, got {enabled!r}')
         overrides = {k: v for k, v in section.items() if k != "enabled"}
-        # Validate the values alone, against shapes they fit, so errors name the field early;
-        # the top-k each router allows is checked per layer later (it may come from the model).
-        first_error = None
-        for top_k in ([overrides["top_k"]] if "top_k" in overrides else [1, 2]):
-            num_experts = 1
-            for v in (top_k, overrides.get("ep_size", 1)):
-                if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-                    num_experts *= v
-            try:
-                MoEConfig(hidden_size=1, ffn_hidden_size=1, num_experts=num_experts, **{**overrides, "top_k": top_k})
-                first_error = None
-                break
-            except (ValueError, TypeError) as e:
-                first_error = first_error or e
-        if first_error is not None:
-            raise ValueError(f'DeepSpeed config "{SECTION}": {first_error}') from None
+        try:
+            check_overrides(overrides)  # sizes come from the model; this names bad fields early
+        except ValueError as e:
+            raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
         return cls(enabled=enabled, overrides=overrides)
 
     def config_for(self, layer_config: MoEConfig) -> MoEConfig:
