@@ -73,7 +73,7 @@ def main() -> None:
     if rank == 0:
         print(f"world={world} ep={world} device={device} dtype={args.dtype} tokens/rank={args.tokens} "
               f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters}")
-        print(f"| router | ema_sync | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | all-to-all calls, KiB | all-reduce calls, KiB |")
+        print("| router | ema_sync | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | all-to-all calls, KiB | all-reduce calls, KiB |")
         print("|---|---|---|---|---|---|---|")
         for key in VARIANTS:
             t = statistics.median(times[key])

@@ -9,7 +9,7 @@ from torch import nn
 
 import default_moe.integrations.deepspeed as dm_ds
 from default_moe.integrations import deepspeed_moe
-from ds_workers import assert_losses, batch, ds_config, train_engine
+from ds_workers import assert_losses, ds_config, train_engine
 
 D_IN, D, E, D_OUT = 8, 16, 4, 4
 

@@ -19,7 +19,6 @@ import contextlib
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 
 from default_moe import comm
 from default_moe.layer import MoELayer

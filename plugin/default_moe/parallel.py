@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
+import torch
 import torch.distributed as dist
 
 from default_moe.comm import group_size, is_distributed
@@ -102,8 +103,6 @@ def init_distributed_from_env(timeout_s: float = 600.0) -> "tuple[int, int, torc
     """
     import datetime
     import os
-
-    import torch
 
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

@@ -60,7 +60,7 @@ class StableMoERouter(Router):
     def forward(
         self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
     ) -> RouterOutput:
-        cfg, sc = self.config, self.config.stablemoe
+        sc = self.config.stablemoe
         if token_ids_T is None:
             raise ValueError("router 'stablemoe' needs the input token ids: call the layer as layer(x, token_ids=ids)")
         if token_ids_T.numel() != x_TD.shape[0]:
