@@ -11,13 +11,13 @@ import default_moe.integrations.deepspeed as dm_ds
 H, E, K, V = 64, 4, 2, 256
 
 
-def mixtral(seed=0):
+def mixtral(seed=0, top_k=K):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
     cfg = MixtralConfig(vocab_size=V, hidden_size=H, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=E,
-                        num_experts_per_tok=K, max_position_embeddings=64)
+                        num_experts_per_tok=top_k, max_position_embeddings=64)
     cfg._attn_implementation = "eager"
     return MixtralForCausalLM(cfg)
 
@@ -155,12 +155,30 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
         probs = torch.softmax(x[0] @ layer.router.gate.weight.t(), -1)
     assert torch.equal(idx, torch.topk(probs, 2, -1).indices)  # eval: deterministic argmax picks
     layer.train()
-    try:
-        dm_ds.initialize(model=mixtral(), config=config(1, {"enabled": True, "router": "hash"}))
-    except ValueError as err:
-        assert "routes by token id" in str(err)
-    else:
-        raise AssertionError("hash accepted for AutoEP")
+    # Token-id routers under AutoEP: ids recorded from the HF model's input_ids.
+    from default_moe.routing.hash import hash_experts
+
+    m = mixtral()
+    e, *_ = dm_ds.initialize(model=m, config=config(1, {"enabled": True, "router": "hash"}))
+    assert all(torch.isfinite(torch.tensor(train(e, 2))))
+    ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(9))
+    layer = moe_layers(m)[0]
+    captured = {}
+    hook = layer.router.register_forward_hook(lambda mod, a, o: captured.update(idx=o[1]))
+    with torch.no_grad():
+        e.module(input_ids=ids)
+    hook.remove()
+    assert torch.equal(captured["idx"], hash_experts(ids.reshape(-1), E, K))
+
+    m = mixtral(top_k=1)  # StableMoE is top-1; vocab_size comes from the HF config
+    e, *_ = dm_ds.initialize(model=m, config=config(1, {"enabled": True, "router": "stablemoe",
+                                                        "stablemoe": {"stage2_step": 2}}))
+    layer = moe_layers(m)[0]
+    w0 = layer.distill.emb.weight.detach().clone()
+    losses = train(e, 3)
+    assert all(torch.isfinite(torch.tensor(losses))) and int(layer.num_steps) == 3
+    assert layer.distill.emb.weight.shape == (V, 50)
+    assert not torch.equal(layer.distill.emb.weight, w0)  # stage 1 trained the distilled router
 
     try:
         from transformers import Qwen3MoeForCausalLM  # noqa: F401

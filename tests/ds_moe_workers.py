@@ -90,8 +90,7 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     # Bad sections for DeepSpeed MoE layers fail before the engine.
     for bad, needle in [({"top_k": 2}, "differs from the deepspeed.moe.layer.MoE layer's top_k=1"),
                         ({"aux_loss_coeff": 0.1}, "does not apply to deepspeed.moe.layer.MoE"),
-                        ({"router": "stablemoe", "top_k": 1, "stablemoe": {"vocab_size": 10, "stage2_step": 5}},
-                         "deepspeed.moe.layer.MoE layers support")]:
+                        ({"router": "nope"}, "MoEConfig.router must be one of")]:
         try:
             dm_ds.initialize(model=DSMoEModel(), config=ds_config(1, section={**section("default"), **bad}))
         except ValueError as e:
@@ -138,6 +137,42 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
         kept = routes[3] >= 0
         assert torch.equal(routes[3].t().long()[kept.t()], top[kept.t()])
         layer.train()
+
+    # Token-id routers: the model's input ids are recorded at its input by initialize.
+    from default_moe.routing.hash import hash_experts
+
+    class IdsModel(DSMoEModel):
+        def __init__(self, k):
+            super().__init__(k=k)
+            self.emb = nn.Embedding(30, D_IN)
+
+        def forward(self, ids, y):
+            return super().forward(self.emb(ids), y)
+
+    def id_batches(step):
+        g = torch.Generator().manual_seed(500 + step + 10 * rank)
+        return torch.randint(0, 30, (4, 6), generator=g), torch.randn(4, 6, D_OUT, generator=g)
+
+    for router, k, extra in [("hash", 2, {}), ("stablemoe", 1, {"stablemoe": {"vocab_size": 30, "stage2_step": 2}})]:
+        m = IdsModel(k)
+        e, *_ = dm_ds.initialize(model=m, config=ds_config(1, section={"enabled": True, "router": router, **extra}))
+        for step in range(3):
+            ids, y = id_batches(step)
+            loss = e(ids, y)
+            e.backward(loss)
+            e.step()
+            assert torch.isfinite(loss)
+        layer = m.moe.deepspeed_moe
+        with torch.no_grad():
+            _, routes = layer._route(m.inp(m.emb(ids)).reshape(-1, D), None)
+        kept = (routes[3] >= 0).t()
+        if router == "hash":
+            want = hash_experts(ids.reshape(-1), E, 2)
+            assert torch.equal(routes[3].t().long()[kept], want[kept])
+        else:
+            assert int(layer.num_steps) == 4 and layer.distill.emb.weight.abs().sum() > 0  # 3 steps + the probe
+            want = layer.distill(ids.reshape(-1)).argmax(-1)  # stage 2: the distilled router decides
+            assert torch.equal(routes[3][0].long()[kept[:, 0]], want[kept[:, 0]])
 
     # Checkpoints: the defaults survive save/load, resume is exact, and a checkpoint written
     # before the flag was switched on loads (zero defaults).

@@ -204,7 +204,7 @@ def specs_and_install(rank, world):
         dm.uninstall()
     assert gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp.module is MoELayer
     for bad, needle in [({"router": "nope"}, "router 'nope' is not available"),
-                        ({"router": "hash"}, "router 'hash' is not available in the megatron-core integration"),
+                        ({"router": "stablemoe"}, "MoEConfig.stablemoe.vocab_size is required"),
                         ({"beta": 1.5}, "MoEConfig.beta"),
                         ({"betta": 0.5}, "unknown default_moe setting")]:
         try:
@@ -294,9 +294,56 @@ def train_gpt(rank, world, tmpdir):
     assert all(k in model.state_dict() for k in keys)
 
 
+def token_routers(rank, world):
+    """hash and StableMoE inside megatron-core GPTModels: token ids captured from the model input."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    from default_moe.integrations import megatron as dm
+    from default_moe.routing.hash import hash_experts
+
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(rank))
+    pos = torch.arange(16).unsqueeze(0).expand(2, 16)
+    for router, extra, topk in [("hash", {}, 2), ("stablemoe", {"stablemoe": {"vocab_size": 64, "stage2_step": 2}}, 1)]:
+        dm.install(router=router, **extra)
+        try:
+            spec = get_gpt_layer_local_spec(num_experts=E)
+        finally:
+            dm.uninstall()
+        torch.manual_seed(0)
+        model = GPTModel(config=tconfig(moe_router_topk=topk), transformer_layer_spec=spec, vocab_size=64,
+                         max_sequence_length=16)
+        dm.capture_token_ids(model)
+        layers = [m for m in model.modules() if isinstance(m, dm.DefaultMoELayer)]
+        assert all(isinstance(l.router, dm.TokenIdTopKRouter) for l in layers)
+        for step in range(3):
+            out = model(tokens, pos, None, labels=torch.roll(tokens, -1, 1))
+            out.float().mean().backward()
+            assert torch.isfinite(out).all()
+            if router == "hash":
+                want = torch.zeros(32, E, dtype=torch.bool).scatter(1, hash_experts(tokens.t().reshape(-1), E, 2), True)
+                assert all(torch.equal(l.router.routing_map, want) for l in layers)
+            else:
+                r = layers[0].router
+                assert int(r.num_steps) == step + 1
+                if step == 0:  # stage 1 trains the distilled router
+                    assert r.distill.emb.weight.grad is not None and r.distill.emb.weight.grad.abs().sum() > 0
+        if router == "stablemoe":  # stage 2: routing is the distilled router's argmax
+            r = layers[0].router
+            with torch.no_grad():
+                want = r.distill(tokens.t().reshape(-1)).argmax(-1)
+            assert torch.equal(r.routing_map.float().argmax(-1), want)
+    # Backwards outside megatron's schedule leave its aux-loss scale as a 0-d tensor; the schedule
+    # (train_gpt below) sets a [1] tensor into it, so start it afresh as megatron would.
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
+
+
 def all_checks(rank, world, tmpdir):
     setup()
     layer_vs_reference(rank, world)
     sparsemixer_layer_check(rank, world)
     specs_and_install(rank, world)
+    token_routers(rank, world)
     train_gpt(rank, world, tmpdir)

@@ -23,6 +23,11 @@ def test_megatron_lm_arguments():
     args = parser.parse_args(["--moe-router-type", "default", "--moe-default-beta", "0.95", "--moe-default-ema-sync", "async"])
     assert dm.settings_from_args(args) == {"router": "default", "beta": 0.95, "ema_sync": "async", "ema_weighting": "mean"}
     assert dm.settings_from_args(parser.parse_args([]))["router"] == "topk"
+    sm = parser.parse_args(["--moe-router-type", "stablemoe", "--moe-stablemoe-stage2-step", "100"])
+    sm.padded_vocab_size = 512  # Megatron-LM sets it from the tokenizer
+    assert dm.settings_from_args(sm)["stablemoe"] == {"vocab_size": 512, "stage2_step": 100, "router_dim": 50}
+    with pytest.raises(ValueError, match="stablemoe.vocab_size is required"):
+        dm.settings_from_args(parser.parse_args(["--moe-router-type", "stablemoe"]))
     for bad in (["--moe-router-type", "nope"], ["--moe-default-beta", "1.0"], ["--moe-default-beta", "x"],
                 ["--moe-default-ema-sync", "later"]):
         with pytest.raises(SystemExit):

@@ -38,8 +38,8 @@ from default_moe.defaults import ExpertDefaults
 from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.routing import registered_routers
 
-SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk", "sparsemixer")
-AUTOEP_ROUTERS = ("topk", "default", "sparsemixer")
+SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe")
+AUTOEP_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
 def check_section(overrides: Dict) -> Dict:
@@ -52,10 +52,7 @@ def check_section(overrides: Dict) -> Dict:
         )
     router = overrides.get("router", "default")
     if router not in AUTOEP_ROUTERS:
-        raise ValueError(
-            f"router {router!r} is available for default_moe.MoELayer models (it routes by token id, which HF MoE "
-            f"blocks do not receive); AutoEP layers support {list(AUTOEP_ROUTERS)}"
-        )
+        raise ValueError(f"router {router!r} is not supported for AutoEP layers; supported: {list(AUTOEP_ROUTERS)}")
     check_overrides(overrides)  # the real top-k comes from the HF config
     return dict(overrides)
 
@@ -79,8 +76,11 @@ def layer_class(settings: Dict):
             )
             self.defaults = None
             self.omega = None
+            self._pending_aux = None
             if self.moe_config.router == "sparsemixer":
                 self._install_sparsemixer()
+            elif self.moe_config.router in ("hash", "stablemoe"):
+                self._install_token_router()
             if registered_routers()[self.moe_config.router].uses_defaults:
                 self.defaults = ExpertDefaults(
                     self.num_experts, self.hidden_size, self.moe_config.beta, self.moe_config.ema_weighting,
@@ -114,6 +114,46 @@ def layer_class(settings: Dict):
 
             router.forward = forward
 
+        def _install_token_router(self) -> None:
+            """hash / StableMoE on AutoEP's router: token ids come from the model input (recorded by
+            `token_context.capture_token_ids`, installed by `initialize`); StableMoE's affinity is
+            the gate's logits (its weight = the expert centroids), its distilled router and stage
+            counter live on this layer, and its stage-1 losses are attached to the layer output."""
+            from deepspeed.moe.ep_count import count_tokens_per_expert
+
+            from default_moe import token_context
+            from default_moe.routing.hash import hash_experts
+            from default_moe.routing.stablemoe import DistilledRouter, stablemoe_route
+
+            router, layer, cfg = self.router, self, self.moe_config
+            kind = cfg.router
+            if kind == "stablemoe":
+                if self.top_k != 1:
+                    raise ValueError(f"router 'stablemoe' needs a top-1 model, this one routes top-{self.top_k}")
+                sc = cfg.stablemoe
+                self.distill = DistilledRouter(self.num_experts, sc.vocab_size, sc.router_dim).to(router.gate.weight.device)
+                self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=router.gate.weight.device))
+
+            def forward(x, expert_bias=None):
+                ids_T = token_context.current(f"router {kind!r}").reshape(-1).to(x.device).long()
+                if ids_T.numel() != x.shape[0]:
+                    raise ValueError(f"recorded token ids ({ids_T.numel()}) do not match the MoE input ({x.shape[0]} tokens)")
+                if kind == "hash":
+                    idx_TK = hash_experts(ids_T, layer.num_experts, layer.top_k)
+                    gates_TK = torch.full(idx_TK.shape, 1.0 / layer.top_k, device=x.device)
+                else:
+                    with torch.autocast(device_type=x.device.type, enabled=False):
+                        scores_TE = router.gate(x).float()
+                    first = layer.training and int(layer.num_steps) < cfg.stablemoe.stage2_step
+                    if layer.training and not _in_backward():
+                        layer.num_steps += 1
+                    idx_T, gate_T, aux = stablemoe_route(scores_TE, ids_T, layer.distill, cfg.stablemoe, first)
+                    idx_TK, gates_TK = idx_T[:, None], gate_T[:, None]
+                    layer._pending_aux = sum(aux.values()) if aux else None
+                return gates_TK, idx_TK, count_tokens_per_expert(idx_TK, layer.num_experts)
+
+            router.forward = forward
+
         def _check_supported(self) -> None:
             folded = self.folding_group_handles is not None and self.folding_group_handles.spec.tp_size > 1
             problems = []
@@ -130,7 +170,15 @@ def layer_class(settings: Dict):
 
         def _forward(self, hidden_states: torch.Tensor):
             if self.defaults is None and self.omega is None:
-                return super()._forward(hidden_states)
+                out = super()._forward(hidden_states)
+                aux, self._pending_aux = self._pending_aux, None
+                if aux is not None and torch.is_grad_enabled():  # StableMoE stage-1 losses
+                    from default_moe.losses import AuxLossAutoScaler
+
+                    if isinstance(out, tuple):
+                        return (AuxLossAutoScaler.apply(out[0], aux),) + tuple(out[1:])
+                    return AuxLossAutoScaler.apply(out, aux)
+                return out
             if self.defaults is None:  # SparseMixer v1: omega scales the routed output
                 self._check_supported()
                 original_combine = mod.combine_from_routed

@@ -91,6 +91,19 @@ def _read_ds_config(args: Any, config: Any, config_params: Any) -> Optional[Dict
     return None
 
 
+def _fill_stablemoe_vocab(ds_config, model):
+    """StableMoE's distilled router needs the vocabulary size: take it from a HF model's config
+    when the section does not give it."""
+    sec = (ds_config or {}).get(SECTION)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if not isinstance(sec, dict) or sec.get("router") != "stablemoe" or not isinstance(vocab, int):
+        return ds_config
+    sm = sec.get("stablemoe") or {}
+    if not isinstance(sm, dict) or "vocab_size" in sm:
+        return ds_config
+    return {**ds_config, SECTION: {**sec, "stablemoe": {**sm, "vocab_size": vocab}}}
+
+
 def skip_cpu_jit_builds() -> None:
     """On CPU, stop DeepSpeed from JIT-compiling its shared-memory comm op (~3 min) at init."""
     if torch.cuda.is_available():
@@ -264,6 +277,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
 
     original = _ORIGINAL_INITIALIZE or deepspeed.initialize
     ds_config = _read_ds_config(args, kwargs.get("config"), kwargs.get("config_params"))
+    ds_config = _fill_stablemoe_vocab(ds_config, model)
     section = DeepSpeedMoESection.from_ds_config(ds_config)
     if not section.enabled or model is None:
         return original(args, model, optimizer, model_parameters, *rest, **kwargs)
@@ -304,6 +318,12 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     if zero_stage == 3:
         raise ValueError(f'DeepSpeed config "{SECTION}": ZeRO stage 3 is not supported with default_moe layers; use stage 0, 1 or 2')
 
+    token_routers = ("hash", "stablemoe")
+    if section.overrides.get("router") in token_routers and (ds_layers or use_autoep):
+        # The engines' own MoE blocks do not receive input ids: record them at the model's input.
+        from default_moe.token_context import capture_token_ids
+
+        capture_token_ids(model)
     skip_cpu_jit_builds()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")

@@ -11,6 +11,10 @@ sum_{experts that did not run} pi_i D_i (capacity-dropped routes included), and 
 (`deepspeed_moe.defaults.defaults_ED`, no "expert" in the name, so DeepSpeed saves it with the
 replicated module state), updated from the raw expert outputs and all-reduced over DP.
 
+Routers "hash" and "stablemoe" route by the model's input ids (recorded by
+`token_context.capture_token_ids`, which `initialize` installs on the model); StableMoE uses the
+gate's weight as its centroids, adds its distilled router and stage counter to this module, and
+returns its stage-1 losses as `l_aux`.
 Router "sparsemixer" (v1 top-1 / v2 top-2, by the gate's k) samples the experts with SparseMixer's
 estimator on the gate's weights and feeds DeepSpeed's dispatch with them (its capacity rules and
 l_aux formula kept); v1's omega is not added here (the gate has no such parameter; GRIN's v2 has
@@ -39,10 +43,8 @@ from default_moe.routing import registered_routers
 
 # Keys of the "default_moe" section that a DeepSpeed MoE layer takes from its own constructor.
 FIXED_BY_DS_LAYER = {"top_k": "k", "ep_size": "ep_size", "capacity_factor": "capacity_factor"}
-NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff", "stablemoe")
-# Routers these converted layers implement (hash and StableMoE route by token id, which
-# deepspeed.moe.layer.MoE does not receive).
-ENGINE_ROUTERS = ("topk", "default", "sparsemixer")
+NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff")
+ENGINE_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
 def layer_config(moe, overrides: dict) -> MoEConfig:
@@ -107,6 +109,14 @@ class DefaultMOELayer(_moe_layer_base()):
 
     def set_config(self, config: MoEConfig) -> None:
         self.moe_config = config
+        if config.router == "stablemoe" and not hasattr(self, "distill"):
+            from default_moe.routing.stablemoe import DistilledRouter
+
+            if self.gate.k != 1:
+                raise ValueError(f"router 'stablemoe' needs MoE(k=1), this layer has k={self.gate.k}")
+            sc = config.stablemoe
+            self.distill = DistilledRouter(config.num_experts, sc.vocab_size, sc.router_dim).to(self.gate.wg.weight.device)
+            self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=self.gate.wg.weight.device))
         uses_defaults = registered_routers()[config.router].uses_defaults
         if not uses_defaults:
             self.defaults = None
@@ -118,21 +128,15 @@ class DefaultMOELayer(_moe_layer_base()):
             self.defaults.beta, self.defaults.weighting = config.beta, config.ema_weighting
             self.defaults.sync_mode = config.ema_sync
 
-    def _sparsemixer_route(self, logits_SE: Tensor):
-        """SparseMixer's sampled experts and gates in DeepSpeed's sparse-route format, with
-        DeepSpeed's capacity rules (capacity_factor * k, min_capacity, or the EP-wide max count
-        when drop_tokens=False; later routes queue after earlier ones, as top2gating does) and its
-        l_aux formula (E^2 / k * mean(me * ce))."""
+    def _sparse_routes(self, logits_SE: Tensor, idx_SK: Tensor, gates_SK: Tensor, balance_SE: Tensor, l_aux=None):
+        """Routes chosen by one of our routers in DeepSpeed's sparse-route format, with DeepSpeed's
+        capacity rules (capacity_factor * k, min_capacity, or the EP-wide max count when
+        drop_tokens=False; later routes queue after earlier ones, as top2gating does) and, unless
+        given, its l_aux formula (E^2 / k * mean(me * ce))."""
         import torch.distributed as dist
         from deepspeed.moe.sharded_moe import _capacity
 
-        from default_moe.routing.sparsemixer import sparsemixer_route
-
         gate = self.gate
-        version, eps = self.moe_config.sparsemixer.resolved(gate.k)
-        idx_SK, gates_SK, _, balance_SE = sparsemixer_route(
-            logits_SE, version, eps, gate.training, getattr(self, "sparsemixer_generator", None)
-        )
         S, E = logits_SE.shape
         K = idx_SK.shape[1]
         masks_KSE = F.one_hot(idx_SK.t(), E)
@@ -149,18 +153,50 @@ class DefaultMOELayer(_moe_layer_base()):
         loc_KS = ((torch.cumsum(flat, 0) - 1) * flat).sum(-1).reshape(K, S)
         kept_KS = loc_KS < capacity
         idx_KS = torch.where(kept_KS, idx_SK.t(), torch.full_like(idx_SK.t(), -1)).to(torch.int32)
-        me = balance_SE.mean(0)
-        ce = masks_KSE.float().sum(0).mean(0)
-        l_aux = torch.mean(me * ce) * E * E / K
+        if l_aux is None:
+            me = balance_SE.mean(0)
+            ce = masks_KSE.float().sum(0).mean(0)
+            l_aux = torch.mean(me * ce) * E * E / K
         return logits_SE, (l_aux, capacity, E, idx_KS, loc_KS.to(torch.int32), gates_SK.t() * kept_KS, exp_counts)
+
+    def _our_route(self, x_SM: Tensor):
+        """sparsemixer / hash / stablemoe on the gate's weights (StableMoE: its centroids)."""
+        from default_moe import token_context
+        from default_moe.routing.hash import hash_experts
+        from default_moe.routing.sparsemixer import sparsemixer_route
+        from default_moe.routing.stablemoe import stablemoe_route
+
+        gate, cfg = self.gate, self.moe_config
+        logits_SE = F.linear(x_SM.float(), weight=gate.wg.weight.float(), bias=None)
+        if cfg.router == "sparsemixer":
+            version, eps = cfg.sparsemixer.resolved(gate.k)
+            idx_SK, gates_SK, _, balance_SE = sparsemixer_route(
+                logits_SE, version, eps, gate.training, getattr(self, "sparsemixer_generator", None)
+            )
+            return self._sparse_routes(logits_SE, idx_SK, gates_SK, balance_SE)
+        ids_S = token_context.current(f"router {cfg.router!r}").reshape(-1).to(x_SM.device).long()
+        if ids_S.numel() != x_SM.shape[0]:
+            raise ValueError(f"recorded token ids ({ids_S.numel()}) do not match the MoE input ({x_SM.shape[0]} tokens)")
+        if cfg.router == "hash":
+            idx_SK = hash_experts(ids_S, cfg.num_experts, gate.k)
+            gates_SK = torch.full(idx_SK.shape, 1.0 / gate.k, device=x_SM.device)
+            return self._sparse_routes(logits_SE, idx_SK, gates_SK, torch.zeros_like(logits_SE),
+                                       l_aux=logits_SE.new_zeros(()))
+        first = gate.training and int(self.num_steps) < cfg.stablemoe.stage2_step
+        if gate.training and not _in_backward():
+            self.num_steps += 1
+        idx_S, gate_S, aux = stablemoe_route(logits_SE, ids_S, self.distill, cfg.stablemoe, first)
+        # StableMoE's stage-1 losses (already weighted by its coefficients) are the l_aux returned.
+        l_aux = sum(aux.values()) if aux else logits_SE.new_zeros(())
+        return self._sparse_routes(logits_SE, idx_S[:, None], gate_S[:, None], torch.zeros_like(logits_SE), l_aux=l_aux)
 
     def _route(self, x_SM: Tensor, used_token: Optional[Tensor]):
         """TopKGate.forward, keeping the logits (same calls, same random numbers)."""
         from deepspeed.moe.sharded_moe import multiplicative_jitter, top1gating, top2gating, topkgating
 
         gate = self.gate
-        if self.moe_config.router == "sparsemixer":
-            return self._sparsemixer_route(F.linear(x_SM.float(), weight=gate.wg.weight.float(), bias=None))
+        if self.moe_config.router in ("sparsemixer", "hash", "stablemoe"):
+            return self._our_route(x_SM)
         x_fp32 = x_SM.float()
         if gate.noisy_gate_policy == "Jitter" and gate.training:
             x_fp32 = multiplicative_jitter(x_fp32, device=x_SM.device)

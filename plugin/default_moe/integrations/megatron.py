@@ -61,9 +61,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-SETTINGS = ("router", "beta", "ema_sync", "ema_weighting", "sparsemixer")
-# hash and StableMoE route by token id, which megatron-core's TransformerLayer does not pass to MLPs.
-MEGATRON_ROUTERS = ("topk", "default", "sparsemixer")
+SETTINGS = ("router", "beta", "ema_sync", "ema_weighting", "sparsemixer", "stablemoe")
+MEGATRON_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
 def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -164,6 +163,77 @@ class SparseMixerTopKRouter(TopKRouter):
         return probs_out, routing_map
 
 
+class TokenIdTopKRouter(TopKRouter):
+    """megatron-core TopKRouter routed by token id: "hash", or "stablemoe" (the router weight is
+    StableMoE's expert centroids, so the affinity is megatron's own logits; the distilled router
+    and the stage counter are added here). megatron-core does not pass token ids to MLP layers:
+    `capture_token_ids(model)` records the model's input ids ([B, S], sequence-first here) for them.
+    StableMoE's stage-1 losses are attached with megatron's `MoEAuxLossAutoScaler`."""
+
+    def __init__(self, config, pg_collection=None, kind="hash", stablemoe=None):
+        from default_moe.config import StableMoEConfig
+        from default_moe.routing.stablemoe import DistilledRouter
+
+        super().__init__(config=config, pg_collection=pg_collection)
+        problems = []
+        if config.moe_expert_capacity_factor is not None:
+            problems.append("moe_expert_capacity_factor")
+        if config.moe_router_enable_expert_bias:
+            problems.append("moe_router_enable_expert_bias")
+        if config.sequence_parallel or config.context_parallel_size > 1:
+            problems.append("sequence or context parallelism (the token ids would not line up)")
+        if problems:
+            raise ValueError(f"router {kind!r} cannot run with megatron-core " + ", ".join(problems))
+        self.kind = kind
+        if kind == "stablemoe":
+            if config.moe_router_topk != 1:
+                raise ValueError(f"router 'stablemoe' needs moe_router_topk=1, got {config.moe_router_topk}")
+            sc = stablemoe if isinstance(stablemoe, StableMoEConfig) else StableMoEConfig(**(stablemoe or {}))
+            sc.check()
+            self.stablemoe_config = sc
+            self.distill = DistilledRouter(config.num_moe_experts, sc.vocab_size, sc.router_dim)
+            self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self.dense_probs = self.routing_map = None
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+        from default_moe import token_context
+        from default_moe.routing.hash import hash_experts
+        from default_moe.routing.stablemoe import stablemoe_route
+
+        E, K = self.config.num_moe_experts, self.config.moe_router_topk
+        x_TH = input.reshape(-1, input.shape[-1])
+        ids = token_context.current(f"router {self.kind!r}")
+        ids_T = ids.t().reshape(-1).to(x_TH.device).long()  # [B, S] -> the layer's [S, B] order
+        if ids_T.numel() != x_TH.shape[0]:
+            raise ValueError(f"recorded token ids ({tuple(ids.shape)}) do not match the MoE input ({tuple(input.shape)})")
+        if self.kind == "hash":
+            idx_TK = hash_experts(ids_T, E, K)
+            gates_TK = torch.full(idx_TK.shape, 1.0 / K, device=x_TH.device)
+            aux = {}
+        else:
+            scores_TE = self.gating(input).reshape(-1, E).float()
+            first = self.training and int(self.num_steps) < self.stablemoe_config.stage2_step
+            if self.training and not _in_backward():
+                self.num_steps += 1
+            idx_T, gate_T, aux = stablemoe_route(scores_TE, ids_T, self.distill, self.stablemoe_config, first)
+            idx_TK, gates_TK = idx_T[:, None], gate_T[:, None]
+        probs = torch.zeros(x_TH.shape[0], E, device=x_TH.device, dtype=gates_TK.dtype).scatter(1, idx_TK, gates_TK)
+        routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx_TK, True)
+        if aux and self.training and torch.is_grad_enabled():
+            probs = MoEAuxLossAutoScaler.apply(probs, sum(aux.values()))
+        self.routing_map = routing_map
+        return probs, routing_map
+
+
+def capture_token_ids(model: torch.nn.Module):
+    """Records the model's input ids at each forward for the token-id routers (hash, StableMoE)."""
+    from default_moe.token_context import capture_token_ids as capture
+
+    return capture(model)
+
+
 class DefaultMoELayer(McoreMoELayer):
     """megatron-core MoELayer with the Default MoE term and EMA defaults.
 
@@ -176,6 +246,8 @@ class DefaultMoELayer(McoreMoELayer):
         if submodules is not None and submodules.router in (None, TopKRouter):
             if settings.get("router") == "sparsemixer":
                 router = functools.partial(SparseMixerTopKRouter, sparsemixer=settings.get("sparsemixer"))
+            elif settings.get("router") in ("hash", "stablemoe"):
+                router = functools.partial(TokenIdTopKRouter, kind=settings["router"], stablemoe=settings.get("stablemoe"))
             else:
                 router = DefaultTopKRouter
             submodules = dataclasses.replace(submodules, router=router)
@@ -333,6 +405,9 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--moe-default-ema-weighting", default="mean", choices=["mean", "prob"])
     group.add_argument("--moe-sparsemixer-version", default="auto", choices=["auto", "v1", "v2"])
     group.add_argument("--moe-sparsemixer-jitter-eps", type=float, default=None)
+    group.add_argument("--moe-stablemoe-stage2-step", type=int, default=None,
+                       help="StableMoE: training micro-batches before routing is frozen (paper: 10%% of training)")
+    group.add_argument("--moe-stablemoe-router-dim", type=int, default=50)
     return parser
 
 
@@ -343,6 +418,11 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     }
     if args.moe_router_type == "sparsemixer":
         settings["sparsemixer"] = {"version": args.moe_sparsemixer_version, "jitter_eps": args.moe_sparsemixer_jitter_eps}
+    if args.moe_router_type == "stablemoe":
+        settings["stablemoe"] = {
+            "vocab_size": getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None),
+            "stage2_step": args.moe_stablemoe_stage2_step, "router_dim": args.moe_stablemoe_router_dim,
+        }
     return validate_settings(settings)
 
 
@@ -377,8 +457,11 @@ def wrap_model_provider(model_provider, get_args=None):
             from megatron.training import get_args as getter
         install_from_args(getter())
         try:
-            return model_provider(*args, **kwargs)
+            model = model_provider(*args, **kwargs)
         finally:
             uninstall()
+        if getter().moe_router_type in ("hash", "stablemoe"):
+            capture_token_ids(model)  # token-id routers read the model's input ids
+        return model
 
     return provider

@@ -76,12 +76,13 @@ def registered_routers() -> Dict[str, Type[Router]]:
     return dict(_REGISTRY)
 
 
-def build_router(config) -> Router:
-    """Instantiates the router named by `config.router`."""
+def build_router(config, weight=None) -> Router:
+    """Instantiates the router named by `config.router` (optionally routing with an existing
+    [E, D] weight Parameter, e.g. an engine's own router weight)."""
     routers = registered_routers()
     if config.router not in routers:
         raise ValueError(f"MoEConfig.router must be one of {sorted(routers)}, got {config.router!r}")
-    return routers[config.router](config)
+    return routers[config.router](config, weight=weight)
 
 
 def _load_builtin() -> None:

@@ -32,9 +32,9 @@ class HashRouter(Router):
 
     uses_defaults = False
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, weight=None) -> None:
         super().__init__()
-        self.config = config
+        self.config = config  # `weight` (an engine's router weight) is not used: no parameters
 
     def forward(
         self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None

@@ -128,12 +128,14 @@ class SparseMixerRouter(Router):
 
     uses_defaults = False
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, weight: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         self.config = config
         self.version, self.eps = config.sparsemixer.resolved(config.top_k)
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        nn.init.normal_(self.weight, std=config.init_std)
+        if weight is None:
+            weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+            nn.init.normal_(weight, std=config.init_std)
+        self.weight = weight
         # v1's learnable output scale omega (init 1); v2 has none (GRIN replaces it by a proper init).
         self.omega = nn.Parameter(torch.ones(config.hidden_size)) if self.version == "v1" else None
         self.generator: Optional[torch.Generator] = None  # tests may pin the sampling

@@ -7,7 +7,7 @@ Stage 1 (training forwards < `stablemoe.stage2_step`):
   - balance loss  balance_coeff * sum_i ((|A_i| - n_bar) / n_bar) * sum_{t in A_i} sigmoid(s_ti) / T
     (the ratio is a constant; fairseq sums over tokens and divides the gradient by ntokens, so the
     per-token mean is used here);
-  - distilled router: embedding of the input token id Emb [V, R] and centroids C' [E, R]
+  - distilled router (`DistilledRouter`): embedding of the input token id Emb [V, R] and centroids C' [E, R]
     (orthogonal, gain 0.1), s'_t = Emb(x_t) . C'^T, trained by distill_coeff * CE(s'_t, a_t)
     (mean over tokens) on the detached stage-1 assignments; only Emb and C' get its gradient.
 Stage 2 (from `stage2_step` on) and every forward outside training (eval/inference): routing by
@@ -22,7 +22,7 @@ Legend: T tokens, E experts, D hidden, R distilled-router width, V vocabulary.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -33,21 +33,73 @@ from default_moe.parallel import ParallelGroups
 from default_moe.routing import Router, RouterOutput, register_router
 
 
+class DistilledRouter(nn.Module):
+    """StableMoE's lightweight router: token-id embedding [V, R] and centroids [E, R], both
+    orthogonally initialised with gain 0.1 (embedding default init for the table)."""
+
+    def __init__(self, num_experts: int, vocab_size: int, router_dim: int) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, router_dim)
+        self.centroids_ER = nn.Parameter(torch.empty(num_experts, router_dim))
+        nn.init.orthogonal_(self.centroids_ER, gain=0.1)
+
+    def forward(self, token_ids_T: torch.Tensor) -> torch.Tensor:
+        return self.emb(token_ids_T) @ self.centroids_ER.t()
+
+
+def stablemoe_route(
+    scores_TE: torch.Tensor, token_ids_T: torch.Tensor, distill: DistilledRouter, sc, first_stage: bool
+) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+    """StableMoE routing from the affinity scores h . C^T (shared with the engine adapters).
+
+    Args:
+        sc: the `StableMoEConfig` (loss coefficients).
+
+    Returns:
+        idx_T, gate_T = sigmoid(s_{t, a_t}), and the stage-1 aux losses (empty in stage 2).
+    """
+    if first_stage:
+        idx_T = scores_TE.detach().argmax(-1)
+    else:
+        with torch.no_grad():
+            idx_T = distill(token_ids_T).argmax(-1)
+    gate_T = torch.sigmoid(scores_TE.gather(1, idx_T[:, None]).squeeze(1))
+    aux: Dict[str, torch.Tensor] = {}
+    if first_stage:
+        T, E = scores_TE.shape
+        counts_E = torch.bincount(idx_T, minlength=E).float()
+        n_bar = max(T / E, 1e-9)
+        assigned_T = torch.sigmoid(scores_TE).gather(1, idx_T[:, None]).squeeze(1)
+        ratio_T = ((counts_E - n_bar) / n_bar)[idx_T]
+        aux["stablemoe_balance"] = sc.balance_coeff * (ratio_T * assigned_T).sum() / max(T, 1)
+        ce = F.cross_entropy(distill(token_ids_T), idx_T, reduction="sum") / max(T, 1)
+        aux["stablemoe_distill"] = sc.distill_coeff * ce
+    return idx_T, gate_T, aux
+
+
+def check_token_ids(token_ids_T: Optional[torch.Tensor], num_tokens: int, name: str) -> None:
+    if token_ids_T is None:
+        raise ValueError(f"router {name!r} needs the input token ids: call the layer as layer(x, token_ids=ids)")
+    if token_ids_T.numel() != num_tokens:
+        raise ValueError(f"token_ids has {token_ids_T.numel()} entries for {num_tokens} tokens")
+
+
 @register_router("stablemoe")
 class StableMoERouter(Router):
     """StableMoE's two-stage top-1 router; needs `token_ids`."""
 
     uses_defaults = False
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, weight: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         self.config = config
         sc = config.stablemoe
-        self.centroids_ED = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        self.distill_emb = nn.Embedding(sc.vocab_size, sc.router_dim)
-        self.distill_centroids_ER = nn.Parameter(torch.empty(config.num_experts, sc.router_dim))
-        nn.init.orthogonal_(self.centroids_ED, gain=0.1)
-        nn.init.orthogonal_(self.distill_centroids_ER, gain=0.1)
+        # An engine's router weight [E, D] serves as the expert centroids (affinity = its logits).
+        if weight is None:
+            weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+            nn.init.orthogonal_(weight, gain=0.1)
+        self.centroids_ED = weight
+        self.distill = DistilledRouter(config.num_experts, sc.vocab_size, sc.router_dim)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
 
     @property
@@ -55,38 +107,24 @@ class StableMoERouter(Router):
         return 2 if int(self.num_steps) >= self.config.stablemoe.stage2_step else 1
 
     def distilled_scores(self, token_ids_T: torch.Tensor) -> torch.Tensor:
-        return self.distill_emb(token_ids_T) @ self.distill_centroids_ER.t()
+        return self.distill(token_ids_T)
+
+    def step(self, training: bool) -> bool:
+        """Whether this forward is a stage-1 training forward; counts training forwards."""
+        first = training and self.stage == 1
+        if training and not in_backward():
+            self.num_steps += 1
+        return first
 
     def forward(
         self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
     ) -> RouterOutput:
-        sc = self.config.stablemoe
-        if token_ids_T is None:
-            raise ValueError("router 'stablemoe' needs the input token ids: call the layer as layer(x, token_ids=ids)")
-        if token_ids_T.numel() != x_TD.shape[0]:
-            raise ValueError(f"token_ids has {token_ids_T.numel()} entries for {x_TD.shape[0]} tokens")
-        token_ids_T = token_ids_T.to(x_TD.device).long()
+        check_token_ids(token_ids_T, x_TD.shape[0], "stablemoe")
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             scores_TE = x_TD.float() @ self.centroids_ED.float().t()
-        first_stage = self.training and self.stage == 1
-        if first_stage:
-            idx_T = scores_TE.detach().argmax(-1)
-        else:
-            with torch.no_grad():
-                idx_T = self.distilled_scores(token_ids_T).argmax(-1)
-        gate_T = torch.sigmoid(scores_TE.gather(1, idx_T[:, None]).squeeze(1))
-        aux = {}
-        if first_stage:
-            T, E = scores_TE.shape
-            counts_E = torch.bincount(idx_T, minlength=E).float()
-            n_bar = max(T / E, 1e-9)
-            sig_TE = torch.sigmoid(scores_TE)
-            assigned_T = sig_TE.gather(1, idx_T[:, None]).squeeze(1)
-            ratio_T = ((counts_E - n_bar) / n_bar)[idx_T]
-            aux["stablemoe_balance"] = sc.balance_coeff * (ratio_T * assigned_T).sum() / max(T, 1)
-            distill_T = F.cross_entropy(self.distilled_scores(token_ids_T), idx_T, reduction="sum") / max(T, 1)
-            aux["stablemoe_distill"] = sc.distill_coeff * distill_T
-        if self.training and not in_backward():
-            self.num_steps += 1
+        first_stage = self.step(self.training)
+        idx_T, gate_T, aux = stablemoe_route(
+            scores_TE, token_ids_T.to(x_TD.device).long(), self.distill, self.config.stablemoe, first_stage
+        )
         probs_TE = torch.zeros_like(scores_TE).scatter(1, idx_T[:, None], 1.0)
         return RouterOutput(probs_TE=probs_TE, idx_TK=idx_T[:, None], gates_TK=gate_T[:, None], aux_losses=aux)

@@ -31,11 +31,13 @@ class TopKRouter(Router):
 
     uses_defaults = False
 
-    def __init__(self, config) -> None:
+    def __init__(self, config, weight: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         self.config = config
-        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-        nn.init.normal_(self.weight, std=config.init_std)
+        if weight is None:
+            weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+            nn.init.normal_(weight, std=config.init_std)
+        self.weight = weight
 
     def forward(
         self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None

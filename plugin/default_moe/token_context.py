@@ -1,0 +1,59 @@
+"""Token ids for routers that route by token (hash, StableMoE) inside engine-owned layers.
+
+megatron-core, HF models under AutoEP and `deepspeed.moe.layer.MoE` do not pass input ids to
+their MoE blocks. `capture_token_ids(model)` registers a forward pre-hook on the model's root
+module that records its input ids (the `input_ids` keyword, else the first integer tensor
+argument); the engine adapters read them with `current()`. The ids stay recorded after the
+forward, so activation-checkpoint recomputation in the backward of the same micro-batch sees them;
+a pipeline schedule that runs several forwards before their backwards would see the newest ids in
+a recompute (not supported with these routers).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Optional
+
+import torch
+from torch import nn
+
+_STATE = threading.local()
+
+
+def set_current(ids: Optional[torch.Tensor]) -> None:
+    _STATE.ids = ids
+
+
+def current(what: str = "this router") -> torch.Tensor:
+    ids = getattr(_STATE, "ids", None)
+    if ids is None:
+        raise ValueError(
+            f"{what} routes by token id, but no token ids were recorded: call "
+            "default_moe.token_context.capture_token_ids(model) on the model's root module once"
+        )
+    return ids
+
+
+def _find_ids(args, kwargs) -> Optional[torch.Tensor]:
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return ids
+    for a in args:
+        if isinstance(a, torch.Tensor) and not a.is_floating_point() and a.dtype != torch.bool:
+            return a
+    return None
+
+
+def capture_token_ids(model: nn.Module):
+    """Records the root module's input ids at every forward; returns the hook handle."""
+    if getattr(model, "_default_moe_token_hook", None) is not None:
+        return model._default_moe_token_hook
+
+    def hook(module, args, kwargs):
+        ids = _find_ids(args, kwargs)
+        if ids is not None:
+            set_current(ids.detach())
+
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    model._default_moe_token_hook = handle
+    return handle
