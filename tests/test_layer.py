@@ -228,3 +228,17 @@ def test_aux_losses_are_applied_by_the_layer_and_logged():
     assert set(layer.aux_losses) == {"load_balancing", "z_loss"}
     # Same router gradient as the reference loss that includes the aux terms explicitly.
     assert_close(layer.router.weight.grad, wd.router_ED.grad, "router grad with aux")
+
+
+def test_nonfinite_statistics_never_enter_the_defaults():
+    layer, _ = make("default")
+    d = layer.defaults
+    with torch.no_grad():
+        d.defaults_ED.fill_(2.0)
+    stats = torch.ones(E, D + 1)
+    stats[3, 0] = float("inf")
+    stats[5, D] = float("nan")
+    d.update(stats, None)
+    assert torch.equal(d.defaults_ED[3], torch.full((D,), 2.0)) and torch.equal(d.defaults_ED[5], torch.full((D,), 2.0))
+    torch.testing.assert_close(d.defaults_ED[0], torch.full((D,), 0.9 * 2.0 + 0.1 * 1.0))
+    assert int(d.nonfinite_skips) == 2 and torch.isfinite(d.defaults_ED).all()

@@ -143,7 +143,19 @@ def bad_ep_size(rank: int, world: int) -> None:
     assert counter.records == []
 
 
+def mismatched_config(rank: int, world: int) -> None:
+    """A config that differs between ranks fails on every rank, naming the field (no hang)."""
+    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, beta=0.9 if rank == 0 else 0.8, ep_size=world)
+    try:
+        MoELayer(cfg)
+    except ValueError as e:
+        assert "MoEConfig differs between ranks in ['beta']" in str(e) and "[0.9, 0.8]" in str(e), str(e)
+    else:
+        raise AssertionError("mismatched beta accepted")
+
+
 def world2_all(rank: int, world: int, cases: List[dict]) -> None:
+    mismatched_config(rank, world)
     bad_ep_size(rank, world)
     collective_counts(rank, world)
     run_cases(rank, world, cases)

@@ -43,6 +43,7 @@ class ExpertDefaults(nn.Module):
         self.weighting = weighting
         self.sync_mode = sync_mode
         self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
+        self.nonfinite_skips = torch.zeros((), dtype=torch.long)
         self._pending: Optional[tuple] = None  # (work handle, stats tensor) of an async update
         self.num_updates = 0
         # The last update's batch means and which experts it saw (diagnostics only).
@@ -107,8 +108,12 @@ class ExpertDefaults(nn.Module):
     def _apply_stats(self, stats_E_D1: torch.Tensor) -> None:
         D = self.defaults_ED.shape[1]
         weight_E = stats_E_D1[:, D]
-        seen_E = weight_E > 0
-        mean_ED = stats_E_D1[:, :D] / weight_E.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        # A non-finite statistic (an expert output overflowed somewhere in the DP group) never
+        # enters the defaults: that expert keeps its D this step. Counted without a host sync.
+        finite_E = torch.isfinite(stats_E_D1).all(dim=1)
+        self.nonfinite_skips += (~finite_E).sum()
+        seen_E = (weight_E > 0) & finite_E
+        mean_ED = torch.nan_to_num(stats_E_D1[:, :D] / weight_E.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
         new_ED = self.beta * self.defaults_ED + (1.0 - self.beta) * mean_ED
         # In place: the buffer object stays the one engines and optimisers may hold.
         self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, self.defaults_ED))

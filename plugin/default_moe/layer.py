@@ -23,7 +23,7 @@ from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask
 from default_moe.experts import GroupedExperts, mark_expert_params
 from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.losses import AuxLossAutoScaler
-from default_moe.parallel import ParallelGroups, build_groups
+from default_moe.parallel import ParallelGroups, build_groups, check_same_config
 from default_moe.routing import build_router, registered_routers
 
 
@@ -52,6 +52,7 @@ class MoELayer(nn.Module):
             raise ValueError(
                 f"MoEConfig.ep_size ({config.ep_size}) does not match the size of the given EP group ({groups.ep_size})"
             )
+        check_same_config(config, groups.dp_group)  # once, at build: a mismatch fails, never hangs
         self.config = config
         self.groups = groups
         self.router = build_router(config)

@@ -115,3 +115,18 @@ def init_distributed_from_env(timeout_s: float = 600.0) -> "tuple[int, int, torc
         backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
     )
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def check_same_config(config, group: Optional[dist.ProcessGroup] = None) -> None:
+    """Compares a config across the ranks of `group` (all ranks call it): a config that differs
+    (experts, ep_size, router, beta, ...) fails on every rank with a ValueError naming the fields,
+    instead of a collective that hangs or silently mixes settings later."""
+    if group_size(group) <= 1:
+        return
+    mine = config.to_dict()
+    gathered = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, mine, group=group)
+    diffs = sorted({k for other in gathered for k in mine if other.get(k) != mine.get(k)})
+    if diffs:
+        values = {k: [other.get(k) for other in gathered] for k in diffs}
+        raise ValueError(f"MoEConfig differs between ranks in {diffs}: per-rank values {values}")
