@@ -89,3 +89,18 @@ def test_main_job_smoke_and_resume(tmp_path):
     m2 = json.loads((tmp_path / "metrics.json").read_text())
     assert [s for s, _ in m2["history"]["train"]] == [1, 2, 3, 4, 5, 6]
     assert m2["history"]["train"][:4] == m["history"]["train"]
+
+
+@pytest.mark.distributed
+def test_main_job_under_the_deepspeed_launcher(tmp_path):
+    """DeepSpeed users start jobs with `deepspeed`: it passes --local_rank and sets the ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    out = subprocess.run(
+        ["deepspeed", "--num_nodes", "1", "--num_gpus", "2", str(ROOT / "launch" / "train.py"), "--steps", "2",
+         "--micro-batch", "4", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "100",
+         "--run-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "world=2" in out.stdout and "---- summary ----" in out.stdout

@@ -71,6 +71,8 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/gpt_tiny.json", help="run config JSON")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir/ckpt")
+    # Passed by the `deepspeed` launcher; the rank comes from the environment it also sets.
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(RunConfig):
         if f.name == "model":
             continue

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The main job through DeepSpeed's own launcher.
+#   single node:  bash launch/deepspeed_launch.sh [train.py args]            (NUM_GPUS ranks, default 2 on CPU)
+#   many nodes:   HOSTFILE=hostfile bash launch/deepspeed_launch.sh [args]   (lines "host slots=N";
+#                 DeepSpeed reaches the hosts by passwordless ssh/pdsh; MASTER_ADDR/MASTER_PORT optional)
+# Single node is tested (tests/test_train.py); the hostfile path is DeepSpeed's and is not tested
+# here (no ssh between test hosts).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/launch/env.sh"
+cd "$ROOT"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+if [ -n "${HOSTFILE:-}" ]; then
+  exec deepspeed --hostfile "$HOSTFILE" ${MASTER_ADDR:+--master_addr "$MASTER_ADDR"} \
+    ${MASTER_PORT:+--master_port "$MASTER_PORT"} launch/train.py "$@"
+fi
+NUM_GPUS="${NUM_GPUS:-$(python -c 'import torch; print(torch.cuda.device_count() or 2)')}"
+exec deepspeed --num_nodes 1 --num_gpus "$NUM_GPUS" launch/train.py "$@"
