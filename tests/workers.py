@@ -215,3 +215,54 @@ def router_equivalence(rank: int, world: int) -> None:
                 _close(p.grad, q.grad[ids_local], f"expert {n} grad", rank, tag)
         if router == "stablemoe":
             assert layer.router.stage == 2 and int(layer.router.num_steps) == int(ref.router.num_steps) == 2
+
+
+class _TwoLayer(torch.nn.Module):
+    def __init__(self, ep):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp = torch.nn.Linear(D, D)
+        cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router="default", ep_size=ep)
+        self.moe1, self.moe2 = MoELayer(cfg), MoELayer(cfg)
+
+    def forward(self, x):
+        h = self.inp(x)
+        return h + self.moe2(h + self.moe1(h))
+
+
+def reshard_save(rank: int, world: int, path: str) -> None:
+    """Train 2 steps at EP=world, save a resharding checkpoint and the eval outputs of a probe."""
+    from default_moe import checkpoint
+
+    model = _TwoLayer(world)
+    with torch.no_grad():  # different expert weights per rank, so the gather matters
+        for p in model.moe1.experts.parameters():
+            p.add_(0.1 * (rank + 1))
+    for step in range(2):
+        x, g = _global_batch(step, 16 * world, skew=False)
+        (model(x[rank * 16 : (rank + 1) * 16]) * g[rank * 16 : (rank + 1) * 16]).sum().backward()
+    checkpoint.save(model, path, extra={"step": 2})
+    model.eval()
+    probe, _ = _global_batch(99, 8 * world, skew=False)
+    with torch.no_grad():
+        out = model(probe[rank * 8 : (rank + 1) * 8])
+    outs = [torch.empty_like(out) for _ in range(world)]
+    dist.all_gather(outs, out)
+    if rank == 0:
+        torch.save(torch.cat(outs), path + ".probe")
+
+
+def reshard_load(rank: int, world: int, path: str) -> None:
+    """Load at EP=world and reproduce the saved probe outputs exactly."""
+    from default_moe import checkpoint
+
+    model = _TwoLayer(world)
+    assert checkpoint.load(model, path) == {"step": 2}
+    model.eval()
+    expected = torch.load(path + ".probe")
+    probe, _ = _global_batch(99, expected.shape[0], skew=False)
+    n = expected.shape[0] // world
+    with torch.no_grad():
+        out = model(probe[rank * n : (rank + 1) * n])
+    assert torch.equal(out, expected[rank * n : (rank + 1) * n]), (out - expected[rank * n : (rank + 1) * n]).abs().max()
+    assert model.moe1.defaults.defaults_ED.abs().sum() > 0

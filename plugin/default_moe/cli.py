@@ -41,6 +41,22 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoint_info(args: argparse.Namespace) -> int:
+    from default_moe import checkpoint
+
+    try:
+        payload = checkpoint.read(args.path)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for name, cfg in payload["moe_configs"].items():
+        print(f"{name}: router={cfg['router']} experts={cfg['num_experts']} top_k={cfg['top_k']} "
+              f"hidden={cfg['hidden_size']} saved at ep_size={cfg['ep_size']} (loads at any ep_size dividing "
+              f"{cfg['num_experts']})")
+    print(f"extra: {sorted(payload['extra'])}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="default-moe", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -49,6 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("path")
     p.add_argument("--section", default=None, help='read this top-level key, e.g. "default_moe" of a DeepSpeed config')
     p.set_defaults(fn=_cmd_check_config)
+    p = sub.add_parser("checkpoint-info", help="describe a default_moe.checkpoint file (layers, configs, layout)")
+    p.add_argument("path")
+    p.set_defaults(fn=_cmd_checkpoint_info)
     args = ap.parse_args(argv)
     return args.fn(args)
 
