@@ -27,6 +27,7 @@ import torch.distributed as dist
 from default_moe import data as data_mod
 from default_moe.integrations import deepspeed as dm_ds
 from default_moe.models.gpt import GPT, GPTConfig
+from default_moe.parallel import init_distributed_from_env
 
 
 @dataclass
@@ -71,6 +72,8 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/gpt_tiny.json", help="run config JSON")
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir/ckpt")
+    ap.add_argument("--auto-resume", action="store_true",
+                    help="resume if run_dir/ckpt has a checkpoint, else start fresh (for torchrun --max-restarts)")
     # Passed by the `deepspeed` launcher; the rank comes from the environment it also sets.
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(RunConfig):
@@ -126,7 +129,8 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
             dataclasses.replace(gpt.moe_config(), **{k: v for k, v in section.items() if k != "enabled"})
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as e:
         ap.error(str(e))
-    return run, gpt, ds_config, args.resume
+    resume = args.resume or (args.auto_resume and (Path(run.run_dir) / "ckpt" / "latest").exists())
+    return run, gpt, ds_config, resume
 
 
 def lr_lambda(run: RunConfig):
@@ -250,6 +254,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tqdm import tqdm
 
     dm_ds.skip_cpu_jit_builds()
+    # torch's own env:// init first: under torchrun it uses the agent's store, which is scoped per
+    # restart, so a job restarted by `--max-restarts` does not meet the old round's addresses.
+    init_distributed_from_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(run.run_dir)
