@@ -57,6 +57,17 @@ def check_section(overrides: Dict) -> Dict:
     return dict(overrides)
 
 
+@contextlib.contextmanager
+def _combine_replaced(mod, combine):
+    """AutoEP's `_forward` looks `combine_from_routed` up by name at call time: swap it for one call."""
+    original = mod.combine_from_routed
+    mod.combine_from_routed = combine
+    try:
+        yield
+    finally:
+        mod.combine_from_routed = original
+
+
 def layer_class(settings: Dict):
     """An `AutoEPMoELayer` subclass bound to the section's settings."""
     from deepspeed.module_inject import auto_ep_layer as mod
@@ -181,18 +192,14 @@ def layer_class(settings: Dict):
                 return out
             if self.defaults is None:  # SparseMixer v1: omega scales the routed output
                 self._check_supported()
-                original_combine = mod.combine_from_routed
-                omega = self.omega
+                omega, original_combine = self.omega, mod.combine_from_routed
 
                 def scaled(*args, **kwargs):
                     out = original_combine(*args, **kwargs)
                     return out * omega.to(out.dtype)
 
-                mod.combine_from_routed = scaled
-                try:
+                with _combine_replaced(mod, scaled):
                     return super()._forward(hidden_states)
-                finally:
-                    mod.combine_from_routed = original_combine
             self._check_supported()
             recompute = _in_backward()
             if not recompute:
@@ -200,7 +207,6 @@ def layer_class(settings: Dict):
             x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
             captured = {}
             hook = self.router.register_forward_hook(lambda m, a, out: captured.update(selected_TK=out[1]))
-            original_combine = mod.combine_from_routed
 
             def combine(expert_output, top_scores, token_indices_sorted, top_k, score_apply, combine_impl, shape):
                 bsz, seqlen, H = shape
@@ -223,11 +229,10 @@ def layer_class(settings: Dict):
                 out = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1) + (probs_TE * unselected_TE) @ D_EH
                 return out.to(expert_output.dtype).reshape(bsz, seqlen, H)
 
-            mod.combine_from_routed = combine
             try:
-                return super()._forward(hidden_states)
+                with _combine_replaced(mod, combine):
+                    return super()._forward(hidden_states)
             finally:
-                mod.combine_from_routed = original_combine
                 hook.remove()
 
     return DefaultAutoEPMoELayer

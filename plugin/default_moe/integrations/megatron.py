@@ -111,6 +111,18 @@ class DefaultTopKRouter(TopKRouter):
         return probs, routing_map
 
 
+def _refuse_router_settings(config, router: str, extra_problems) -> None:
+    """Routers that choose experts themselves (sparsemixer, hash, stablemoe) run dropless and
+    without megatron's expert bias; refuse those settings by name."""
+    problems = list(extra_problems)
+    if config.moe_expert_capacity_factor is not None:
+        problems.append("moe_expert_capacity_factor")
+    if config.moe_router_enable_expert_bias:
+        problems.append("moe_router_enable_expert_bias")
+    if problems:
+        raise ValueError(f"router {router!r} cannot run with megatron-core " + ", ".join(problems))
+
+
 class SparseMixerTopKRouter(TopKRouter):
     """megatron-core TopKRouter routed by SparseMixer (v1 top-1 / v2 top-2): sampled experts and
     SparseMixer's custom router backward, on megatron's own router weights and z-loss. The balance
@@ -122,15 +134,10 @@ class SparseMixerTopKRouter(TopKRouter):
         from default_moe.config import SparseMixerConfig
 
         super().__init__(config=config, pg_collection=pg_collection)
-        problems = []
-        if config.moe_expert_capacity_factor is not None:
-            problems.append("moe_expert_capacity_factor (SparseMixer samples its experts dropless)")
-        if config.moe_router_enable_expert_bias:
-            problems.append("moe_router_enable_expert_bias")
+        extra = []
         if config.moe_router_load_balancing_type not in ("aux_loss", "none"):
-            problems.append(f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r}")
-        if problems:
-            raise ValueError("router 'sparsemixer' cannot run with megatron-core " + ", ".join(problems))
+            extra.append(f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r}")
+        _refuse_router_settings(config, "sparsemixer", extra)
         cfg = SparseMixerConfig(**(sparsemixer or {})) if not isinstance(sparsemixer, SparseMixerConfig) else sparsemixer
         self.version, self.eps = cfg.resolved(config.moe_router_topk)
         if {"v1": 1, "v2": 2}[self.version] != config.moe_router_topk:
@@ -175,15 +182,10 @@ class TokenIdTopKRouter(TopKRouter):
         from default_moe.routing.stablemoe import DistilledRouter
 
         super().__init__(config=config, pg_collection=pg_collection)
-        problems = []
-        if config.moe_expert_capacity_factor is not None:
-            problems.append("moe_expert_capacity_factor")
-        if config.moe_router_enable_expert_bias:
-            problems.append("moe_router_enable_expert_bias")
+        extra = []
         if config.sequence_parallel or config.context_parallel_size > 1:
-            problems.append("sequence or context parallelism (the token ids would not line up)")
-        if problems:
-            raise ValueError(f"router {kind!r} cannot run with megatron-core " + ", ".join(problems))
+            extra.append("sequence or context parallelism (the token ids would not line up)")
+        _refuse_router_settings(config, kind, extra)
         self.kind = kind
         if kind == "stablemoe":
             if config.moe_router_topk != 1:

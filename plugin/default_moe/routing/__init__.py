@@ -56,6 +56,14 @@ class Router(nn.Module):
         raise NotImplementedError
 
 
+def router_weight(config, weight: Optional[nn.Parameter] = None) -> nn.Parameter:
+    """The [E, D] router weight: an engine's existing Parameter, or a new normal-initialised one."""
+    if weight is None:
+        weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        nn.init.normal_(weight, std=config.init_std)
+    return weight
+
+
 _REGISTRY: Dict[str, Type[Router]] = {}
 
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from default_moe import losses
 from default_moe.parallel import ParallelGroups
-from default_moe.routing import Router, RouterOutput, register_router
+from default_moe.routing import Router, RouterOutput, register_router, router_weight
 
 
 def jitter_mask(logits_TE: torch.Tensor, eps: float) -> torch.Tensor:
@@ -132,10 +132,7 @@ class SparseMixerRouter(Router):
         super().__init__()
         self.config = config
         self.version, self.eps = config.sparsemixer.resolved(config.top_k)
-        if weight is None:
-            weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-            nn.init.normal_(weight, std=config.init_std)
-        self.weight = weight
+        self.weight = router_weight(config, weight)
         # v1's learnable output scale omega (init 1); v2 has none (GRIN replaces it by a proper init).
         self.omega = nn.Parameter(torch.ones(config.hidden_size)) if self.version == "v1" else None
         self.generator: Optional[torch.Generator] = None  # tests may pin the sampling

@@ -18,7 +18,7 @@ from torch import nn
 
 from default_moe import losses
 from default_moe.parallel import ParallelGroups
-from default_moe.routing import Router, RouterOutput, register_router
+from default_moe.routing import Router, RouterOutput, register_router, router_weight
 
 
 @register_router("topk")
@@ -34,10 +34,7 @@ class TopKRouter(Router):
     def __init__(self, config, weight: Optional[nn.Parameter] = None) -> None:
         super().__init__()
         self.config = config
-        if weight is None:
-            weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
-            nn.init.normal_(weight, std=config.init_std)
-        self.weight = weight
+        self.weight = router_weight(config, weight)
 
     def forward(
         self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
