@@ -82,6 +82,13 @@ CASES = [
      "--moe-default-beta must be a number in [0, 1)"),
     ("megatron stablemoe without vocab", megatron_args(["--moe-router-type", "stablemoe"]), ValueError,
      "stablemoe.vocab_size is required"),
+    ("bf16-ish stats dtype", cfg(ema_stats_dtype="fp16"), ValueError,
+     "MoEConfig.ema_stats_dtype must be one of ['float32', 'bfloat16']"),
+    ("zero sync interval", cfg(ema_sync_every=0), ValueError, "MoEConfig.ema_sync_every must be an integer >= 1"),
+    ("unknown nonfinite mode", cfg(nonfinite="ignore"), ValueError, "MoEConfig.nonfinite must be one of ['skip', 'raise']"),
+    ("ds section bad sync interval", section({"enabled": True, "ema_sync_every": 1.5}), ValueError,
+     'DeepSpeed config "default_moe": MoEConfig.ema_sync_every'),
+    ("run config zero timeout", run_config(["--dist-timeout-s", "0"]), SystemExit, "RunConfig.dist_timeout_s"),
     ("run config bad steps", run_config(["--steps", "0"]), SystemExit, "RunConfig.steps"),
     ("run config missing ds json", run_config(["--deepspeed-config", "nope.json"]), SystemExit, "nope.json"),
 ]

@@ -16,6 +16,8 @@ from typing import Any, Mapping, Optional
 ACTIVATIONS = ("swiglu", "gelu")
 EMA_SYNC_MODES = ("sync", "async")
 EMA_WEIGHTINGS = ("mean", "prob")
+EMA_STATS_DTYPES = ("float32", "bfloat16")
+NONFINITE_MODES = ("skip", "raise")
 DROP_POLICIES = ("probs", "position")
 
 
@@ -137,6 +139,13 @@ class MoEConfig:
         ema_sync: "sync" (all-reduce statistics, update, then use in this step: the paper's
             order) or "async" (launch the all-reduce, use the previous step's defaults, finish the
             update at the next forward).
+        ema_stats_dtype: dtype of the all-reduced EMA statistics, "float32" or "bfloat16" (half
+            the bytes; D itself stays fp32).
+        ema_sync_every: sync the EMA statistics (and update D) every N training forwards, summing
+            them locally in between (N = gradient accumulation steps: once per optimizer step).
+        nonfinite: what a non-finite router probability or expert output does: "skip" (that
+            expert's D keeps its value this step, counted) or "raise" (FloatingPointError naming
+            the layer and step; costs a host sync per forward).
         init_std: std of the normal initialisation of router and expert weights.
     """
 
@@ -155,6 +164,9 @@ class MoEConfig:
     beta: float = 0.9
     ema_weighting: str = "mean"
     ema_sync: str = "sync"
+    ema_stats_dtype: str = "float32"
+    ema_sync_every: int = 1
+    nonfinite: str = "skip"
     init_std: float = 0.02
     sparsemixer: SparseMixerConfig = dataclasses.field(default_factory=SparseMixerConfig)
     stablemoe: StableMoEConfig = dataclasses.field(default_factory=StableMoEConfig)
@@ -196,6 +208,9 @@ class MoEConfig:
         _check_float("beta", self.beta, 0.0, 1.0, hi_open=True)
         _check_choice("ema_weighting", self.ema_weighting, EMA_WEIGHTINGS)
         _check_choice("ema_sync", self.ema_sync, EMA_SYNC_MODES)
+        _check_choice("ema_stats_dtype", self.ema_stats_dtype, EMA_STATS_DTYPES)
+        _check_int("ema_sync_every", self.ema_sync_every, 1)
+        _check_choice("nonfinite", self.nonfinite, NONFINITE_MODES)
         _check_float("init_std", self.init_std, 0.0, math.inf, hi_open=True)
         if self.router == "sparsemixer":
             version, _ = self.sparsemixer.resolved(self.top_k)

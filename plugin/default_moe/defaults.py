@@ -6,11 +6,22 @@ over the token slots routed to it in this micro-batch across the whole data-para
 statistics travel as one E x (D+1) fp32 all-reduce, so every replica holds identical defaults.
 D is a buffer (in the state dict, no gradient).
 
-Sync modes:
+Sync modes (`ema_sync`):
 - "sync": all-reduce, update, then the layer uses the new D in this step (the paper's order).
 - "async": launch the all-reduce and keep using the current D; the update lands at the start
   of the next forward (or before the state dict is saved), hiding the all-reduce behind the
   rest of the step.
+
+Reducing the sync's bytes (large E x D, e.g. DeepSeek-V3's 256 x 7168 per layer):
+- `ema_stats_dtype="bfloat16"` all-reduces the statistics in bf16 (half the bytes; the EMA itself
+  stays fp32, and (1 - beta) scales the rounding of the batch mean).
+- `ema_sync_every=N` accumulates the statistics locally over N training forwards and syncs (and
+  updates D) once, e.g. once per optimizer step with N = gradient accumulation steps. D changes
+  N times less often, so the same beta averages over N times more micro-batches. Statistics
+  accumulated since the last sync are not in a checkpoint: checkpoint at multiples of N.
+
+Non-finite statistics (`nonfinite`): "skip" leaves that expert's D unchanged this step (counted in
+`nonfinite_skips`); "raise" raises FloatingPointError naming the layer, the update and the experts.
 
 Legend: T tokens, K top-k, E experts, D hidden.
 """
@@ -37,18 +48,44 @@ class ExpertDefaults(nn.Module):
         sync_mode: "sync" or "async".
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, beta: float, weighting: str, sync_mode: str) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        beta: float,
+        weighting: str,
+        sync_mode: str,
+        stats_dtype: str = "float32",
+        sync_every: int = 1,
+        nonfinite: str = "skip",
+        name: str = "",
+    ) -> None:
         super().__init__()
-        self.beta = beta
-        self.weighting = weighting
-        self.sync_mode = sync_mode
+        self.beta, self.weighting, self.sync_mode = beta, weighting, sync_mode
+        self.stats_dtype, self.sync_every, self.nonfinite, self.name = stats_dtype, sync_every, nonfinite, name
         self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
         self.nonfinite_skips = torch.zeros((), dtype=torch.long)
         self._pending: Optional[tuple] = None  # (work handle, stats tensor) of an async update
+        self._accum: Optional[torch.Tensor] = None  # local statistics not yet synced (sync_every > 1)
+        self._accum_count = 0
         self.num_updates = 0
         # The last update's batch means and which experts it saw (diagnostics only).
         self.last_batch_mean_ED: Optional[torch.Tensor] = None
         self.last_seen_E: Optional[torch.Tensor] = None
+
+    @classmethod
+    def from_config(cls, config, num_experts: Optional[int] = None, hidden_size: Optional[int] = None,
+                    name: str = "") -> "ExpertDefaults":
+        """From a `MoEConfig` (sizes may come from the host model, e.g. Megatron's config)."""
+        self = cls(num_experts or config.num_experts, hidden_size or config.hidden_size, config.beta,
+                   config.ema_weighting, config.ema_sync, name=name)
+        self.configure(config)
+        return self
+
+    def configure(self, config) -> None:
+        """Applies a (re)config's EMA settings; the defaults themselves are kept."""
+        self.beta, self.weighting, self.sync_mode = config.beta, config.ema_weighting, config.ema_sync
+        self.stats_dtype, self.sync_every, self.nonfinite = config.ema_stats_dtype, config.ema_sync_every, config.nonfinite
 
     def local_statistics(
         self,
@@ -83,8 +120,20 @@ class ExpertDefaults(nn.Module):
 
     @torch.no_grad()
     def update(self, stats_E_D1: torch.Tensor, dp_group: Optional[dist.ProcessGroup]) -> None:
-        """All-reduces the statistics over DP and applies (sync) or schedules (async) the EMA step."""
+        """All-reduces the statistics over DP and applies (sync) or schedules (async) the EMA step.
+
+        With `sync_every` N > 1 the statistics are summed locally and only every Nth call syncs.
+        """
         self.finish_pending()
+        if self.sync_every > 1:
+            self._accum = stats_E_D1 if self._accum is None else self._accum + stats_E_D1
+            self._accum_count += 1
+            if self._accum_count < self.sync_every:
+                return
+            stats_E_D1, self._accum, self._accum_count = self._accum, None, 0
+        if self.stats_dtype == "bfloat16":
+            # Rounded even without a group, so the setting means the same thing at every world size.
+            stats_E_D1 = stats_E_D1.to(torch.bfloat16)
         asynchronous = self.sync_mode == "async"
         work = None
         if comm.group_size(dp_group) > 1:
@@ -106,11 +155,19 @@ class ExpertDefaults(nn.Module):
             self._apply_stats(stats)
 
     def _apply_stats(self, stats_E_D1: torch.Tensor) -> None:
+        stats_E_D1 = stats_E_D1.float()
         D = self.defaults_ED.shape[1]
         weight_E = stats_E_D1[:, D]
         # A non-finite statistic (an expert output overflowed somewhere in the DP group) never
-        # enters the defaults: that expert keeps its D this step. Counted without a host sync.
+        # enters the defaults: that expert keeps its D this step. Counted without a host sync
+        # unless asked to raise.
         finite_E = torch.isfinite(stats_E_D1).all(dim=1)
+        if self.nonfinite == "raise" and not bool(finite_E.all()):
+            bad = (~finite_E).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"non-finite expert outputs for expert(s) {bad} in MoE layer {self.name or '(unnamed)'} at EMA update "
+                f"{self.num_updates + 1} (MoEConfig.nonfinite='raise'; 'skip' keeps those experts' defaults instead)"
+            )
         self.nonfinite_skips += (~finite_E).sum()
         seen_E = (weight_E > 0) & finite_E
         mean_ED = torch.nan_to_num(stats_E_D1[:, :D] / weight_E.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
@@ -145,4 +202,5 @@ class ExpertDefaults(nn.Module):
 
     def extra_repr(self) -> str:
         E, D = self.defaults_ED.shape
-        return f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, sync={self.sync_mode}"
+        return (f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, sync={self.sync_mode}, "
+                f"stats_dtype={self.stats_dtype}, sync_every={self.sync_every}, nonfinite={self.nonfinite}")

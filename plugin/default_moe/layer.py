@@ -27,6 +27,15 @@ from default_moe.parallel import ParallelGroups, build_groups, check_same_config
 from default_moe.routing import build_router, registered_routers
 
 
+def check_finite(t: torch.Tensor, what: str, layer_name: str, step: int) -> None:
+    """Raises FloatingPointError if `t` has a NaN/inf (MoEConfig.nonfinite="raise"; one host sync)."""
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(
+            f"non-finite {what} in MoE layer {layer_name or '(unnamed)'} at training forward {step} "
+            f"(MoEConfig.nonfinite='raise'; 'skip' keeps the defaults unchanged instead)"
+        )
+
+
 class MoELayer(nn.Module):
     """Expert-parallel MoE layer with interchangeable routers (TopK, Default MoE, ...).
 
@@ -63,9 +72,10 @@ class MoELayer(nn.Module):
         mark_expert_params(self.experts)
         self.defaults: Optional[ExpertDefaults] = None
         if self.router.uses_defaults:
-            self.defaults = ExpertDefaults(
-                config.num_experts, config.hidden_size, config.beta, config.ema_weighting, config.ema_sync
-            )
+            self.defaults = ExpertDefaults.from_config(config)
+        # Named in errors (non-finite values); models set it, e.g. "layers.3.moe".
+        self.layer_name = ""
+        self.num_training_forwards = 0
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.tokens_per_expert: Optional[torch.Tensor] = None
         self.dropped_slots = 0
@@ -120,12 +130,9 @@ class MoELayer(nn.Module):
         self.router.config = config
         if self.router.uses_defaults:
             if self.defaults is None:
-                self.defaults = ExpertDefaults(
-                    config.num_experts, config.hidden_size, config.beta, config.ema_weighting, config.ema_sync
-                ).to(self.router.weight.device)
+                self.defaults = ExpertDefaults.from_config(config, name=self.layer_name).to(self.router.weight.device)
             else:
-                self.defaults.beta, self.defaults.weighting = config.beta, config.ema_weighting
-                self.defaults.sync_mode = config.ema_sync
+                self.defaults.configure(config)
         else:
             self.defaults = None
 
@@ -165,6 +172,12 @@ class MoELayer(nn.Module):
             self.defaults.finish_pending()
 
         route = self.router(x_TD, self.groups, token_ids_T)
+        if self.training and not recompute:
+            self.num_training_forwards += 1
+            if self.defaults is not None:
+                self.defaults.name = self.layer_name
+            if cfg.nonfinite == "raise":
+                check_finite(route.probs_TE, "router probabilities", self.layer_name, self.num_training_forwards)
         idx_TK, gates_TK = route.idx_TK, route.gates_TK
         # Raw pi of the selected experts: drop priority and EMA weight (not the renormalised gates).
         probs_TK = route.probs_TE.detach().gather(1, idx_TK)

@@ -111,10 +111,32 @@ def init_distributed_from_env(timeout_s: float = 600.0) -> "tuple[int, int, torc
         torch.cuda.set_device(device)
     if "WORLD_SIZE" not in os.environ or is_distributed():
         return (dist.get_rank(), dist.get_world_size(), device) if is_distributed() else (0, 1, device)
-    dist.init_process_group(
-        backend="nccl" if cuda else "gloo", timeout=datetime.timedelta(seconds=timeout_s)
-    )
+    backend, timeout = ("nccl" if cuda else "gloo"), datetime.timedelta(seconds=timeout_s)
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, timeout=timeout, store=_elastic_store(restart, timeout),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _elastic_store(restart: str, timeout) -> "dist.Store":
+    """The rendezvous store under torchrun, with keys private to this restart round.
+
+    torchrun (torch >= 2.4) shares one TCPStore across restart rounds and hands it to the workers
+    unprefixed, so a restarted worker can read a dead worker's gloo/NCCL address from the previous
+    round and fail with "connectFullMesh ... Connection refused" (or hang), depending on who starts
+    first. Prefixing the keys with the round number makes every round start from a clean slate.
+    """
+    import os
+
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_store and int(os.environ["RANK"]) == 0, timeout=timeout, multi_tenant=True,
+    )
+    return dist.PrefixStore(f"default_moe/restart_{restart}", store)
 
 
 def check_same_config(config, group: Optional[dist.ProcessGroup] = None) -> None:

@@ -49,6 +49,8 @@ class RunConfig:
     ckpt_every: int = 250
     log_every: int = 10
     seed: int = 1234
+    # Every collective fails after this long instead of hanging (a dead or diverged rank).
+    dist_timeout_s: float = 600.0
     # Overrides of the DeepSpeed "default_moe" section (None: keep the JSON's value).
     router: Optional[str] = None
     beta: Optional[float] = None
@@ -63,6 +65,8 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {v!r}")
         if not (self.lr > 0):
             raise ValueError(f"RunConfig.lr (--lr) must be > 0, got {self.lr!r}")
+        if not (self.dist_timeout_s > 0):
+            raise ValueError(f"RunConfig.dist_timeout_s (--dist-timeout-s) must be > 0 seconds, got {self.dist_timeout_s!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"RunConfig.warmup_steps (--warmup-steps) must be >= 0, got {self.warmup_steps!r}")
 
@@ -254,9 +258,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from tqdm import tqdm
 
     dm_ds.skip_cpu_jit_builds()
-    # torch's own env:// init first: under torchrun it uses the agent's store, which is scoped per
-    # restart, so a job restarted by `--max-restarts` does not meet the old round's addresses.
-    init_distributed_from_env()
+    # Our init first (DeepSpeed's then finds the group made): it scopes torchrun's store per restart
+    # round, so a job restarted by `--max-restarts` does not meet the old round's addresses.
+    init_distributed_from_env(run.dist_timeout_s)
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir = Path(run.run_dir)

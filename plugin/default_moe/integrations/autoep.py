@@ -38,7 +38,8 @@ from default_moe.defaults import ExpertDefaults
 from default_moe.layer_utils import in_backward as _in_backward
 from default_moe.routing import registered_routers
 
-SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe")
+SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe",
+                "ema_stats_dtype", "ema_sync_every", "nonfinite")
 AUTOEP_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -93,9 +94,8 @@ def layer_class(settings: Dict):
             elif self.moe_config.router in ("hash", "stablemoe"):
                 self._install_token_router()
             if registered_routers()[self.moe_config.router].uses_defaults:
-                self.defaults = ExpertDefaults(
-                    self.num_experts, self.hidden_size, self.moe_config.beta, self.moe_config.ema_weighting,
-                    self.moe_config.ema_sync,
+                self.defaults = ExpertDefaults.from_config(
+                    self.moe_config, self.num_experts, self.hidden_size
                 ).to(self.router.gate.weight.device)
 
         def _install_sparsemixer(self) -> None:

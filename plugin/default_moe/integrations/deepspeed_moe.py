@@ -121,12 +121,9 @@ class DefaultMOELayer(_moe_layer_base()):
         if not uses_defaults:
             self.defaults = None
         elif self.defaults is None:
-            self.defaults = ExpertDefaults(
-                config.num_experts, config.hidden_size, config.beta, config.ema_weighting, config.ema_sync
-            ).to(self.gate.wg.weight.device)
+            self.defaults = ExpertDefaults.from_config(config).to(self.gate.wg.weight.device)
         else:
-            self.defaults.beta, self.defaults.weighting = config.beta, config.ema_weighting
-            self.defaults.sync_mode = config.ema_sync
+            self.defaults.configure(config)
 
     def _sparse_routes(self, logits_SE: Tensor, idx_SK: Tensor, gates_SK: Tensor, balance_SE: Tensor, l_aux=None):
         """Routes chosen by one of our routers in DeepSpeed's sparse-route format, with DeepSpeed's

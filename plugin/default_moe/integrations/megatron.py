@@ -61,7 +61,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-SETTINGS = ("router", "beta", "ema_sync", "ema_weighting", "sparsemixer", "stablemoe")
+SETTINGS = ("router", "beta", "ema_sync", "ema_weighting", "sparsemixer", "stablemoe", "ema_stats_dtype",
+            "ema_sync_every", "nonfinite")
 MEGATRON_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -264,9 +265,8 @@ class DefaultMoELayer(McoreMoELayer):
             check_megatron_config(config)
             if not isinstance(self.router, DefaultTopKRouter):
                 raise ValueError(f"Default MoE needs DefaultTopKRouter (a TopKRouter), got {type(self.router).__name__}")
-            self.defaults = ExpertDefaults(
-                config.num_moe_experts, config.hidden_size, self.moe_config.beta, self.moe_config.ema_weighting,
-                self.moe_config.ema_sync,
+            self.defaults = ExpertDefaults.from_config(
+                self.moe_config, config.num_moe_experts, config.hidden_size, name=f"layer {self.layer_number}"
             ).to(self.router.weight.device)
 
     def forward(self, hidden_states, *args, **kwargs):
@@ -405,6 +405,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--moe-default-beta", type=_beta, default=0.9, help="EMA decay of the default vectors")
     group.add_argument("--moe-default-ema-sync", default="sync", choices=["sync", "async"])
     group.add_argument("--moe-default-ema-weighting", default="mean", choices=["mean", "prob"])
+    group.add_argument("--moe-default-ema-stats-dtype", default="float32", choices=["float32", "bfloat16"],
+                       help="dtype of the all-reduced EMA statistics (bfloat16: half the bytes)")
+    group.add_argument("--moe-default-ema-sync-every", type=int, default=1,
+                       help="sync the EMA statistics every N micro-batches (e.g. N = gradient accumulation steps)")
+    group.add_argument("--moe-nonfinite", default="skip", choices=["skip", "raise"],
+                       help="non-finite expert outputs: keep the defaults (skip) or raise naming layer and step")
     group.add_argument("--moe-sparsemixer-version", default="auto", choices=["auto", "v1", "v2"])
     group.add_argument("--moe-sparsemixer-jitter-eps", type=float, default=None)
     group.add_argument("--moe-stablemoe-stage2-step", type=int, default=None,
@@ -417,6 +423,8 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     settings = {
         "router": args.moe_router_type, "beta": args.moe_default_beta,
         "ema_sync": args.moe_default_ema_sync, "ema_weighting": args.moe_default_ema_weighting,
+        "ema_stats_dtype": args.moe_default_ema_stats_dtype, "ema_sync_every": args.moe_default_ema_sync_every,
+        "nonfinite": args.moe_nonfinite,
     }
     if args.moe_router_type == "sparsemixer":
         settings["sparsemixer"] = {"version": args.moe_sparsemixer_version, "jitter_eps": args.moe_sparsemixer_jitter_eps}

@@ -84,6 +84,8 @@ class GPT(nn.Module):
         self.tok = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layers)])
+        for i, block in enumerate(self.blocks):
+            block.moe.layer_name = f"blocks.{i}.moe"
         self.ln_f = nn.LayerNorm(cfg.d_model)
         for name, p in self.named_parameters():
             if p.dim() == 2 and "moe" not in name:
