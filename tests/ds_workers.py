@@ -99,6 +99,34 @@ def assert_losses(got, want, what, rtol=2e-5):
         assert abs(a - b) <= rtol * abs(b) + 1e-7, f"{what}: loss {i}: deepspeed {a} vs reference {b}\n{got}\n{want}"
 
 
+def check_offline_conversion(engine, model, ckpt: str, rank: int) -> None:
+    """`default-moe convert-deepspeed` (no process group) turns the EP=2 DeepSpeed checkpoint into
+    one that loads into an EP=1 model with the same eval losses as the engine on each rank's batch."""
+    from default_moe import ParallelGroups, checkpoint
+    from default_moe.cli import main as cli_main
+
+    engine.eval()
+    x, y = batch(99, 0, rank)
+    with torch.no_grad():
+        engine_loss = engine(x, y).item()
+    engine.train()
+    if rank == 0:
+        assert cli_main(["convert-deepspeed", ckpt, f"{ckpt}.pt"]) == 0
+        assert cli_main(["convert-deepspeed", ckpt, f"{ckpt}.pt"]) == 2  # no silent overwrite
+    dist.barrier()
+    single = ToyMoEModel(seed=321)
+    for name in ("moe1", "moe2"):
+        cfg = MoEConfig.from_dict({**getattr(model, name).config.to_dict(), "ep_size": 1})
+        setattr(single, name, MoELayer(cfg, ParallelGroups.single()))
+    extra = checkpoint.load(single, f"{ckpt}.pt")
+    assert extra["saved_ep_size"] == 2 and single.moe1.experts.w1_LDF.shape[0] == E
+    single.eval()
+    with torch.no_grad():
+        single_loss = single(x, y).item()
+    assert abs(single_loss - engine_loss) <= 1e-6 * abs(engine_loss), (rank, single_loss, engine_loss)
+    dist.barrier()
+
+
 def all_checks(rank: int, world: int, tmpdir: str) -> None:
     import deepspeed
 
@@ -159,6 +187,8 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
         train_engine(engine, 2, 2)
         engine.save_checkpoint(ckpt)
         D_saved = model.moe2.defaults.defaults_ED.clone()
+        if stage == 1:
+            check_offline_conversion(engine, model, ckpt, rank)
         cont = train_engine(engine, 2, 2, first_step=2)
 
         model2 = ToyMoEModel(seed=123)

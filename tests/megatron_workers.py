@@ -232,7 +232,8 @@ def train_gpt(rank, world, tmpdir):
 
     from default_moe.integrations import megatron as dm
 
-    cfg = tconfig(moe_aux_loss_coeff=0.01, init_method_std=0.05)
+    # No dropout: the resume check compares losses exactly without restoring RNG streams.
+    cfg = tconfig(moe_aux_loss_coeff=0.01, init_method_std=0.05, hidden_dropout=0.0, attention_dropout=0.0)
     dm.install(router="default", beta=0.9)
     try:
         spec = get_gpt_layer_local_spec(num_experts=E)
@@ -258,16 +259,21 @@ def train_gpt(rank, world, tmpdir):
         return out, loss_fn
 
     fb = get_forward_backward_func()
-    losses = []
-    for _ in range(8):
-        ddp.zero_grad_buffer()
-        opt.zero_grad()
-        res = fb(forward_step_func=step_fn, data_iterator=iter([None]), model=[ddp], num_microbatches=1,
-                 seq_length=16, micro_batch_size=2, forward_only=False)
-        opt.step()
-        l = res[0]["loss"].clone()
-        dist.all_reduce(l)
-        losses.append(l.item() / world)
+
+    def run_steps(ddp_model, optimizer, n):
+        losses = []
+        for _ in range(n):
+            ddp_model.zero_grad_buffer()
+            optimizer.zero_grad()
+            res = fb(forward_step_func=step_fn, data_iterator=iter([None]), model=[ddp_model], num_microbatches=1,
+                     seq_length=16, micro_batch_size=2, forward_only=False)
+            optimizer.step()
+            l = res[0]["loss"].clone()
+            dist.all_reduce(l)
+            losses.append(l.item() / world)
+        return losses
+
+    losses = run_steps(ddp, opt, 8)
     assert losses[-1] < losses[0] - 0.05, losses
     for layer in moe_layers:
         Dm = layer.defaults.defaults_ED
@@ -278,7 +284,11 @@ def train_gpt(rank, world, tmpdir):
     keys = [k for k in sd if k.endswith("defaults.defaults_ED")]
     assert len(keys) == 2, [k for k in sd if "default" in k]
     dist_checkpointing.save(sd, tmpdir)
+    torch.save(opt.state_dict(), f"{tmpdir}/optim_rank{rank}.pt")
     saved = [l.defaults.defaults_ED.clone() for l in moe_layers]
+    uninterrupted = run_steps(ddp, opt, 3)
+
+    # Resume: a fresh model (other seed) + optimizer, loaded, continues with identical losses.
     torch.manual_seed(5)
     dm.install(router="default", beta=0.9)
     try:
@@ -290,6 +300,11 @@ def train_gpt(rank, world, tmpdir):
     model2.load_state_dict(loaded)
     got = [m.defaults.defaults_ED for m in model2.modules() if isinstance(m, dm.DefaultMoELayer)]
     assert all(torch.equal(a, b) for a, b in zip(got, saved))
+    ddp2 = DistributedDataParallel(cfg, DistributedDataParallelConfig(), model2)
+    opt2 = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=3e-3, clip_grad=0.0), [ddp2])
+    opt2.load_state_dict(torch.load(f"{tmpdir}/optim_rank{rank}.pt", weights_only=False))
+    resumed = run_steps(ddp2, opt2, 3)
+    assert resumed == uninterrupted, f"megatron resume {resumed} vs uninterrupted {uninterrupted}"
     # Plain state_dict round trip too.
     assert all(k in model.state_dict() for k in keys)
 

@@ -130,8 +130,11 @@ def test_bad_checkpoints_and_cli(saved):
         (["check-config", str(tmp / "ds.json"), "--section", "missing"], "has no 'missing' section"),
         (["check-config", str(tmp / "nope.json")], "cannot read"),
         (["checkpoint-info", str(tmp / "ds.json")], "not readable"),
+        (["convert-deepspeed", str(tmp), str(tmp / "out.pt")], "has no 'latest' file"),
+        (["convert-deepspeed", str(tmp), str(tmp / "out.pt"), "--tag", "step9"], "not a DeepSpeed checkpoint"),
+        (["convert-deepspeed", str(tmp), good], "exists; pass --force"),
     ]:
         out = subprocess.run([sys.executable, "-m", "default_moe.cli", *args], capture_output=True, text=True)
         assert out.returncode == 2 and needle in out.stderr, out.stderr
     assert digest() == before
-    assert len(CASES) + 5 >= 25
+    assert len(CASES) + 8 >= 25

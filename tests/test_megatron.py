@@ -20,8 +20,11 @@ def test_megatron_lm_arguments():
     from default_moe.integrations import megatron as dm
 
     parser = dm.extra_args_provider(argparse.ArgumentParser())
-    args = parser.parse_args(["--moe-router-type", "default", "--moe-default-beta", "0.95", "--moe-default-ema-sync", "async"])
-    assert dm.settings_from_args(args) == {"router": "default", "beta": 0.95, "ema_sync": "async", "ema_weighting": "mean"}
+    args = parser.parse_args(["--moe-router-type", "default", "--moe-default-beta", "0.95", "--moe-default-ema-sync", "async",
+                              "--moe-default-ema-stats-dtype", "bfloat16", "--moe-default-ema-sync-every", "4",
+                              "--moe-nonfinite", "raise"])
+    assert dm.settings_from_args(args) == {"router": "default", "beta": 0.95, "ema_sync": "async", "ema_weighting": "mean",
+                                           "ema_stats_dtype": "bfloat16", "ema_sync_every": 4, "nonfinite": "raise"}
     assert dm.settings_from_args(parser.parse_args([]))["router"] == "topk"
     sm = parser.parse_args(["--moe-router-type", "stablemoe", "--moe-stablemoe-stage2-step", "100"])
     sm.padded_vocab_size = 512  # Megatron-LM sets it from the tokenizer
@@ -29,7 +32,7 @@ def test_megatron_lm_arguments():
     with pytest.raises(ValueError, match="stablemoe.vocab_size is required"):
         dm.settings_from_args(parser.parse_args(["--moe-router-type", "stablemoe"]))
     for bad in (["--moe-router-type", "nope"], ["--moe-default-beta", "1.0"], ["--moe-default-beta", "x"],
-                ["--moe-default-ema-sync", "later"]):
+                ["--moe-default-ema-sync", "later"], ["--moe-nonfinite", "warn"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 

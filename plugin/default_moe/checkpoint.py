@@ -7,6 +7,11 @@
 The file is written by global rank 0 to a temporary name and renamed: a crash mid-save leaves the
 previous checkpoint intact. Loading checks that every MoE layer's config matches the checkpoint's
 (all fields but `ep_size`) and names the fields that differ.
+
+`convert_deepspeed` (CLI: `default-moe convert-deepspeed`) turns a DeepSpeed checkpoint written
+with the "default_moe" section at any ep_size (module states + one expert file per EP rank) into
+this format offline, without a process group: the weights and defaults then load at any ep_size.
+Optimizer states are not converted (they are partitioned by ZeRO for one layout).
 """
 
 from __future__ import annotations
@@ -105,4 +110,67 @@ def load(model: nn.Module, path: str) -> Dict[str, Any]:
             key = f"{prefix}experts.{pname}"
             sd[key] = sd[key][ids[0] : ids[-1] + 1]
     model.load_state_dict(sd)
+    return payload["extra"]
+
+
+def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None) -> Dict[str, Any]:
+    """Converts a DeepSpeed checkpoint of a default_moe model into a resharding checkpoint.
+
+    Args:
+        ckpt_dir: the directory given to `engine.save_checkpoint`.
+        out_path: the resharding checkpoint to write (atomically).
+        tag: the checkpoint tag (default: the one in `ckpt_dir/latest`).
+
+    Returns:
+        The written payload's `extra`: {"source", "tag", "saved_ep_size"}.
+    """
+    import glob
+    import re
+
+    from default_moe.integrations.deepspeed import EXPERT_FILE
+
+    if tag is None:
+        latest = os.path.join(ckpt_dir, "latest")
+        if not os.path.exists(latest):
+            raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file: pass the checkpoint tag explicitly")
+        with open(latest) as f:
+            tag = f.read().strip()
+    tag_dir = os.path.join(ckpt_dir, str(tag))
+    module_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
+    if not os.path.exists(module_file):
+        raise FileNotFoundError(f"{module_file} does not exist: not a DeepSpeed checkpoint directory/tag "
+                                "(ZeRO-3 checkpoints are not supported)")
+    pattern = EXPERT_FILE.format(ep_size="*", ep_rank="*")
+    expert_files = sorted(glob.glob(os.path.join(tag_dir, pattern)))
+    if not expert_files:
+        raise FileNotFoundError(f"{tag_dir} has no {pattern} files: it was not written with the default_moe section")
+    layouts = {}
+    for path in expert_files:
+        m = re.search(r"_ep(\d+)_rank(\d+)\.pt$", path)
+        layouts.setdefault(int(m.group(1)), {})[int(m.group(2))] = path
+    if len(layouts) != 1:
+        raise ValueError(f"{tag_dir} mixes expert files of several ep_sizes {sorted(layouts)}")
+    (ep_size, files), = layouts.items()
+    if sorted(files) != list(range(ep_size)):
+        raise ValueError(f"{tag_dir}: expert files for EP ranks {sorted(files)} of ep_size {ep_size}; some are missing")
+    parts = [torch.load(files[r], map_location="cpu", weights_only=True) for r in range(ep_size)]
+    if "moe_configs" not in parts[0]:
+        raise ValueError(f"{files[0]} predates the MoE configs in expert files; re-save it with this version")
+    module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    sd = {k: v.detach().cpu().clone() for k, v in module.items()}
+    configs = parts[0]["moe_configs"]
+    for name, params in parts[0]["experts"].items():
+        prefix = f"{name}." if name else ""
+        for pname in params:
+            sd[f"{prefix}experts.{pname}"] = torch.cat([part["experts"][name][pname] for part in parts], dim=0)
+    payload = {"format": FORMAT, "model": sd, "moe_configs": configs,
+               "extra": {"source": os.path.abspath(tag_dir), "tag": str(tag), "saved_ep_size": ep_size}}
+    tmp = f"{out_path}.tmp.{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, out_path)
     return payload["extra"]

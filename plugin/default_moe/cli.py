@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -57,6 +58,22 @@ def _cmd_checkpoint_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_convert_deepspeed(args: argparse.Namespace) -> int:
+    from default_moe import checkpoint
+
+    if os.path.exists(args.out) and not args.force:
+        print(f"error: {args.out} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    try:
+        extra = checkpoint.convert_deepspeed(args.ckpt_dir, args.out, args.tag)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} from {extra['source']} (saved at ep_size={extra['saved_ep_size']}); "
+          f"load it at any ep_size with default_moe.checkpoint.load(model, {args.out!r})")
+    return _cmd_checkpoint_info(argparse.Namespace(path=args.out))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="default-moe", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -68,6 +85,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("checkpoint-info", help="describe a default_moe.checkpoint file (layers, configs, layout)")
     p.add_argument("path")
     p.set_defaults(fn=_cmd_checkpoint_info)
+    p = sub.add_parser("convert-deepspeed",
+                       help="convert a DeepSpeed checkpoint (any ep_size) into a resharding checkpoint, offline")
+    p.add_argument("ckpt_dir", help="the directory given to engine.save_checkpoint")
+    p.add_argument("out", help="the resharding checkpoint file to write")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the one in CKPT_DIR/latest)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.set_defaults(fn=_cmd_convert_deepspeed)
     args = ap.parse_args(argv)
     return args.fn(args)
 

@@ -234,7 +234,8 @@ def _install_engine_hooks(engine) -> None:
         if expert_dp_rank == 0:
             path = os.path.join(save_dir, str(tag), EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank))
             tmp = path + ".tmp"
-            torch.save({"ep_size": ep_size, "ep_rank": ep_rank, "experts": _expert_state(model)}, tmp)
+            torch.save({"ep_size": ep_size, "ep_rank": ep_rank, "experts": _expert_state(model),
+                        "moe_configs": {name: layer.config.to_dict() for name, layer in layers}}, tmp)
             os.replace(tmp, path)
         dist.barrier()
         return out
