@@ -8,13 +8,18 @@ experts of width F, fp32. Rows:
     padded to the largest expert), SwiGLU experts as an nn.Module;
   - megatron-core `MoELayer` (alltoall dispatcher, SequentialMLP, gated SwiGLU, pre-softmax top-k).
 The variants are timed in interleaved rounds (median); each row reports ms/step, tokens/s over all
-ranks and the ratio to our TopK. megatron-core runs on CPU through the test shims
-(tests/megatron_cpu.py), as in the test suite.
+ranks, the ratio to our TopK, memory, and the collectives one step issues (counted by wrapping the
+`torch.distributed` functions every implementation calls, forward and backward). Memory: on CUDA
+the peak allocated bytes of a step; on CPU (no allocator statistics) the bytes autograd saves for
+backward (the activation memory a step holds at its peak) plus parameters. Several sizes per run
+(`--sizes T:D:F:E:k,...`). megatron-core runs on CPU through the test shims (tests/megatron_cpu.py),
+as in the test suite.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -40,7 +45,54 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def build(args, world):
+_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "all_gather", "all_gather_into_tensor",
+                "reduce_scatter_tensor", "broadcast", "_all_gather_base", "_reduce_scatter_base")
+
+
+@contextlib.contextmanager
+def count_all_collectives(records: list):
+    """Records (op, bytes) of every torch.distributed collective called inside (any library)."""
+    originals = {name: getattr(dist, name) for name in _COLLECTIVES if hasattr(dist, name)}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            t = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("tensor", kwargs.get("output"))
+            if isinstance(t, torch.Tensor):
+                records.append((name, t.numel() * t.element_size()))
+            elif isinstance(t, (list, tuple)):
+                records.append((name, sum(x.numel() * x.element_size() for x in t)))
+            return fn(*args, **kwargs)
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield records
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+@contextlib.contextmanager
+def saved_bytes(acc: list):
+    """Sums the bytes of every tensor autograd saves for backward inside (distinct storages)."""
+    seen = set()
+
+    def pack(t):
+        try:
+            key = (t.untyped_storage().data_ptr(), t.dtype)
+        except RuntimeError:
+            key = id(t)
+        if key not in seen:
+            seen.add(key)
+            acc[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield acc
+
+
+def build(args, world, first=True):
     from default_moe import MoEConfig, MoELayer
 
     out = {}
@@ -55,7 +107,8 @@ def build(args, world):
     import default_moe.integrations.deepspeed as dm_ds
 
     dm_ds.skip_cpu_jit_builds()
-    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    if first:
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     for name, drop in (("deepspeed cf1.25", True), ("deepspeed dropless", False)):
         torch.manual_seed(0)
         moe = MoE(hidden_size=args.hidden, expert=SwiGLU(args.hidden, args.ffn), num_experts=args.experts,
@@ -65,14 +118,16 @@ def build(args, world):
         out[name] = moe
     import megatron_cpu
 
-    megatron_cpu.apply()
+    if not torch.cuda.is_available():
+        megatron_cpu.apply()
     from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoE
 
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=world)
+    if first:
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=world)
     model_parallel_cuda_manual_seed(0)
     cfg = TransformerConfig(num_layers=1, hidden_size=args.hidden, num_attention_heads=4, num_moe_experts=args.experts,
                             moe_router_topk=args.top_k, moe_ffn_hidden_size=args.ffn, ffn_hidden_size=args.ffn,
@@ -84,17 +139,96 @@ def build(args, world):
     return out
 
 
+def parse_sizes(text: str):
+    sizes = []
+    for item in text.split(","):
+        try:
+            T, D, F_, E, k = (int(v) for v in item.split(":"))
+        except ValueError:
+            raise SystemExit(f"--sizes: {item!r} is not T:D:F:E:k (five integers)") from None
+        sizes.append({"tokens": T, "hidden": D, "ffn": F_, "experts": E, "top_k": k})
+    return sizes
+
+
+def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
+    a = argparse.Namespace(**{**vars(args), **size})
+    layers = build(a, world, first)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    for layer in layers.values():
+        layer.to(device)
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(a.tokens, a.hidden, generator=g).to(device)
+    grad = torch.randn(a.tokens, a.hidden, generator=g).to(device)
+
+    def step(name, layer):
+        if name == "megatron-core":
+            xi = x.view(a.tokens, 1, a.hidden).detach().requires_grad_(True)
+            out = layer(xi)[0].view(a.tokens, a.hidden)
+        elif name.startswith("deepspeed"):
+            xi = x.view(1, a.tokens, a.hidden).detach().requires_grad_(True)
+            out = layer(xi)[0].view(a.tokens, a.hidden)
+        else:
+            xi = x.detach().requires_grad_(True)
+            out = layer(xi)
+        (out * grad).sum().backward()
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+
+    names = list(layers)
+    for n in names:
+        for _ in range(2):
+            step(n, layers[n])
+    extra = {}
+    for n in names:
+        records, acc = [], [0]
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        with count_all_collectives(records), saved_bytes(acc):
+            step(n, layers[n])
+        params = sum(p.numel() * p.element_size() for p in layers[n].parameters())
+        mem = (torch.cuda.max_memory_allocated() - base_mem + params) if device.type == "cuda" else acc[0] + params
+        ops = {}
+        for op, nbytes in records:
+            c, b = ops.get(op, (0, 0))
+            ops[op] = (c + 1, b + nbytes)
+        extra[n] = {"mem_bytes": mem, "collectives": sum(c for c, _ in ops.values()),
+                    "collective_bytes": sum(b for _, b in ops.values()), "by_op": ops}
+    times = {n: [] for n in names}
+    for r in range(args.rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.iters):
+                step(n, layers[n])
+            sync()
+            times[n].append((time.perf_counter() - t0) / args.iters)
+    base = statistics.median(times["ours topk"])
+    rows = []
+    for n in names:
+        t = statistics.median(times[n])
+        q1, q3 = statistics.quantiles(times[n], n=4)[0], statistics.quantiles(times[n], n=4)[2]
+        # Expert FLOPs actually needed (3 GEMMs of T*k rows, x3 for forward+backward), all ranks.
+        flops = 3 * 2 * 3 * a.tokens * a.top_k * a.hidden * a.ffn * world
+        rows.append({"name": n, **size, "world": world, "ms": t * 1e3, "ms_iqr": [q1 * 1e3, q3 * 1e3],
+                     "tokens_per_s": a.tokens * world / t, "ratio_to_ours_topk": t / base,
+                     "expert_tflops": flops / t / 1e12, **extra[n]})
+    del layers
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--ffn", type=int, default=512)
-    ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--sizes", default="4096:256:512:8:2",
+                    help="comma-separated T:D:F:E:k (tokens per rank, hidden, expert ffn, experts, top-k)")
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rows here (rank 0)")
     args = ap.parse_args()
+    sizes = parse_sizes(args.sizes)
 
     from default_moe.parallel import init_distributed_from_env
 
@@ -103,53 +237,86 @@ def main() -> None:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("gloo", rank=0, world_size=1)
         rank, world = 0, 1
-    layers = build(args, world)
-    g = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.tokens, args.hidden, generator=g)
-    grad = torch.randn(args.tokens, args.hidden, generator=g)
-
-    def step(name, layer):
-        if name == "megatron-core":
-            xi = x.view(args.tokens, 1, args.hidden).detach().requires_grad_(True)
-            out = layer(xi)[0].view(args.tokens, args.hidden)
-        elif name.startswith("deepspeed"):
-            xi = x.view(1, args.tokens, args.hidden).detach().requires_grad_(True)
-            out = layer(xi)[0].view(args.tokens, args.hidden)
-        else:
-            xi = x.detach().requires_grad_(True)
-            out = layer(xi)
-        (out * grad).sum().backward()
-
-    names = list(layers)
-    for n in names:
-        for _ in range(2):
-            step(n, layers[n])
-    times = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            dist.barrier()
-            t0 = time.perf_counter()
-            for _ in range(args.iters):
-                step(n, layers[n])
-            dist.barrier()
-            times[n].append((time.perf_counter() - t0) / args.iters)
+    rows = []
+    for i, size in enumerate(sizes):
+        rows += bench_size(size, args, rank, world, first=i == 0)
+        if rank == 0:
+            print(f"[bench] EP={world} size {i + 1}/{len(sizes)} done", file=sys.stderr, flush=True)
     if rank == 0:
-        base = statistics.median(times["ours topk"])
-        rows = []
-        print(f"EP={world} processes={world} tokens/rank={args.tokens} D={args.hidden} F={args.ffn} (SwiGLU) "
-              f"E={args.experts} k={args.top_k} fp32 CPU, median of {args.rounds} interleaved rounds x {args.iters}")
-        print("| implementation | ms / fwd+bwd | tokens/s (all ranks) | time / ours topk |")
-        print("|---|---|---|---|")
-        for n in names:
-            t = statistics.median(times[n])
-            rows.append({"name": n, "ms": t * 1e3, "tokens_per_s": args.tokens * world / t, "ratio": t / base})
-            print(f"| {n} | {t*1e3:.1f} | {args.tokens*world/t:,.0f} | {t/base:.3f} |")
+        dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores), fp32, gloo"
+        print(f"EP={world}: {world} process(es), {dev}; median of {args.rounds} interleaved rounds x {args.iters}")
+        print(table(rows))
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"world": world, "args": vars(args), "rows": rows}, f, indent=1)
+                json.dump({"world": world, "device": dev, "args": vars(args), "rows": rows}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
 
 
+def table(rows: list) -> str:
+    out = ["| EP | T/rank | D | F | E | k | implementation | ms / fwd+bwd | tokens/s | / ours topk | memory MiB | "
+           "collectives (bytes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['world']} | {r['tokens']} | {r['hidden']} | {r['ffn']} | {r['experts']} | {r['top_k']} | "
+                   f"{r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_ours_topk']:.3f} | "
+                   f"{r['mem_bytes'] / 2**20:.1f} | {r['collectives']} ({r['collective_bytes'] / 2**20:.2f} MiB) |")
+    return "\n".join(out)
+
+
+def report(paths: list, out_dir: str) -> None:
+    """Merges the EP=1 / EP=2 JSONs into results.md, results.json and a plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.load(open(p)) for p in paths if os.path.exists(p)]
+    rows = [r for run in runs for r in run["rows"]]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(runs, f, indent=1)
+    md = ["# MoE layer benchmark: ours vs DeepSpeed MoE vs megatron-core", "",
+          f"Device: {runs[0]['device'] if runs else '-'}. Command: `bash launch/bench_engines.sh`.", "", table(rows), ""]
+    summary = []
+    for (world, key), group in _groupby(rows, lambda r: (r["world"], (r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]))):
+        by = {r["name"]: r for r in group}
+        ours = by["ours topk"]
+        summary.append(f"| {world} | {':'.join(map(str, key))} | {by['ours default']['ratio_to_ours_topk']:.3f} | "
+                       f"{by['deepspeed cf1.25']['ms'] / ours['ms']:.2f} | {by['deepspeed dropless']['ms'] / ours['ms']:.2f} | "
+                       f"{by['megatron-core']['ms'] / ours['ms']:.2f} |")
+    md += ["Speed-ups (time of the other / time of ours topk; > 1: ours faster) and the Default overhead:", "",
+           "| EP | T:D:F:E:k | default / topk | DeepSpeed cf1.25 | DeepSpeed dropless | megatron-core |",
+           "|---|---|---|---|---|---|", *summary, ""]
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n".join(md))
+    keys = sorted({(r["world"], r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]) for r in rows})
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.8))
+    width = 0.8 / max(1, len(names))
+    for j, n in enumerate(names):
+        vals = [next((r["tokens_per_s"] for r in rows if r["name"] == n and
+                      (r["world"], r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]) == k), 0) for k in keys]
+        ax.bar([i + j * width for i in range(len(keys))], [v / 1e3 for v in vals], width=width, label=n)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))],
+                  [f"EP{k[0]}\nT{k[1]} D{k[2]}\nF{k[3]} E{k[4]} k{k[5]}" for k in keys], fontsize=7)
+    ax.set_ylabel("k tokens/s (fwd+bwd, all ranks)")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "throughput.png"), dpi=90)
+    plt.close(fig)
+    print("\n".join(md))
+
+
+def _groupby(rows, key):
+    out = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out.items()
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) > 1 and sys.argv[1] == "--report":
+        report(sys.argv[3:], sys.argv[2])
+    else:
+        main()

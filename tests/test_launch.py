@@ -22,3 +22,54 @@ def test_demo_runs_under_torchrun():
     assert "world=2 ep_size=2" in out.stdout
     assert "after 3 EMA updates" in out.stdout
     assert "'all_to_all'" in out.stdout
+
+
+def test_sweep_runs_skips_and_summarises(tmp_path):
+    """The reproduction sweep on a toy config: two routers train, the table and plots appear with a
+    paired delta, and a second invocation skips the finished runs."""
+    import json
+
+    cfg = {"base_config": "configs/gpt_tiny.json", "runs_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out"),
+           "parallel": 2, "threads_per_run": 1, "seeds": [7],
+           "run": {"steps": 4, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2, "log_every": 1, "micro_batch": 2,
+                   "seq_len": 16, "warmup_steps": 1},
+           "groups": [{"name": "g", "routers": ["topk", "default", "default@bf16"],
+                       "variants": {"bf16": {"ema_stats_dtype": "bfloat16"}},
+                       "model": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32}}]}
+    path = tmp_path / "sweep.json"
+    path.write_text(json.dumps(cfg))
+    cmd = [sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", str(path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert (out.stdout + out.stderr).count(": done in") == 3, out.stdout[-2000:]
+    res = json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["g"]
+    assert set(res["routers"]) == {"topk", "default", "default@bf16"}
+    delta = res["paired_delta_vs_topk"]["default"]
+    assert delta["steps"] == [2, 4] and len(delta["per_seed"][0]) == 1
+    for name in ("results.md", "val_loss.png", "delta.png", "fidelity.png", "load.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0, name
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("skipped (done)") == 3, again.stdout[-2000:]
+
+
+def test_engine_benchmark_and_comm_model_run(tmp_path):
+    """The benchmark command's worker on one tiny size (not a timing test: it must run and report
+    every implementation, with collectives counted), and the cost model's EMA payloads."""
+    import json
+
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_engines.py"), "--sizes", "64:16:32:4:2",
+                          "--rounds", "2", "--iters", "1", "--json", str(tmp_path / "ep1.json")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "ep1.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["ours topk", "ours default", "deepspeed cf1.25", "deepspeed dropless",
+                                         "megatron-core"]
+    assert all(r["mem_bytes"] > 0 and r["ms"] > 0 for r in rows)
+    sys.path.insert(0, str(ROOT / "launch"))
+    import comm_model
+
+    m = comm_model.model(comm_model.SHAPES[0], tokens=4096, gas=8)
+    assert m["ema_payload"] == 32 * 8 * 4097 * 4
+    ema = list(m["ema"].values())
+    assert ema[1] * 2 == ema[0] and ema[2] * 8 == ema[0]

@@ -56,6 +56,9 @@ class RunConfig:
     beta: Optional[float] = None
     ep_size: Optional[int] = None
     ema_sync: Optional[str] = None
+    ema_weighting: Optional[str] = None
+    ema_stats_dtype: Optional[str] = None
+    ema_sync_every: Optional[int] = None
     model: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -120,7 +123,7 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
         with open(run.deepspeed_config) as fh:
             ds_config = json.load(fh)
         section = dict(ds_config.get("default_moe", {"enabled": True}))
-        for key in ("router", "beta", "ep_size", "ema_sync"):
+        for key in ("router", "beta", "ep_size", "ema_sync", "ema_weighting", "ema_stats_dtype", "ema_sync_every"):
             if getattr(run, key) is not None:
                 section[key] = getattr(run, key)
         if section.get("router") == "stablemoe" and "stablemoe" not in section:
@@ -366,6 +369,23 @@ def main(argv: Optional[List[str]] = None) -> int:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done, "history": history})
     bar.close()
 
+    # Per-expert share of token slots of the last forward (the final diagnostics' probe batch).
+    expert_share = []
+    for layer in model.moe_layers:
+        counts = layer.tokens_per_expert.to(torch.float64).clone()
+        dist.all_reduce(counts)
+        expert_share.append((counts / counts.sum().clamp_min(1)).tolist())
+    # How much the trained model leans on its defaults: validation loss with D zeroed.
+    val_no_defaults = None
+    with_defaults = [layer.defaults for layer in model.moe_layers if layer.defaults is not None]
+    if with_defaults:
+        kept = [d.defaults_ED.clone() for d in with_defaults]
+        for d in with_defaults:
+            d.defaults_ED.zero_()
+        val_no_defaults = evaluate(engine, val_tokens, run, gpt, rank)
+        for d, k in zip(with_defaults, kept):
+            d.defaults_ED.copy_(k)
+
     if rank == 0:
         elapsed = time.perf_counter() - t_start
         recent = history["step_time"][-min(50, len(history["step_time"])):] or [float("nan")]
@@ -377,18 +397,22 @@ def main(argv: Optional[List[str]] = None) -> int:
             "final_val_loss": final_val, "final_val_ppl": math.exp(final_val),
             "median_step_s": step_time, "tokens_per_s": tokens_per_step / step_time,
             "wall_s_this_session": elapsed, "params_total": total_params, "params_active": active,
+            "final_val_loss_without_defaults": val_no_defaults, "expert_share_per_layer": expert_share,
+            "tokens_per_step": tokens_per_step,
             "history": history,
         }
+        norms = [layer.defaults.defaults_ED.norm(dim=1).mean().item() for layer in model.moe_layers if layer.defaults is not None]
+        metrics["default_norm_per_layer"] = norms
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         plot(history, run_dir / "loss.png", f"GPT-MoE {moe_cfg.router}, {moe_cfg.num_experts} experts top-{moe_cfg.top_k}")
-        norms = [layer.defaults.defaults_ED.norm(dim=1).mean().item() for layer in model.moe_layers if layer.defaults is not None]
         print("[train] ---- summary ----")
         print(f"[train] steps {run.steps}, final train loss {metrics['final_train_loss']:.4f}, "
               f"validation loss {final_val:.4f} (perplexity {math.exp(final_val):.2f})")
         print(f"[train] median step {step_time*1e3:.0f} ms, {metrics['tokens_per_s']:,.0f} tokens/s over {world} ranks; "
               f"{elapsed:.0f} s this session")
         if norms:
-            print(f"[train] mean default-vector norm per layer: {' '.join(f'{n:.3f}' for n in norms)}")
+            print(f"[train] mean default-vector norm per layer: {' '.join(f'{n:.3f}' for n in norms)}; validation "
+                  f"loss with the defaults zeroed {val_no_defaults:.4f} ({val_no_defaults - final_val:+.4f})")
         print(f"[train] wrote {run_dir/'loss.png'}, {run_dir/'metrics.json'}, TensorBoard events in {run_dir/'tb'}, "
               f"checkpoints in {ckpt_dir}")
         writer.close()
