@@ -206,6 +206,15 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
                 step(n, layers[n])
             sync()
             times[n].append((time.perf_counter() - t0) / args.iters)
+    if args.profile and rank == 0:
+        from torch.profiler import ProfilerActivity, profile
+
+        for n in names:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(3):
+                    step(n, layers[n])
+            print(f"\n### profile: {n} (3 steps, rank 0, self CPU time)\n")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40))
     base = statistics.median(times["ours topk"])
     rows = []
     for n in names:
@@ -227,6 +236,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rows here (rank 0)")
+    ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
     args = ap.parse_args()
     sizes = parse_sizes(args.sizes)
 
