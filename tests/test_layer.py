@@ -242,3 +242,28 @@ def test_nonfinite_statistics_never_enter_the_defaults():
     assert torch.equal(d.defaults_ED[3], torch.full((D,), 2.0)) and torch.equal(d.defaults_ED[5], torch.full((D,), 2.0))
     torch.testing.assert_close(d.defaults_ED[0], torch.full((D,), 0.9 * 2.0 + 0.1 * 1.0))
     assert int(d.nonfinite_skips) == 2 and torch.isfinite(d.defaults_ED).all()
+
+
+def test_default_in_forward_false_is_topk_forward_with_default_gradient():
+    """The ablation switch: the TopK forward bit for bit, and Default MoE's router gradient."""
+    w = Weights.random(8, 12, 16, True, seed=3)
+    D_ED = torch.randn(8, 12)
+    layers = {}
+    for name, kw in {"topk": dict(router="topk"), "default": dict(router="default"),
+                     "grad_only": dict(router="default", default_in_forward=False)}.items():
+        layer = MoELayer(MoEConfig(hidden_size=12, num_experts=8, ffn_hidden_size=16, top_k=2, **kw))
+        load_into_layer(layer, w)
+        if layer.defaults is not None:
+            layer.defaults.defaults_ED.copy_(D_ED)
+        layer.eval()  # D as set: no EMA step in this forward
+        layers[name] = layer
+    x = torch.randn(20, 12, generator=torch.Generator().manual_seed(0))
+    g = torch.randn(20, 12, generator=torch.Generator().manual_seed(1))
+    outs = {}
+    for name, layer in layers.items():
+        outs[name] = layer(x)
+        (outs[name] * g).sum().backward()
+    assert torch.equal(outs["grad_only"], outs["topk"])
+    assert not torch.allclose(outs["default"], outs["topk"])
+    torch.testing.assert_close(layers["grad_only"].router.weight.grad, layers["default"].router.weight.grad)
+    assert not torch.allclose(layers["grad_only"].router.weight.grad, layers["topk"].router.weight.grad)

@@ -143,6 +143,10 @@ class MoEConfig:
             the bytes; D itself stays fp32).
         ema_sync_every: sync the EMA statistics (and update D) every N training forwards, summing
             them locally in between (N = gradient accumulation steps: once per optimizer step).
+        default_in_forward: add the default term to the forward output (the paper). False keeps
+            the exact TopK forward and only adds the term's gradient (d y / d pi_j = D_j for
+            unselected j): an ablation separating the dense router gradient from D acting as a
+            bias in the forward.
         nonfinite: what a non-finite router probability or expert output does: "skip" (that
             expert's D keeps its value this step, counted) or "raise" (FloatingPointError naming
             the layer and step; costs a host sync per forward).
@@ -167,6 +171,7 @@ class MoEConfig:
     ema_stats_dtype: str = "float32"
     ema_sync_every: int = 1
     nonfinite: str = "skip"
+    default_in_forward: bool = True
     init_std: float = 0.02
     sparsemixer: SparseMixerConfig = dataclasses.field(default_factory=SparseMixerConfig)
     stablemoe: StableMoEConfig = dataclasses.field(default_factory=StableMoEConfig)
@@ -211,6 +216,8 @@ class MoEConfig:
         _check_choice("ema_stats_dtype", self.ema_stats_dtype, EMA_STATS_DTYPES)
         _check_int("ema_sync_every", self.ema_sync_every, 1)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_MODES)
+        if not isinstance(self.default_in_forward, bool):
+            raise ValueError(f"MoEConfig.default_in_forward must be true or false, got {self.default_in_forward!r}")
         _check_float("init_std", self.init_std, 0.0, math.inf, hi_open=True)
         if self.router == "sparsemixer":
             version, _ = self.sparsemixer.resolved(self.top_k)

@@ -200,6 +200,8 @@ class MoELayer(nn.Module):
             unselected_TE = torch.ones_like(route.probs_TE).scatter(1, idx_TK, not_run_TK)
             with torch.autocast(device_type=x.device.type, enabled=False):
                 default_TD = (route.probs_TE * unselected_TE) @ D_ED
+            if not cfg.default_in_forward:
+                default_TD = default_TD - default_TD.detach()  # zero in the forward, same gradient
             out_TD = out_TD + default_TD.to(out_TD.dtype)
 
         if not recompute:

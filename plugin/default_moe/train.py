@@ -59,6 +59,7 @@ class RunConfig:
     ema_weighting: Optional[str] = None
     ema_stats_dtype: Optional[str] = None
     ema_sync_every: Optional[int] = None
+    default_in_forward: Optional[bool] = None
     model: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -74,6 +75,14 @@ class RunConfig:
             raise ValueError(f"RunConfig.warmup_steps (--warmup-steps) must be >= 0, got {self.warmup_steps!r}")
 
 
+def _flag_bool(value: str) -> bool:
+    if value.lower() in ("true", "1", "yes"):
+        return True
+    if value.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
 def parse_args(argv: Optional[List[str]] = None) -> tuple:
     """Run config file + command-line overrides -> (RunConfig, GPTConfig, DeepSpeed config dict, resume)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +95,8 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
     for f in dataclasses.fields(RunConfig):
         if f.name == "model":
             continue
-        typ = {"int": int, "float": float, "str": str}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
+        typ = {"int": int, "float": float, "str": str, "bool": _flag_bool}.get(
+            str(f.type).replace("Optional[", "").rstrip("]"), str)
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=None, help=f"(RunConfig.{f.name})")
     for f in dataclasses.fields(GPTConfig):
         if f.name in ("router",):
@@ -123,7 +133,8 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
         with open(run.deepspeed_config) as fh:
             ds_config = json.load(fh)
         section = dict(ds_config.get("default_moe", {"enabled": True}))
-        for key in ("router", "beta", "ep_size", "ema_sync", "ema_weighting", "ema_stats_dtype", "ema_sync_every"):
+        for key in ("router", "beta", "ep_size", "ema_sync", "ema_weighting", "ema_stats_dtype", "ema_sync_every",
+                    "default_in_forward"):
             if getattr(run, key) is not None:
                 section[key] = getattr(run, key)
         if section.get("router") == "stablemoe" and "stablemoe" not in section:
