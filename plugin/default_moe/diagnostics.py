@@ -99,6 +99,10 @@ def router_gradient_fidelity(
         if oracle_TD is None or not oracle_TD.requires_grad:
             return None  # no probability distribution to differentiate (hash; StableMoE's one-hot routing)
         oracle = torch.autograd.grad((oracle_TD * g_TD).sum(), params, allow_unused=True)
+        if all(t is None for t in oracle):
+            # The router's probabilities are not differentiable (SparseMixer v2's masked softmax,
+            # StableMoE's frozen stage 2): there is no dense gradient to compare with.
+            return None
         actual = torch.autograd.grad((layer(x_TD, token_ids=ids_T) * g_TD).sum(), params, allow_unused=True)
     a = torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(actual, params)])
     o = torch.cat([(t if t is not None else torch.zeros_like(p)).reshape(-1) for t, p in zip(oracle, params)])
