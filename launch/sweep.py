@@ -121,7 +121,11 @@ def summarise(cfg: dict, runs: List[dict], out_dir: Path) -> dict:
             reach = next((st for st, v in zip(steps, curve) if v <= topk_final), None)
             tps = next(iter(seeds.values()))["tokens_per_step"]
             off = [s["val_without_defaults"] for s in seeds.values() if s["val_without_defaults"] is not None]
-            fid_keys = sorted(next(iter(seeds.values()))["fidelity"])
+            # Only layers every seed has a fidelity for. An exact 0.0 is how runs made before the
+            # diagnostics returned None recorded "no differentiable distribution" (SparseMixer v2,
+            # StableMoE stage 2): treated as undefined too.
+            fid_keys = sorted(set.intersection(*({k for k, v in s["fidelity"].items() if v != 0.0}
+                                                  for s in seeds.values())))
             fid = [statistics.mean(s["fidelity"][k] for s in seeds.values()) for k in fid_keys]
             load = statistics.mean(s["load"][-1][1] for s in seeds.values())
             step_s = statistics.mean(s["median_step_s"] for s in seeds.values())
