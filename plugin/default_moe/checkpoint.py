@@ -51,6 +51,17 @@ def consolidated_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return sd
 
 
+def _atomic_save(payload: Dict[str, Any], path: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)  # atomic on POSIX: the old file stays valid until this point
+
+
 def save(model: nn.Module, path: str, extra: Optional[Dict[str, Any]] = None) -> None:
     """Writes a resharding checkpoint (all ranks must call it; rank 0 writes atomically)."""
     sd = consolidated_state_dict(model)
@@ -62,14 +73,7 @@ def save(model: nn.Module, path: str, extra: Optional[Dict[str, Any]] = None) ->
             "moe_configs": {name: layer.config.to_dict() for name, layer in _moe_layers(model)},
             "extra": extra or {},
         }
-        tmp = f"{path}.tmp.{os.getpid()}"
-        try:
-            torch.save(payload, tmp)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-        os.replace(tmp, path)  # atomic on POSIX: the old file stays valid until this point
+        _atomic_save(payload, path)
     if comm.is_distributed():
         dist.barrier()
 
@@ -165,12 +169,5 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None) -
             sd[f"{prefix}experts.{pname}"] = torch.cat([part["experts"][name][pname] for part in parts], dim=0)
     payload = {"format": FORMAT, "model": sd, "moe_configs": configs,
                "extra": {"source": os.path.abspath(tag_dir), "tag": str(tag), "saved_ep_size": ep_size}}
-    tmp = f"{out_path}.tmp.{os.getpid()}"
-    try:
-        torch.save(payload, tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, out_path)
+    _atomic_save(payload, out_path)
     return payload["extra"]
