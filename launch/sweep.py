@@ -13,6 +13,7 @@ plots (val_loss.png, delta.png, fidelity.png, load.png).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -158,81 +159,81 @@ def summarise(cfg: dict, runs: List[dict], out_dir: Path) -> dict:
     return summary
 
 
-def plots(summary: dict, results: dict, out_dir: Path) -> None:
+@contextlib.contextmanager
+def _panels(path: Path, n: int, height: float):
+    """One row of n subplots, saved to `path` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, height), squeeze=False)
+    try:
+        yield list(axes[0])
+        fig.tight_layout()
+        fig.savefig(path, dpi=90)
+    finally:
+        plt.close(fig)
+
+
+def plots(summary: dict, results: dict, out_dir: Path) -> None:
     groups = list(summary)
     if not groups:
         return
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        for rname, r in summary[g]["routers"].items():
-            seeds = results[g][rname]
-            tps = next(iter(seeds.values()))["tokens_per_step"]
-            x = [s * tps / 1e6 for s in r["curve_steps"]]
-            ax.plot(x, r["curve_mean"], label=rname)
-            lo = [min(s["val"][i][1] for s in seeds.values()) for i in range(len(x))]
-            hi = [max(s["val"][i][1] for s in seeds.values()) for i in range(len(x))]
-            ax.fill_between(x, lo, hi, alpha=0.15)
-        ax.set_title(g, fontsize=9)
-        ax.set_xlabel("tokens (M)")
-        ax.set_ylabel("validation loss")
-        ax.set_ylim(top=min(ax.get_ylim()[1], 7.0))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "val_loss.png", dpi=90)
-    plt.close(fig)
+    with _panels(out_dir / "val_loss.png", len(groups), 3.6) as axes:
+        for ax, g in zip(axes, groups):
+            for rname, r in summary[g]["routers"].items():
+                seeds = results[g][rname]
+                tps = next(iter(seeds.values()))["tokens_per_step"]
+                x = [s * tps / 1e6 for s in r["curve_steps"]]
+                ax.plot(x, r["curve_mean"], label=rname)
+                lo = [min(s["val"][i][1] for s in seeds.values()) for i in range(len(x))]
+                hi = [max(s["val"][i][1] for s in seeds.values()) for i in range(len(x))]
+                ax.fill_between(x, lo, hi, alpha=0.15)
+            ax.set_title(g, fontsize=9)
+            ax.set_xlabel("tokens (M)")
+            ax.set_ylabel("validation loss")
+            ax.set_ylim(top=min(ax.get_ylim()[1], 7.0))
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.4), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        for rname, d in summary[g]["paired_delta_vs_topk"].items():
-            ax.plot(d["steps"], d["mean"], "o-", label=rname, markersize=3)
-            for i, st in enumerate(d["steps"]):
-                ax.scatter([st] * len(d["per_seed"][i]), d["per_seed"][i], s=4, alpha=0.4)
-        ax.axhline(0, color="k", lw=0.8)
-        ax.set_title(f"{g}: router - TopK (paired)", fontsize=9)
-        ax.set_xlabel("step")
-        ax.set_ylabel("Δ validation loss")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "delta.png", dpi=90)
-    plt.close(fig)
+    with _panels(out_dir / "delta.png", len(groups), 3.4) as axes:
+        for ax, g in zip(axes, groups):
+            for rname, d in summary[g]["paired_delta_vs_topk"].items():
+                ax.plot(d["steps"], d["mean"], "o-", label=rname, markersize=3)
+                for i, st in enumerate(d["steps"]):
+                    ax.scatter([st] * len(d["per_seed"][i]), d["per_seed"][i], s=4, alpha=0.4)
+            ax.axhline(0, color="k", lw=0.8)
+            ax.set_title(f"{g}: router - TopK (paired)", fontsize=9)
+            ax.set_xlabel("step")
+            ax.set_ylabel("Δ validation loss")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        names = list(summary[g]["routers"])
-        nl = max((len(summary[g]["routers"][n]["fidelity_per_layer"]) for n in names), default=0)
-        for layer in range(nl):
-            vals = [(summary[g]["routers"][n]["fidelity_per_layer"] or [math.nan] * nl)[layer] for n in names]
-            ax.bar([i + 0.4 * layer for i in range(len(names))], vals, width=0.4, label=f"layer {layer}")
-        ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, fontsize=7)
-        ax.set_ylim(0, 1.05)
-        ax.set_title(f"{g}: router-gradient fidelity", fontsize=9)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_dir / "fidelity.png", dpi=90)
-    plt.close(fig)
+    with _panels(out_dir / "fidelity.png", len(groups), 3.2) as axes:
+        for ax, g in zip(axes, groups):
+            names = list(summary[g]["routers"])
+            nl = max((len(summary[g]["routers"][n]["fidelity_per_layer"]) for n in names), default=0)
+            for layer in range(nl):
+                vals = [(summary[g]["routers"][n]["fidelity_per_layer"] or [math.nan] * nl)[layer] for n in names]
+                ax.bar([i + 0.4 * layer for i in range(len(names))], vals, width=0.4, label=f"layer {layer}")
+            ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=30, fontsize=7)
+            ax.set_ylim(0, 1.05)
+            ax.set_title(f"{g}: router-gradient fidelity", fontsize=9)
+            ax.legend(fontsize=7)
 
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.2), squeeze=False)
-    for ax, g in zip(axes[0], groups):
-        names = list(summary[g]["routers"])
-        for i, n in enumerate(names):
-            seeds = results[g][n]
-            share = next(iter(seeds.values()))["expert_share"] or [[]]
-            E = len(share[0])
-            ax.bar([i + (e - E / 2) * 0.8 / E for e in range(E)], [E * v for v in share[0]], width=0.8 / E)
-        ax.axhline(1.0, color="k", lw=0.8)
-        ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
-        ax.set_ylabel("expert load / uniform (layer 0)")
-        ax.set_title(f"{g}: per-expert load (first seed)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / "load.png", dpi=90)
-    plt.close(fig)
+    with _panels(out_dir / "load.png", len(groups), 3.2) as axes:
+        for ax, g in zip(axes, groups):
+            names = list(summary[g]["routers"])
+            for i, n in enumerate(names):
+                seeds = results[g][n]
+                share = next(iter(seeds.values()))["expert_share"] or [[]]
+                E = len(share[0])
+                ax.bar([i + (e - E / 2) * 0.8 / E for e in range(E)], [E * v for v in share[0]], width=0.8 / E)
+            ax.axhline(1.0, color="k", lw=0.8)
+            ax.set_xticks(range(len(names)), names, rotation=30, fontsize=7)
+            ax.set_ylabel("expert load / uniform (layer 0)")
+            ax.set_title(f"{g}: per-expert load (first seed)", fontsize=9)
 
 
 def main(argv=None) -> int:

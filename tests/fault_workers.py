@@ -37,7 +37,6 @@ def empty_and_one_expert(rank: int, world: int) -> None:
     # Every token to expert 0 (top-1): one rank gets all of them, the other none.
     w.router_ED.zero_()
     w.router_ED[0, 0] = 50.0
-    load_into_layer(layer, w)
     layer2, _ = _layer(world, top_k=1)
     load_into_layer(layer2, w)
     x = _batch(0, 16 * world)
