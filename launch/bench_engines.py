@@ -2,8 +2,9 @@
 
 Run by `bash launch/bench_engines.sh` on 1 or 2 processes (EP = number of processes; gloo on CPU).
 Same shapes for every implementation: T tokens per rank, hidden D, E experts, top-k, SwiGLU
-experts of width F, fp32. Rows:
-  - ours, router topk / default (dropless);
+experts of width F, fp32 (`--dtype bfloat16` on a GPU). Rows:
+  - ours, router topk / default (dropless), experts backend "loop"; and ours topk with the
+    "grouped_mm" backend (`torch._grouped_mm`);
   - DeepSpeed `deepspeed.moe.layer.MoE` (capacity factor 1.25, and drop_tokens=False = dropless
     padded to the largest expert), SwiGLU experts as an nn.Module;
   - megatron-core `MoELayer` (alltoall dispatcher, SequentialMLP, gated SwiGLU, pre-softmax top-k).
@@ -11,8 +12,12 @@ The variants are timed in interleaved rounds (median); each row reports ms/step,
 ranks, the ratio to our TopK, memory, and the collectives one step issues (counted by wrapping the
 `torch.distributed` functions every implementation calls, forward and backward). Memory: on CUDA
 the peak allocated bytes of a step; on CPU (no allocator statistics) the bytes autograd saves for
-backward (the activation memory a step holds at its peak) plus parameters. Several sizes per run
-(`--sizes T:D:F:E:k,...`). megatron-core runs on CPU through the test shims (tests/megatron_cpu.py),
+backward (the activation memory a step holds at its peak) plus parameters; the saved-for-backward
+bytes are also a column of their own on every device. Host syncs: the calls of one forward+backward
+that make the host wait for a CUDA device (`default_moe.diagnostics.count_host_syncs`; counted on
+any device, so CPU runs show what a GPU run would wait for). Several sizes per run
+(`--sizes T:D:F:E:k,...`); `--impls` picks implementations (DeepSpeed / megatron-core rows are
+skipped with a note when the package is not importable). megatron-core runs on CPU through the test shims (tests/megatron_cpu.py),
 as in the test suite.
 """
 
@@ -30,6 +35,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from default_moe.diagnostics import count_host_syncs
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
@@ -92,15 +99,35 @@ def saved_bytes(acc: list):
         yield acc
 
 
+IMPLS = ("ours topk", "ours default", "ours topk grouped_mm", "deepspeed cf1.25", "deepspeed dropless",
+         "megatron-core")
+
+
+def _importable(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def build(args, world, first=True):
     from default_moe import MoEConfig, MoELayer
 
     out = {}
-    for router in ("topk", "default"):
+    for name, router, backend in (("ours topk", "topk", "loop"), ("ours default", "default", "loop"),
+                                  ("ours topk grouped_mm", "topk", "grouped_mm")):
+        if name not in args.impls:
+            continue
         torch.manual_seed(0)
-        out[f"ours {router}"] = MoELayer(MoEConfig(hidden_size=args.hidden, num_experts=args.experts,
-                                                   ffn_hidden_size=args.ffn, top_k=args.top_k, router=router,
-                                                   ep_size=world))
+        out[name] = MoELayer(MoEConfig(hidden_size=args.hidden, num_experts=args.experts, ffn_hidden_size=args.ffn,
+                                       top_k=args.top_k, router=router, ep_size=world, experts_backend=backend))
+    if any(n.startswith("deepspeed") for n in args.impls) and _importable("deepspeed"):
+        _build_deepspeed(out, args, world, first)
+    if "megatron-core" in args.impls and _importable("megatron.core"):
+        _build_megatron(out, args, world, first)
+    return out
+
+
+def _build_deepspeed(out, args, world, first):
     import deepspeed
     from deepspeed.moe.layer import MoE
 
@@ -110,12 +137,17 @@ def build(args, world, first=True):
     if first:
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     for name, drop in (("deepspeed cf1.25", True), ("deepspeed dropless", False)):
+        if name not in args.impls:
+            continue
         torch.manual_seed(0)
         moe = MoE(hidden_size=args.hidden, expert=SwiGLU(args.hidden, args.ffn), num_experts=args.experts,
                   ep_size=world, k=args.top_k, capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4,
                   drop_tokens=drop, use_rts=False)
         moe.set_deepspeed_parallelism()
         out[name] = moe
+
+
+def _build_megatron(out, args, world, first):
     import megatron_cpu
 
     if not torch.cuda.is_available():
@@ -126,7 +158,7 @@ def build(args, world, first=True):
     from megatron.core.transformer import TransformerConfig
     from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoE
 
-    if first:
+    if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=world)
     model_parallel_cuda_manual_seed(0)
     cfg = TransformerConfig(num_layers=1, hidden_size=args.hidden, num_attention_heads=4, num_moe_experts=args.experts,
@@ -136,7 +168,6 @@ def build(args, world, first=True):
                             gated_linear_unit=True, activation_func=F.silu, expert_model_parallel_size=world)
     spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False)
     out["megatron-core"] = McoreMoE(cfg, spec.submodules.mlp.submodules)
-    return out
 
 
 def parse_sizes(text: str):
@@ -154,11 +185,12 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
     a = argparse.Namespace(**{**vars(args), **size})
     layers = build(a, world, first)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    dtype = getattr(torch, args.dtype)
     for layer in layers.values():
-        layer.to(device)
+        layer.to(device=device, dtype=dtype)
     g = torch.Generator().manual_seed(rank)
-    x = torch.randn(a.tokens, a.hidden, generator=g).to(device)
-    grad = torch.randn(a.tokens, a.hidden, generator=g).to(device)
+    x = torch.randn(a.tokens, a.hidden, generator=g).to(device=device, dtype=dtype)
+    grad = torch.randn(a.tokens, a.hidden, generator=g).to(device=device, dtype=dtype)
 
     def step(name, layer):
         if name == "megatron-core":
@@ -187,7 +219,7 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
-        with count_all_collectives(records), saved_bytes(acc):
+        with count_all_collectives(records), saved_bytes(acc), count_host_syncs() as syncs:
             step(n, layers[n])
         params = sum(p.numel() * p.element_size() for p in layers[n].parameters())
         mem = (torch.cuda.max_memory_allocated() - base_mem + params) if device.type == "cuda" else acc[0] + params
@@ -195,7 +227,8 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
         for op, nbytes in records:
             c, b = ops.get(op, (0, 0))
             ops[op] = (c + 1, b + nbytes)
-        extra[n] = {"mem_bytes": mem, "collectives": sum(c for c, _ in ops.values()),
+        extra[n] = {"mem_bytes": mem, "saved_bytes": acc[0], "host_syncs": syncs.count, "host_sync_calls": syncs.calls,
+                    "collectives": sum(c for c, _ in ops.values()),
                     "collective_bytes": sum(b for _, b in ops.values()), "by_op": ops}
     times = {n: [] for n in names}
     for r in range(args.rounds):
@@ -215,15 +248,16 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
                     step(n, layers[n])
             print(f"\n### profile: {n} (3 steps, rank 0, self CPU time)\n")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40))
-    base = statistics.median(times["ours topk"])
+    base = statistics.median(times["ours topk"]) if "ours topk" in times else None
     rows = []
     for n in names:
         t = statistics.median(times[n])
-        q1, q3 = statistics.quantiles(times[n], n=4)[0], statistics.quantiles(times[n], n=4)[2]
+        q1, q3 = (statistics.quantiles(times[n], n=4)[0], statistics.quantiles(times[n], n=4)[2]) if len(times[n]) > 1 \
+            else (t, t)
         # Expert FLOPs actually needed (3 GEMMs of T*k rows, x3 for forward+backward), all ranks.
         flops = 3 * 2 * 3 * a.tokens * a.top_k * a.hidden * a.ffn * world
         rows.append({"name": n, **size, "world": world, "ms": t * 1e3, "ms_iqr": [q1 * 1e3, q3 * 1e3],
-                     "tokens_per_s": a.tokens * world / t, "ratio_to_ours_topk": t / base,
+                     "tokens_per_s": a.tokens * world / t, "ratio_to_ours_topk": t / base if base else float("nan"),
                      "expert_tflops": flops / t / 1e12, **extra[n]})
     del layers
     return rows
@@ -237,7 +271,13 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rows here (rank 0)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and activations")
+    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {list(IMPLS)}")
     args = ap.parse_args()
+    args.impls = [n.strip() for n in args.impls.split(",") if n.strip()]
+    bad = sorted(set(args.impls) - set(IMPLS))
+    if bad:
+        raise SystemExit(f"--impls: unknown {bad}; allowed: {list(IMPLS)}")
     sizes = parse_sizes(args.sizes)
 
     from default_moe.parallel import init_distributed_from_env
@@ -245,7 +285,7 @@ def main() -> None:
     rank, world, _ = init_distributed_from_env()
     if not dist.is_initialized():  # one process: a world of one, for the engines
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        dist.init_process_group("gloo", rank=0, world_size=1)
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
         rank, world = 0, 1
     rows = []
     for i, size in enumerate(sizes):
@@ -253,7 +293,8 @@ def main() -> None:
         if rank == 0:
             print(f"[bench] EP={world} size {i + 1}/{len(sizes)} done", file=sys.stderr, flush=True)
     if rank == 0:
-        dev = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores), fp32, gloo"
+        dev = (f"{torch.cuda.get_device_name()}, {args.dtype}" if torch.cuda.is_available()
+               else f"CPU ({os.cpu_count()} cores), {args.dtype}, gloo")
         print(f"EP={world}: {world} process(es), {dev}; median of {args.rounds} interleaved rounds x {args.iters}")
         print(table(rows))
         if args.json:
@@ -265,11 +306,12 @@ def main() -> None:
 
 def table(rows: list) -> str:
     out = ["| EP | T/rank | D | F | E | k | implementation | ms / fwd+bwd | tokens/s | / ours topk | memory MiB | "
-           "collectives (bytes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "saved for bwd MiB | host syncs | collectives (bytes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         out.append(f"| {r['world']} | {r['tokens']} | {r['hidden']} | {r['ffn']} | {r['experts']} | {r['top_k']} | "
                    f"{r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_ours_topk']:.3f} | "
-                   f"{r['mem_bytes'] / 2**20:.1f} | {r['collectives']} ({r['collective_bytes'] / 2**20:.2f} MiB) |")
+                   f"{r['mem_bytes'] / 2**20:.1f} | {r.get('saved_bytes', 0) / 2**20:.1f} | {r.get('host_syncs', '-')} | "
+                   f"{r['collectives']} ({r['collective_bytes'] / 2**20:.2f} MiB) |")
     return "\n".join(out)
 
 
@@ -290,13 +332,22 @@ def report(paths: list, out_dir: str) -> None:
     summary = []
     for (world, key), group in _groupby(rows, lambda r: (r["world"], (r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]))):
         by = {r["name"]: r for r in group}
-        ours = by["ours topk"]
-        summary.append(f"| {world} | {':'.join(map(str, key))} | {by['ours default']['ratio_to_ours_topk']:.3f} | "
-                       f"{by['deepspeed cf1.25']['ms'] / ours['ms']:.2f} | {by['deepspeed dropless']['ms'] / ours['ms']:.2f} | "
-                       f"{by['megatron-core']['ms'] / ours['ms']:.2f} |")
-    md += ["Speed-ups (time of the other / time of ours topk; > 1: ours faster) and the Default overhead:", "",
-           "| EP | T:D:F:E:k | default / topk | DeepSpeed cf1.25 | DeepSpeed dropless | megatron-core |",
-           "|---|---|---|---|---|---|", *summary, ""]
+        ours = by.get("ours topk")
+        if ours is None:
+            continue
+
+        def vs(name, inverse=False):
+            if name not in by:
+                return "-"
+            return f"{(ours['ms'] / by[name]['ms']) if inverse else (by[name]['ms'] / ours['ms']):.2f}"
+
+        default_ratio = f"{by['ours default']['ratio_to_ours_topk']:.3f}" if "ours default" in by else "-"
+        summary.append(f"| {world} | {':'.join(map(str, key))} | {default_ratio} | {vs('ours topk grouped_mm', True)} | "
+                       f"{vs('deepspeed cf1.25')} | {vs('deepspeed dropless')} | {vs('megatron-core')} |")
+    md += ["Speed-ups (time of the other / time of ours topk; > 1: ours faster), the Default overhead, and the "
+           "grouped_mm backend's speed-up over the loop (time loop / time grouped_mm):", "",
+           "| EP | T:D:F:E:k | default / topk | grouped_mm speed-up | DeepSpeed cf1.25 | DeepSpeed dropless | megatron-core |",
+           "|---|---|---|---|---|---|---|", *summary, ""]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(md))
     keys = sorted({(r["world"], r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]) for r in rows})

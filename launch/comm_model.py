@@ -51,11 +51,13 @@ def model(shape: Shape, tokens: int, gas: int, grad_bytes: int = 2) -> dict:
     # Dense gradients over all N ranks; each rank's expert gradients over its N/P expert-DP peers.
     grads = ring(N, shape.dense_params * grad_bytes) + ring(N // P, shape.expert_params / P * grad_bytes)
     ema_payload = shape.moe_layers * shape.experts * (shape.hidden + 1) * 4
+    # bf16 mode: the sums in bf16, the counts beside them in fp32 (exact).
+    ema_bf16 = shape.moe_layers * shape.experts * (shape.hidden * 2 + 4)
     variants = {
         "fp32, every micro-batch (default)": ring(N, ema_payload) * gas,
-        "bf16 statistics": ring(N, ema_payload / 2) * gas,
+        "bf16 statistics": ring(N, ema_bf16) * gas,
         f"fp32, every {gas} micro-batches (once per step)": ring(N, ema_payload),
-        f"bf16, every {gas} micro-batches": ring(N, ema_payload / 2),
+        f"bf16, every {gas} micro-batches": ring(N, ema_bf16),
     }
     return {"a2a": a2a, "grads": grads, "ema_payload": ema_payload, "ema": variants}
 
@@ -82,7 +84,7 @@ def main(argv=None) -> None:
             flag = "" if b / m["grads"] < 0.01 else "  (over 1%)"
             print(f"| EMA sync, {name} | {gb(b)} | {100 * b / m['grads']:.3f}%{flag} |")
         print()
-    print("Options (MoEConfig): ema_stats_dtype=\"bfloat16\" halves the EMA bytes; ema_sync_every=N (N = gradient "
+    print("Options (MoEConfig): ema_stats_dtype=\"bfloat16\" about halves the EMA bytes (counts stay fp32); ema_sync_every=N (N = gradient "
           "accumulation steps) syncs once per optimizer step; ema_sync=\"async\" overlaps the all-reduce with the rest "
           "of the step (bytes unchanged, latency hidden).")
 

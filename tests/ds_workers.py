@@ -119,7 +119,7 @@ def check_offline_conversion(engine, model, ckpt: str, rank: int) -> None:
         cfg = MoEConfig.from_dict({**getattr(model, name).config.to_dict(), "ep_size": 1})
         setattr(single, name, MoELayer(cfg, ParallelGroups.single()))
     extra = checkpoint.load(single, f"{ckpt}.pt")
-    assert extra["saved_ep_size"] == 2 and single.moe1.experts.w1_LDF.shape[0] == E
+    assert extra["saved_ep_size"] == 2 and single.moe1.experts.w_in.shape[0] == E
     single.eval()
     with torch.no_grad():
         single_loss = single(x, y).item()
@@ -167,7 +167,7 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
         opt = torch.optim.Adam(model.parameters(), lr=0.02) if client_opt else None
         engine, *_ = dm_ds.initialize(model=model, optimizer=opt, config=ds_config(stage, gas, clip, optimizer=not client_opt))
         assert engine.has_moe_layers and model.moe1.config.ep_size == 2 and model.moe1.config.router == "default"
-        assert model.moe1.experts.w1_LDF.shape[0] == E // 2
+        assert model.moe1.experts.w_in.shape[0] == E // 2
         got = train_engine(engine, 3, gas)
         key = (gas, clip)
         if key not in ref_cache:

@@ -94,7 +94,7 @@ def nonfinite_modes(rank: int, world: int) -> None:
 
 
 def ema_sync_options(rank: int, world: int) -> None:
-    """bf16 statistics: half the all-reduce bytes, defaults within bf16 rounding of fp32.
+    """bf16 statistics: half the all-reduce bytes for the sums (counts fp32), defaults within bf16 rounding of fp32.
     sync_every=2: no all-reduce on the first forward, D unchanged, then D equals the dense
     reference's EMA step over both micro-batches' tokens."""
     per = 12
@@ -109,7 +109,10 @@ def ema_sync_options(rank: int, world: int) -> None:
         bf_layer(x0[mine])
     ar32 = [r for r in c32.records if r.op == "all_reduce"]
     ar16 = [r for r in c16.records if r.op == "all_reduce"]
-    assert len(ar32) == len(ar16) == 1 and ar16[0].nbytes * 2 == ar32[0].nbytes and ar16[0].dtype == torch.bfloat16
+    # bf16 sums (half the bytes) and the E counts beside them in fp32 (exact).
+    E_ = ref_layer.config.num_experts
+    assert len(ar32) == 1 and [r.dtype for r in ar16] == [torch.bfloat16, torch.float32], ar16
+    assert ar16[0].nbytes * 2 == ar32[0].nbytes - 4 * E_ and ar16[1].nbytes == 4 * E_
     a, b = ref_layer.defaults.defaults_ED, bf_layer.defaults.defaults_ED
     torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
     assert not torch.equal(a, b), "bf16 statistics left no rounding: were they really bf16?"

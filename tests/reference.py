@@ -42,10 +42,19 @@ def load_into_layer(layer, w: Weights) -> None:
     ids = list(layer.local_expert_ids)
     with torch.no_grad():
         layer.router.weight.copy_(w.router_ED)
-        layer.experts.w1_LDF.copy_(w.w1_EDF[ids])
+        w_in = w.w1_EDF[ids] if w.w3_EDF is None else torch.cat([w.w1_EDF[ids], w.w3_EDF[ids]], dim=-1)
+        layer.experts.w_in.copy_(w_in)
         layer.experts.w2_LFD.copy_(w.w2_EFD[ids])
-        if w.w3_EDF is not None:
-            layer.experts.w3_LDF.copy_(w.w3_EDF[ids])
+
+
+def expert_grads(layer) -> dict:
+    """The layer's local expert gradients as {"w1": [L,D,F], "w3": [L,D,F] or None, "w2": [L,F,D]}."""
+    ex = layer.experts
+    if ex.activation == "swiglu":
+        w1, w3 = ex.w13_LD2F.grad.chunk(2, dim=-1)
+    else:
+        w1, w3 = ex.w1_LDF.grad, None
+    return {"w1": w1, "w3": w3, "w2": ex.w2_LFD.grad}
 
 
 def expert_mlp(x_TD, w1_DF, w3_DF, w2_FD):

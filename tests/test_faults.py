@@ -22,6 +22,18 @@ def _torchrun(run_dir, restarts):
             "--max-restarts", str(restarts), *JOB, "--run-dir", str(run_dir)]
 
 
+def _complete(ckpt: Path, tag: str) -> bool:
+    """The checkpoint is whole: `latest` names it and every EP rank's expert file is in place (the
+    hook renames them into place after DeepSpeed's own files). A kill while the tag folder is
+    still being written would test a torn save, not a restart."""
+    latest = ckpt / "latest"
+    try:
+        named = latest.read_text().strip() == tag
+    except OSError:
+        return False
+    return named and len(list((ckpt / tag).glob("default_moe_experts_ep2_rank*.pt"))) == 2
+
+
 @pytest.mark.distributed
 def test_killed_rank_restarts_from_checkpoint(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -31,7 +43,7 @@ def test_killed_rank_restarts_from_checkpoint(tmp_path):
     try:
         deadline = time.time() + 240
         while time.time() < deadline and killed is None:  # wait for the step-6 checkpoint, then kill a rank
-            if (tmp_path / "faulty" / "ckpt" / "step6").exists() and job.poll() is None:
+            if _complete(tmp_path / "faulty" / "ckpt", "step6") and job.poll() is None:
                 workers = [p for p in psutil.Process(job.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
                 if len(workers) == 2:
                     killed = workers[-1].pid

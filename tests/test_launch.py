@@ -63,13 +63,30 @@ def test_engine_benchmark_and_comm_model_run(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "ep1.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["ours topk", "ours default", "deepspeed cf1.25", "deepspeed dropless",
-                                         "megatron-core"]
-    assert all(r["mem_bytes"] > 0 and r["ms"] > 0 for r in rows)
+    assert [r["name"] for r in rows] == ["ours topk", "ours default", "ours topk grouped_mm", "deepspeed cf1.25",
+                                         "deepspeed dropless", "megatron-core"]
+    assert all(r["mem_bytes"] > 0 and r["ms"] > 0 and r["saved_bytes"] > 0 for r in rows)
+    assert all(r["host_syncs"] == 1 for r in rows if r["name"].startswith("ours")), [r["host_sync_calls"] for r in rows]
     sys.path.insert(0, str(ROOT / "launch"))
     import comm_model
 
     m = comm_model.model(comm_model.SHAPES[0], tokens=4096, gas=8)
     assert m["ema_payload"] == 32 * 8 * 4097 * 4
     ema = list(m["ema"].values())
-    assert ema[1] * 2 == ema[0] and ema[2] * 8 == ema[0]
+    assert ema[1] == pytest.approx(ema[0] * (2 * 4096 + 4) / (4097 * 4)) and ema[2] * 8 == ema[0]
+
+
+def test_device_check_dry_run(tmp_path):
+    """The prepared GPU check runs every step end to end on CPU at tiny sizes (--dry-run)."""
+    import json
+
+    out = subprocess.run([sys.executable, "launch/device_check.py", "--dry-run", "--out", str(tmp_path / "out"),
+                          "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    log = (tmp_path / "out" / "device_check.log").read_text() if (tmp_path / "out" / "device_check.log").exists() else ""
+    assert out.returncode == 0, out.stdout[-2000:] + log[-3000:]
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert files == ["bench.json", "bench.md", "device_check.log", "env.json", "science.json", "science.png",
+                     "summary.md"], files
+    science = json.loads((tmp_path / "out" / "science.json").read_text())
+    assert set(science) == {"topk", "default"} and all(v["final_val_loss"] > 0 for v in science.values())

@@ -7,7 +7,7 @@ import torch
 import torch.utils.checkpoint
 
 from default_moe import MoEConfig, MoELayer
-from reference import Weights, load_into_layer, reference_moe
+from reference import Weights, expert_grads, load_into_layer, reference_moe
 
 E, D, F_, T = 8, 12, 20, 48
 
@@ -48,16 +48,17 @@ def run_ref(w, x, g_out, layer, **kw):
     return res, xd.grad, wd
 
 
-def assert_close(a, b, what):
-    torch.testing.assert_close(a.double(), b.double(), rtol=2e-5, atol=2e-6, msg=lambda m: f"{what}: {m}")
+def assert_close(a, b, what, rtol=2e-5, atol=2e-6):
+    torch.testing.assert_close(a.double().cpu(), b.double().cpu(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
 def check_grads(layer, wd):
     assert_close(layer.router.weight.grad, wd.router_ED.grad, "router grad")
-    assert_close(layer.experts.w1_LDF.grad, wd.w1_EDF.grad, "w1 grad")
-    assert_close(layer.experts.w2_LFD.grad, wd.w2_EFD.grad, "w2 grad")
+    g = expert_grads(layer)
+    assert_close(g["w1"], wd.w1_EDF.grad, "w1 grad")
+    assert_close(g["w2"], wd.w2_EFD.grad, "w2 grad")
     if wd.w3_EDF is not None:
-        assert_close(layer.experts.w3_LDF.grad, wd.w3_EDF.grad, "w3 grad")
+        assert_close(g["w3"], wd.w3_EDF.grad, "w3 grad")
 
 
 @pytest.mark.parametrize(
@@ -72,18 +73,22 @@ def check_grads(layer, wd):
         ("topk", {"capacity_factor": 0.5}),
         ("default", {"capacity_factor": 0.75, "drop_policy": "position"}),
         ("default", {"aux_loss_coeff": 0.05, "z_loss_coeff": 0.01}),
+        ("default", {"experts_backend": "grouped_mm"}),
+        ("topk", {"experts_backend": "grouped_mm", "capacity_factor": 0.75}),
+        ("default", {"experts_backend": "grouped_mm", "activation": "gelu", "top_k": 1}),
     ],
 )
-def test_matches_dense_reference_over_steps(router, kw):
+def test_matches_dense_reference_over_steps(router, kw, device):
     layer, w = make(router, **kw)
+    layer.to(device)
     D_prev = torch.zeros(E, D)
     for step in range(3):
         x, g_out = inputs(seed=10 + step)
         layer.zero_grad(set_to_none=True)
-        out, x_grad = run_layer(layer, x, g_out)
+        out, x_grad = run_layer(layer, x.to(device), g_out.to(device))
         res, xd_grad, wd = run_ref(w, x, g_out, layer, defaults=D_prev)
-        assert_close(out, res.out_TD, f"output step {step}")
-        assert_close(x_grad, xd_grad, f"input grad step {step}")
+        assert_close(out.cpu(), res.out_TD, f"output step {step}")
+        assert_close(x_grad.cpu(), xd_grad, f"input grad step {step}")
         check_grads(layer, wd)
         if layer.defaults is not None:
             layer.defaults.finish_pending()
@@ -137,7 +142,7 @@ def test_activation_checkpointing_updates_defaults_once(reentrant):
     torch.testing.assert_close(out, out_ref)
     torch.testing.assert_close(xc.grad, xg_ref)
     torch.testing.assert_close(layer.router.weight.grad, twin.router.weight.grad)
-    torch.testing.assert_close(layer.experts.w1_LDF.grad, twin.experts.w1_LDF.grad)
+    torch.testing.assert_close(layer.experts.w_in.grad, twin.experts.w_in.grad)
 
 
 def test_eval_does_not_update_defaults_but_uses_them():
@@ -267,3 +272,35 @@ def test_default_in_forward_false_is_topk_forward_with_default_gradient():
     assert not torch.allclose(outs["default"], outs["topk"])
     torch.testing.assert_close(layers["grad_only"].router.weight.grad, layers["default"].router.weight.grad)
     assert not torch.allclose(layers["grad_only"].router.weight.grad, layers["topk"].router.weight.grad)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("router", ["topk", "default"])
+def test_bf16_matches_dense_reference(router, backend, device):
+    """bf16 parameters and activations (router probabilities and D stay fp32) against the float64
+    reference of the bf16-rounded weights and inputs; sizes 16-byte aligned for grouped_mm."""
+    d, f = 16, 32
+    cfg = MoEConfig(hidden_size=d, num_experts=E, ffn_hidden_size=f, router=router, experts_backend=backend)
+    layer = MoELayer(cfg)
+    w = Weights.random(E, d, f, True, 3)
+    w = Weights(*(t.bfloat16().float() for t in (w.router_ED, w.w1_EDF, w.w3_EDF, w.w2_EFD)))
+    load_into_layer(layer, w)
+    layer.to(device=device, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(7)
+    x, g_out = (torch.randn(T, d, generator=g).bfloat16().float() for _ in range(2))
+    out, x_grad = run_layer(layer, x.to(device, torch.bfloat16), g_out.to(device, torch.bfloat16))
+    res, xd_grad, wd = run_ref(w, x, g_out, layer, defaults=torch.zeros(E, d))
+    assert out.dtype == torch.bfloat16
+    assert_close(out.float(), res.out_TD, "bf16 output", rtol=3e-2, atol=3e-2 * res.out_TD.abs().max().item())
+    assert_close(x_grad.float(), xd_grad, "bf16 input grad", rtol=3e-2, atol=3e-2 * xd_grad.abs().max().item())
+    if layer.defaults is not None:
+        assert layer.defaults.defaults_ED.dtype == torch.float32
+        assert_close(layer.defaults.defaults_ED, res.defaults_after_ED, "bf16 defaults", rtol=3e-2,
+                     atol=3e-2 * res.defaults_after_ED.abs().max().item())
+
+
+def test_grouped_mm_refuses_unaligned_sizes():
+    layer, _ = make("topk", experts_backend="grouped_mm")  # D=12, F=20: 24 / 40 bytes in bf16
+    layer.to(torch.bfloat16)
+    with pytest.raises(ValueError, match="experts_backend='grouped_mm' needs hidden_size and ffn_hidden_size"):
+        layer(torch.randn(4, D, dtype=torch.bfloat16))

@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from default_moe import MoEConfig, MoELayer, build_groups, count_collectives
-from reference import Weights, load_into_layer, reference_moe
+from reference import Weights, expert_grads, load_into_layer, reference_moe
 
 E, D, F_ = 8, 12, 16
 
@@ -72,11 +72,11 @@ def check_equivalence(rank: int, world: int, case: dict) -> None:
         dist.all_reduce(router_grad)  # what DP gradient reduction does (sum; engines then average)
         _close(router_grad, wd.router_ED.grad, "router grad", rank, tag)
         ids = list(layer.local_expert_ids)
-        for name, ref in [("w1_LDF", wd.w1_EDF), ("w2_LFD", wd.w2_EFD), ("w3_LDF", wd.w3_EDF)]:
-            p = getattr(layer.experts, name)
-            if p is None:
+        local_grads = expert_grads(layer)
+        for name, ref in [("w1", wd.w1_EDF), ("w2", wd.w2_EFD), ("w3", wd.w3_EDF)]:
+            if ref is None:
                 continue
-            grad = p.grad.clone()
+            grad = local_grads[name].clone()
             if groups.expert_dp_size > 1:
                 dist.all_reduce(grad, group=groups.expert_dp_group)
             _close(grad, ref.grad[ids], f"{name} grad", rank, tag)
@@ -130,6 +130,37 @@ def collective_counts(rank: int, world: int) -> None:
                   f"default: {len(default)} collectives, {sum(k[2] for k in default)} B")
 
 
+def host_syncs_and_init(rank: int, world: int) -> None:
+    """At EP=2: at most one host sync per training forward+backward (TopK/Default, dropless and
+    capacity); experts initialised per global expert (EP=2 equals EP=1 sliced; ranks differ)."""
+    from default_moe.diagnostics import count_host_syncs
+
+    for router, extra in [("topk", {}), ("default", {}), ("default", {"capacity_factor": 1.0}),
+                          ("topk", {"capacity_factor": 0.5}), ("default", {"ema_sync": "async"})]:
+        cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router=router, ep_size=world, **extra)
+        layer = MoELayer(cfg)
+        x, g = _global_batch(0, 64, skew=True)
+        x_r = x[rank * 32 : (rank + 1) * 32].clone().requires_grad_(True)
+        for _ in range(2):
+            with count_host_syncs() as syncs:
+                (layer(x_r) * g[:32]).sum().backward()
+            assert syncs.count <= 1, f"{router} {extra}: host syncs {syncs.calls}"
+    torch.manual_seed(5)
+    ep = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, ep_size=world))
+    torch.manual_seed(5)
+    single = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, ep_size=1),
+                      groups=build_groups(1))
+    ids = list(ep.local_expert_ids)
+    for (name, p), q in zip(ep.experts.named_parameters(), single.experts.parameters()):
+        assert torch.equal(p, q[ids[0] : ids[-1] + 1]), f"{name}: EP={world} init differs from EP=1 sliced"
+        other = torch.empty_like(p)
+        gathered = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(gathered, p.detach().contiguous())
+        other = gathered[1 - rank] if world == 2 else gathered[0]
+        assert not torch.equal(p, other), f"{name}: experts identical across EP ranks"
+    assert torch.equal(ep.router.weight, single.router.weight)
+
+
 def bad_ep_size(rank: int, world: int) -> None:
     """world % ep_size != 0 fails with a ValueError on every rank before any collective."""
     cfg = MoEConfig(hidden_size=D, num_experts=8, ffn_hidden_size=F_, ep_size=4)
@@ -158,6 +189,7 @@ def world2_all(rank: int, world: int, cases: List[dict]) -> None:
     mismatched_config(rank, world)
     bad_ep_size(rank, world)
     collective_counts(rank, world)
+    host_syncs_and_init(rank, world)
     run_cases(rank, world, cases)
     router_equivalence(rank, world)
 

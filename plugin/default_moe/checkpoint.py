@@ -24,9 +24,12 @@ import torch.distributed as dist
 from torch import nn
 
 from default_moe import comm
+from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
 
 FORMAT = "default-moe-checkpoint-v1"
+# Config fields that change how the layer runs, not what its saved state means.
+_LAYOUT_ONLY = ("ep_size", "experts_backend")
 
 
 def _moe_layers(model: nn.Module):
@@ -102,13 +105,14 @@ def load(model: nn.Module, path: str) -> Dict[str, Any]:
     sd = dict(payload["model"])
     for name, layer in layers:
         mine = layer.config.to_dict()
-        diffs = sorted(k for k in mine if k != "ep_size" and saved_cfgs[name].get(k) != mine[k])
+        diffs = sorted(k for k in mine if k not in _LAYOUT_ONLY and saved_cfgs[name].get(k) != mine[k])
         if diffs:
             raise ValueError(
                 f"checkpoint {path} was written with a different config for MoE layer {name!r}: "
                 + ", ".join(f"{k}={saved_cfgs[name].get(k)!r} (model: {mine[k]!r})" for k in diffs)
             )
         prefix = f"{name}." if name else ""
+        upgrade_expert_state_dict(sd, f"{prefix}experts.")  # written with separate w1/w3
         ids = list(layer.local_expert_ids)
         for pname, _ in layer.experts.named_parameters():
             key = f"{prefix}experts.{pname}"

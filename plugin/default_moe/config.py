@@ -19,6 +19,7 @@ EMA_WEIGHTINGS = ("mean", "prob")
 EMA_STATS_DTYPES = ("float32", "bfloat16")
 NONFINITE_MODES = ("skip", "raise")
 DROP_POLICIES = ("probs", "position")
+EXPERTS_BACKENDS = ("auto", "loop", "grouped_mm")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -151,6 +152,9 @@ class MoEConfig:
             expert's D keeps its value this step, counted) or "raise" (FloatingPointError naming
             the layer and step; costs a host sync per forward).
         init_std: std of the normal initialisation of router and expert weights.
+        experts_backend: how the local experts' GEMMs run: "loop" (one GEMM per expert),
+            "grouped_mm" (`torch._grouped_mm`, one grouped GEMM for all local experts) or "auto"
+            (grouped_mm for bf16/fp16 on CUDA where torch has it, else loop).
     """
 
     hidden_size: int
@@ -173,6 +177,7 @@ class MoEConfig:
     nonfinite: str = "skip"
     default_in_forward: bool = True
     init_std: float = 0.02
+    experts_backend: str = "auto"
     sparsemixer: SparseMixerConfig = dataclasses.field(default_factory=SparseMixerConfig)
     stablemoe: StableMoEConfig = dataclasses.field(default_factory=StableMoEConfig)
 
@@ -219,6 +224,15 @@ class MoEConfig:
         if not isinstance(self.default_in_forward, bool):
             raise ValueError(f"MoEConfig.default_in_forward must be true or false, got {self.default_in_forward!r}")
         _check_float("init_std", self.init_std, 0.0, math.inf, hi_open=True)
+        _check_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
+        if self.experts_backend == "grouped_mm":
+            import torch
+
+            if not hasattr(torch, "_grouped_mm"):
+                raise ValueError(
+                    f"MoEConfig.experts_backend='grouped_mm' needs torch._grouped_mm, which torch "
+                    f"{torch.__version__} lacks; use 'loop' or 'auto'"
+                )
         if self.router == "sparsemixer":
             version, _ = self.sparsemixer.resolved(self.top_k)
             need = {"v1": 1, "v2": 2}[version]

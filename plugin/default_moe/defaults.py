@@ -13,8 +13,9 @@ Sync modes (`ema_sync`):
   rest of the step.
 
 Reducing the sync's bytes (large E x D, e.g. DeepSeek-V3's 256 x 7168 per layer):
-- `ema_stats_dtype="bfloat16"` all-reduces the statistics in bf16 (half the bytes; the EMA itself
-  stays fp32, and (1 - beta) scales the rounding of the batch mean).
+- `ema_stats_dtype="bfloat16"` all-reduces the per-expert output sums in bf16 (half the bytes; the
+  EMA itself stays fp32, and (1 - beta) scales the rounding of the batch mean); the E token counts
+  (weights) travel beside them in fp32, so they stay exact (bf16 is exact only up to 256).
 - `ema_sync_every=N` accumulates the statistics locally over N training forwards and syncs (and
   updates D) once, e.g. once per optimizer step with N = gradient accumulation steps. D changes
   N times less often, so the same beta averages over N times more micro-batches. Statistics
@@ -23,12 +24,16 @@ Reducing the sync's bytes (large E x D, e.g. DeepSeek-V3's 256 x 7168 per layer)
 Non-finite statistics (`nonfinite`): "skip" leaves that expert's D unchanged this step (counted in
 `nonfinite_skips`); "raise" raises FloatingPointError naming the layer, the update and the experts.
 
+Every tensor the module holds is a buffer (counters and diagnostics ones non-persistent) or follows
+`_apply`, so `.to(device)` moves all of it; D stays fp32 through `.to(dtype)` without a round trip
+through the lower precision.
+
 Legend: T tokens, K top-k, E experts, D hidden.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -64,14 +69,14 @@ class ExpertDefaults(nn.Module):
         self.beta, self.weighting, self.sync_mode = beta, weighting, sync_mode
         self.stats_dtype, self.sync_every, self.nonfinite, self.name = stats_dtype, sync_every, nonfinite, name
         self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
-        self.nonfinite_skips = torch.zeros((), dtype=torch.long)
-        self._pending: Optional[tuple] = None  # (work handle, stats tensor) of an async update
+        self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long), persistent=False)
+        self._pending: Optional[tuple] = None  # ([work handles], [stats parts]) of an async update
         self._accum: Optional[torch.Tensor] = None  # local statistics not yet synced (sync_every > 1)
         self._accum_count = 0
         self.num_updates = 0
         # The last update's batch means and which experts it saw (diagnostics only).
-        self.last_batch_mean_ED: Optional[torch.Tensor] = None
-        self.last_seen_E: Optional[torch.Tensor] = None
+        self.register_buffer("last_batch_mean_ED", None, persistent=False)
+        self.register_buffer("last_seen_E", None, persistent=False)
 
     @classmethod
     def from_config(cls, config, num_experts: Optional[int] = None, hidden_size: Optional[int] = None,
@@ -131,31 +136,35 @@ class ExpertDefaults(nn.Module):
             if self._accum_count < self.sync_every:
                 return
             stats_E_D1, self._accum, self._accum_count = self._accum, None, 0
+        D = self.defaults_ED.shape[1]
         if self.stats_dtype == "bfloat16":
-            # Rounded even without a group, so the setting means the same thing at every world size.
-            stats_E_D1 = stats_E_D1.to(torch.bfloat16)
+            # Sums rounded even without a group, so the setting means the same thing at every world
+            # size; the counts stay fp32 (exact).
+            parts = [stats_E_D1[:, :D].to(torch.bfloat16), stats_E_D1[:, D:].contiguous()]
+        else:
+            parts = [stats_E_D1]
         asynchronous = self.sync_mode == "async"
-        work = None
+        works = []
         if comm.group_size(dp_group) > 1:
-            work = comm.all_reduce(stats_E_D1, dp_group, async_op=asynchronous)
+            works = [comm.all_reduce(t, dp_group, async_op=asynchronous) for t in parts]
         if asynchronous:
             # Deferred even without a group, so async means the same thing at every world size.
-            self._pending = (work, stats_E_D1)
+            self._pending = (works, parts)
         else:
-            self._apply_stats(stats_E_D1)
+            self._apply_stats(parts)
 
     @torch.no_grad()
     def finish_pending(self) -> None:
         """Waits for an in-flight async update and applies it (no-op otherwise)."""
         if self._pending is not None:
-            work, stats = self._pending
+            works, parts = self._pending
             self._pending = None
-            if work is not None:
+            for work in works:
                 work.wait()
-            self._apply_stats(stats)
+            self._apply_stats(parts)
 
-    def _apply_stats(self, stats_E_D1: torch.Tensor) -> None:
-        stats_E_D1 = stats_E_D1.float()
+    def _apply_stats(self, parts: List[torch.Tensor]) -> None:
+        stats_E_D1 = torch.cat([t.float() for t in parts], dim=1)
         D = self.defaults_ED.shape[1]
         weight_E = stats_E_D1[:, D]
         # A non-finite statistic (an expert output overflowed somewhere in the DP group) never
@@ -179,9 +188,16 @@ class ExpertDefaults(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         # Follow device moves but stay fp32: a bf16 EMA would lose the small (1 - beta) updates.
+        # The fp32 originals are moved, never converted and back (that would round D).
+        self.finish_pending()
+        fp32 = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
         super()._apply(fn, *args, **kwargs)
-        if self.defaults_ED.dtype != torch.float32:
-            self.defaults_ED = self.defaults_ED.float()
+        for n, b in fp32.items():
+            moved = self._buffers[n]
+            if moved.dtype != torch.float32:
+                self._buffers[n] = b.to(device=moved.device)
+        if self._accum is not None:
+            self._accum = self._accum.to(device=self.defaults_ED.device)
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -195,8 +211,8 @@ class ExpertDefaults(nn.Module):
             # (the paper's initialisation) instead of failing a strict load.
             state_dict[key] = torch.zeros_like(self.defaults_ED)
         if self._pending is not None:
-            if self._pending[0] is not None:
-                self._pending[0].wait()
+            for work in self._pending[0]:
+                work.wait()
             self._pending = None  # superseded by the loaded defaults
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 

@@ -9,6 +9,8 @@
 - `routing_fluctuation`: fraction of a fixed probe set of tokens whose (deterministic, eval-mode)
   top-1 expert changed since the last snapshot (StableMoE's metric, online form).
 - `defaults_report`: norms of the EMA default vectors and their distance from the last batch means.
+- `count_host_syncs`: counts the calls that make the host wait for the device (on CUDA), for
+  tests and benchmarks that hold the layer to one per forward.
 
 Legend: T tokens, E experts, K top-k, D hidden.
 """
@@ -16,12 +18,14 @@ Legend: T tokens, E experts, K top-k, D hidden.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from default_moe import comm
 from default_moe.layer import MoELayer
+from default_moe.layer_utils import frozen_state
 from default_moe.losses import AuxLossAutoScaler
 
 
@@ -43,22 +47,20 @@ def expert_load(layer: MoELayer) -> Dict[str, object]:
 
 @contextlib.contextmanager
 def _side_effect_free(layer: MoELayer):
-    """Runs the layer without changing its buffers (EMA, StableMoE step) or the aux-loss scale."""
-    if layer.defaults is not None:
-        layer.defaults.finish_pending()
-    saved = {n: b.clone() for n, b in layer.named_buffers()}
-    updates = layer.defaults.num_updates if layer.defaults is not None else None
+    """Runs the layer's training forwards without changing any state: no EMA update, no pending
+    update applied, no accumulation, no counters or StableMoE step (`frozen_state`), and the
+    aux-loss scale restored. The forward uses D as it stands (an async update still in flight
+    stays in flight), and the random generators are restored."""
     scale = AuxLossAutoScaler.main_loss_backward_scale
     AuxLossAutoScaler.set_loss_scale(0.0)  # the fidelity is about the task gradient only
+    device = layer.experts.w2_LFD.device
+    # Random routing (SparseMixer's sampling) must not advance the training run's generators.
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     try:
-        yield
+        with frozen_state(), torch.random.fork_rng(devices=devices):
+            yield
     finally:
         AuxLossAutoScaler.set_loss_scale(scale)
-        with torch.no_grad():
-            for n, b in layer.named_buffers():
-                b.copy_(saved[n])
-        if layer.defaults is not None:
-            layer.defaults.num_updates = updates
 
 
 def dense_oracle(layer: MoELayer, x_TD: torch.Tensor, token_ids_T: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -67,7 +69,7 @@ def dense_oracle(layer: MoELayer, x_TD: torch.Tensor, token_ids_T: Optional[torc
     T, E = route.probs_TE.shape
     idx_TE = torch.arange(E, device=x_TD.device).expand(T, E).contiguous()
     x_local, plan = layer.dispatcher.dispatch(x_TD, idx_TE, None)
-    y_TED = layer.dispatcher.combine(layer.experts(x_local, plan.tokens_per_local_expert), plan)
+    y_TED = layer.dispatcher.combine(layer.experts(x_local, plan.tokens_per_local_expert, plan.counts_L), plan)
     return (y_TED * route.probs_TE.unsqueeze(-1).to(y_TED.dtype)).sum(1)
 
 
@@ -82,7 +84,7 @@ def router_gradient_fidelity(
     None for routers without a differentiable distribution over experts (hash, StableMoE).
 
     Args:
-        layer: the MoE layer (its buffers are left unchanged).
+        layer: the MoE layer (its state is left exactly as it was, in every EMA mode).
         x: [..., D] sample hidden states.
         token_ids: token ids for routers that need them.
         grad_out: upstream gradient g (default: standard normal with `seed`, same shape as x).
@@ -147,3 +149,55 @@ def defaults_report(layer: MoELayer) -> Optional[Dict[str, float]]:
         dist_E = (d.defaults_ED - d.last_batch_mean_ED).norm(dim=1)[d.last_seen_E]
         out["distance_to_batch_mean"] = dist_E.mean().item()
     return out
+
+
+# Calls that wait for the device on CUDA: reading values on the host, or ops whose output size
+# depends on the data.
+_SYNC_METHODS = {"item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy",
+                 "bincount", "nonzero", "unique", "unique_consecutive", "masked_select", "argwhere"}
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts host syncs of PyTorch calls made from Python (see `count_host_syncs`).
+
+    Attributes:
+        calls: the names of the counted calls, in order.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: List[str] = []
+
+    @property
+    def count(self) -> int:
+        return len(self.calls)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", str(func))
+        if name in _SYNC_METHODS:
+            self.calls.append(name)
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None and isinstance(
+            args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor
+        ):
+            self.calls.append("repeat_interleave without output_size")
+        elif name in ("__getitem__", "__setitem__") and _has_bool_mask(args[1] if len(args) > 1 else None):
+            self.calls.append(f"{name} with a boolean mask")
+        return func(*args, **kwargs)
+
+
+def _has_bool_mask(index) -> bool:
+    items = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in items)
+
+
+@contextlib.contextmanager
+def count_host_syncs() -> Iterator[HostSyncCounter]:
+    """Counts, inside the block, the calls that make the host wait for a CUDA device: `.item()`,
+    `.tolist()`, `int()/bool()/float()` of a tensor, `bincount`, `nonzero`, `unique`, boolean-mask
+    indexing, `repeat_interleave` without `output_size`, `.cpu()`. Counted on any device (a CPU
+    run counts what a GPU run would wait for). Ops inside autograd's C++ backward are not seen
+    (none of them sync); Python autograd Functions' backward code is.
+    """
+    with HostSyncCounter() as counter:
+        yield counter

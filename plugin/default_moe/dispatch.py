@@ -6,7 +6,7 @@ earliest slots survive, `MoEConfig.drop_policy`). A dropped slot's raw output is
 
 Flow on an EP group of P ranks, L = E / P local experts each:
     slots (T*K) --sort by expert--> x_send (rank-major, expert-minor)
-    count exchange (all_to_all of E ints)  ->  split sizes on the host
+    count exchange (all_to_all of E ints)  ->  split sizes on the host (the one host sync)
     all_to_all(x_send)  ->  x_recv [src rank][local expert]  --regroup-->  x_local [local expert][src rank]
     ... experts ...
     y_local --regroup back--> all_to_all back --unpermute--> y_TKD (zeros for dropped slots)
@@ -55,7 +55,7 @@ def capacity_keep_mask(
         order_S = by_prob_S[torch.argsort(expert_S[by_prob_S], stable=True)]
     else:
         order_S = torch.argsort(expert_S, stable=True)
-    counts_E = torch.bincount(expert_S, minlength=num_experts)
+    counts_E = expert_counts(expert_S, num_experts)
     starts_E = torch.cumsum(counts_E, 0) - counts_E
     rank_in_expert = torch.arange(expert_S.numel(), device=idx_TK.device) - starts_E[expert_S[order_S]]
     keep_S = torch.empty_like(expert_S, dtype=torch.bool)
@@ -72,12 +72,23 @@ class DispatchPlan:
     slot_order: torch.Tensor  # kept slot ids (t*K + k), sorted by expert
     input_splits: List[int]  # rows sent to each EP rank
     output_splits: List[int]  # rows received from each EP rank
-    regroup: torch.Tensor  # received row -> position in local-expert-major order
-    tokens_per_local_expert: List[int]
+    regroup: Optional[torch.Tensor]  # received row -> position in local-expert-major order (EP > 1)
+    tokens_per_local_expert: List[int]  # host ints (the loop backend's slices)
+    counts_L: torch.Tensor  # the same counts on the device (the grouped backend's offsets)
+
+
+def expert_counts(expert_S: torch.Tensor, num_bins: int) -> torch.Tensor:
+    """Slots per expert without a host sync (`bincount` syncs on CUDA to size its output)."""
+    return torch.zeros(num_bins, dtype=torch.long, device=expert_S.device).scatter_add_(
+        0, expert_S, torch.ones_like(expert_S)
+    )
 
 
 class AllToAllDispatcher:
     """Dropless / capacity dispatch over an EP group with uneven `all_to_all_single`.
+
+    Exactly one host sync per dispatch: every split size (all-to-all splits, kept slots, rows per
+    local expert) comes from one device-to-host transfer of the local and received counts.
 
     Args:
         num_experts: E (global).
@@ -105,30 +116,36 @@ class AllToAllDispatcher:
         if keep_TK is not None:
             # Dropped slots sort after every real expert and are cut off.
             expert_S = torch.where(keep_TK.reshape(-1), expert_S, torch.full_like(expert_S, E))
-        counts_E = torch.bincount(expert_S, minlength=E + 1)[:E]
-        slot_order = torch.argsort(expert_S, stable=True)[: int(counts_E.sum())]
-        x_send_ND = x_TD.index_select(0, torch.div(slot_order, K, rounding_mode="floor"))
+        counts_E = expert_counts(expert_S, E + 1)[:E]
+        order_S = torch.argsort(expert_S, stable=True)
 
         if P == 1:
-            n = x_send_ND.shape[0]
-            plan = DispatchPlan(T, K, slot_order, [n], [n], torch.arange(n, device=x_TD.device), counts_E.tolist())
-            return x_send_ND, plan
+            counts = counts_E.tolist()  # the one host sync
+            slot_order = order_S[: sum(counts)]
+            x_ND = x_TD.index_select(0, torch.div(slot_order, K, rounding_mode="floor"))
+            n = x_ND.shape[0]
+            return x_ND, DispatchPlan(T, K, slot_order, [n], [n], None, counts, counts_E)
 
         recv_counts_E = torch.empty_like(counts_E)
         comm.all_to_all_single(recv_counts_E, counts_E, None, None, self.ep_group)
-        recv_counts_PL = recv_counts_E.view(P, L)
-        # One host sync for all split sizes (the all-to-all needs them as Python ints).
-        input_splits, output_splits = torch.stack(
-            [counts_E.view(P, L).sum(1), recv_counts_PL.sum(1)]
-        ).tolist()
+        # The one host sync: local and received counts in one transfer; every split derives from it.
+        both = torch.cat([counts_E, recv_counts_E]).tolist()
+        sent_PL = [both[p * L : (p + 1) * L] for p in range(P)]
+        recv_PL = [both[E + p * L : E + (p + 1) * L] for p in range(P)]
+        input_splits = [sum(c) for c in sent_PL]
+        output_splits = [sum(c) for c in recv_PL]
+        tokens_per_local_expert = [sum(col) for col in zip(*recv_PL)]
+
+        slot_order = order_S[: sum(input_splits)]
+        x_send_ND = x_TD.index_select(0, torch.div(slot_order, K, rounding_mode="floor"))
         x_recv_ND = comm.all_to_all(x_send_ND, output_splits, input_splits, self.ep_group)
+        recv_counts_PL = recv_counts_E.view(P, L)
         local_expert_of_row = torch.repeat_interleave(
-            torch.arange(L, device=x_TD.device).repeat(P), recv_counts_PL.reshape(-1)
+            torch.arange(L, device=x_TD.device).repeat(P), recv_counts_PL.reshape(-1), output_size=sum(output_splits)
         )
         regroup = torch.argsort(local_expert_of_row, stable=True)
-        plan = DispatchPlan(
-            T, K, slot_order, input_splits, output_splits, regroup, recv_counts_PL.sum(0).tolist()
-        )
+        plan = DispatchPlan(T, K, slot_order, input_splits, output_splits, regroup, tokens_per_local_expert,
+                            recv_counts_PL.sum(0))
         return x_recv_ND.index_select(0, regroup), plan
 
     def combine(self, y_local_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

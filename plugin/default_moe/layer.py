@@ -19,9 +19,10 @@ from torch import nn
 
 from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults
-from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask
+from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask, expert_counts
 from default_moe.experts import GroupedExperts, mark_expert_params
 from default_moe.layer_utils import in_backward as _in_backward
+from default_moe.layer_utils import state_frozen
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, build_groups, check_same_config
 from default_moe.routing import build_router, registered_routers
@@ -34,6 +35,28 @@ def check_finite(t: torch.Tensor, what: str, layer_name: str, step: int) -> None
             f"non-finite {what} in MoE layer {layer_name or '(unnamed)'} at training forward {step} "
             f"(MoEConfig.nonfinite='raise'; 'skip' keeps the defaults unchanged instead)"
         )
+
+
+def _rebuilt_router(old: nn.Module, config: MoEConfig, device: torch.device) -> nn.Module:
+    """A router built for `config`, keeping `old`'s Parameter objects (optimizer references) and,
+    for the same router kind, its buffers (e.g. StableMoE's step), wherever names and shapes match.
+
+    Always rebuilt: a router resolves settings at construction (SparseMixer's version, StableMoE's
+    vocabulary and width), so reusing one of the same kind could keep stale ones.
+    """
+    new = registered_routers()[config.router](config).to(device)
+    old_params = dict(old.named_parameters())
+    for name, p in list(new.named_parameters()):
+        if name in old_params and old_params[name].shape == p.shape:
+            module_name, _, attr = name.rpartition(".")
+            setattr(new.get_submodule(module_name) if module_name else new, attr, old_params[name])
+    if type(new) is type(old):
+        old_buffers = dict(old.named_buffers())
+        with torch.no_grad():
+            for name, b in new.named_buffers():
+                if name in old_buffers and old_buffers[name].shape == b.shape:
+                    b.copy_(old_buffers[name])
+    return new
 
 
 class MoELayer(nn.Module):
@@ -67,7 +90,8 @@ class MoELayer(nn.Module):
         self.router = build_router(config)
         self.dispatcher = AllToAllDispatcher(config.num_experts, groups.ep_group)
         self.experts = GroupedExperts(
-            config.num_local_experts, config.hidden_size, config.ffn_hidden_size, config.activation, config.init_std
+            config.num_local_experts, config.hidden_size, config.ffn_hidden_size, config.activation, config.init_std,
+            first_expert=groups.ep_rank * config.num_local_experts, backend=config.experts_backend,
         )
         mark_expert_params(self.experts)
         self.defaults: Optional[ExpertDefaults] = None
@@ -76,9 +100,15 @@ class MoELayer(nn.Module):
         # Named in errors (non-finite values); models set it, e.g. "layers.3.moe".
         self.layer_name = ""
         self.num_training_forwards = 0
+        # Logging state of the last forward: buffers (not saved), so `.to()` moves them.
         self.aux_losses: Dict[str, torch.Tensor] = {}
-        self.tokens_per_expert: Optional[torch.Tensor] = None
-        self.dropped_slots = 0
+        self.register_buffer("tokens_per_expert", None, persistent=False)
+        self.register_buffer("dropped_slots", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.aux_losses = {k: fn(v) for k, v in self.aux_losses.items()}  # every tensor follows .to()
+        return self
 
     @property
     def num_experts(self) -> int:
@@ -118,19 +148,12 @@ class MoELayer(nn.Module):
                     p.data = p.data[keep].clone()
         self.config, self.groups = config, groups
         self.dispatcher = AllToAllDispatcher(config.num_experts, groups.ep_group)
-        router_cls = registered_routers()[config.router]
-        if type(self.router) is not router_cls:
-            new = router_cls(config).to(self.router.weight.device)
-            old_params = dict(self.router.named_parameters())
-            if {n: p.shape for n, p in new.named_parameters()} == {n: p.shape for n, p in old_params.items()}:
-                for name, p in old_params.items():  # keep the Parameter objects (optimizer references)
-                    module_name, _, attr = name.rpartition(".")
-                    setattr(new.get_submodule(module_name) if module_name else new, attr, p)
-            self.router = new
-        self.router.config = config
+        self.experts.backend = config.experts_backend
+        device = self.experts.w2_LFD.device
+        self.router = _rebuilt_router(self.router, config, device)
         if self.router.uses_defaults:
             if self.defaults is None:
-                self.defaults = ExpertDefaults.from_config(config, name=self.layer_name).to(self.router.weight.device)
+                self.defaults = ExpertDefaults.from_config(config, name=self.layer_name).to(device)
             else:
                 self.defaults.configure(config)
         else:
@@ -167,12 +190,15 @@ class MoELayer(nn.Module):
         x_TD = x.reshape(-1, cfg.hidden_size)
         token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
         recompute = _in_backward()
-        update_defaults = self.defaults is not None and self.training and not recompute
-        if self.defaults is not None and not recompute:
+        # A recompute or a frozen (diagnostic) forward changes no state: it neither applies a
+        # pending update nor makes one, and records no counters.
+        record = not recompute and not state_frozen()
+        update_defaults = self.defaults is not None and self.training and record
+        if self.defaults is not None and record:
             self.defaults.finish_pending()
 
         route = self.router(x_TD, self.groups, token_ids_T)
-        if self.training and not recompute:
+        if self.training and record:
             self.num_training_forwards += 1
             if self.defaults is not None:
                 self.defaults.name = self.layer_name
@@ -183,7 +209,7 @@ class MoELayer(nn.Module):
         probs_TK = route.probs_TE.detach().gather(1, idx_TK)
         keep_TK = capacity_keep_mask(idx_TK, probs_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
         x_local_ND, plan = self.dispatcher.dispatch(x_TD, idx_TK, keep_TK)
-        y_local_ND = self.experts(x_local_ND, plan.tokens_per_local_expert)
+        y_local_ND = self.experts(x_local_ND, plan.tokens_per_local_expert, plan.counts_L)
         y_TKD = self.dispatcher.combine(y_local_ND, plan)
 
         out_TD = (y_TKD * gates_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
@@ -204,10 +230,13 @@ class MoELayer(nn.Module):
                 default_TD = default_TD - default_TD.detach()  # zero in the forward, same gradient
             out_TD = out_TD + default_TD.to(out_TD.dtype)
 
-        if not recompute:
+        if record:
+            # On the device: logging costs no host sync.
             self.aux_losses = {k: v.detach() for k, v in route.aux_losses.items()}
-            self.tokens_per_expert = torch.bincount(idx_TK.reshape(-1), minlength=cfg.num_experts).detach()
-            self.dropped_slots = 0 if keep_TK is None else (~keep_TK).sum().detach()  # no host sync
+            self.tokens_per_expert = expert_counts(idx_TK.reshape(-1), cfg.num_experts)
+            self.dropped_slots = (
+                torch.zeros((), dtype=torch.long, device=x.device) if keep_TK is None else (~keep_TK).sum().detach()
+            )
         if route.aux_losses and out_TD.requires_grad:
             out_TD = AuxLossAutoScaler.apply(out_TD, sum(route.aux_losses.values()))
         return out_TD.view(x.shape)

@@ -66,7 +66,10 @@ def switch_load_balancing_loss(
     K = idx_TK.shape[1]
     if coeff == 0.0:
         return probs_TE.new_zeros(())
-    counts_E = torch.bincount(idx_TK.reshape(-1), minlength=E).to(torch.float32)
+    # scatter_add, not bincount: no host sync on CUDA.
+    counts_E = torch.zeros(E, dtype=torch.float32, device=idx_TK.device).index_add_(
+        0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
+    )
     if comm.group_size(dp_group) > 1:
         comm.all_reduce(counts_E, dp_group)
         counts_E = counts_E / comm.group_size(dp_group)

@@ -7,25 +7,28 @@ argument); the engine adapters read them with `current()`. The ids stay recorded
 forward, so activation-checkpoint recomputation in the backward of the same micro-batch sees them;
 a pipeline schedule that runs several forwards before their backwards would see the newest ids in
 a recompute (not supported with these routers).
+
+The ids are held process-wide, not per thread: on CUDA, autograd runs backward and
+activation-checkpoint recomputation on per-device worker threads, which must read the ids the
+caller's thread recorded.
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Optional
 
 import torch
 from torch import nn
 
-_STATE = threading.local()
+_IDS: list = [None]  # one slot for the whole process (see the module docstring)
 
 
 def set_current(ids: Optional[torch.Tensor]) -> None:
-    _STATE.ids = ids
+    _IDS[0] = ids
 
 
 def current(what: str = "this router") -> torch.Tensor:
-    ids = getattr(_STATE, "ids", None)
+    ids = _IDS[0]
     if ids is None:
         raise ValueError(
             f"{what} routes by token id, but no token ids were recorded: call "

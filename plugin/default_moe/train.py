@@ -51,6 +51,8 @@ class RunConfig:
     seed: int = 1234
     # Every collective fails after this long instead of hanging (a dead or diverged rank).
     dist_timeout_s: float = 600.0
+    # Stop (with a final eval and checkpoint) after the step that passes this much wall time.
+    max_minutes: Optional[float] = None
     # Overrides of the DeepSpeed "default_moe" section (None: keep the JSON's value).
     router: Optional[str] = None
     beta: Optional[float] = None
@@ -69,6 +71,8 @@ class RunConfig:
                 raise ValueError(f"RunConfig.{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {v!r}")
         if not (self.lr > 0):
             raise ValueError(f"RunConfig.lr (--lr) must be > 0, got {self.lr!r}")
+        if self.max_minutes is not None and not (self.max_minutes > 0):
+            raise ValueError(f"RunConfig.max_minutes (--max-minutes) must be > 0, got {self.max_minutes!r}")
         if not (self.dist_timeout_s > 0):
             raise ValueError(f"RunConfig.dist_timeout_s (--dist-timeout-s) must be > 0 seconds, got {self.dist_timeout_s!r}")
         if self.warmup_steps < 0:
@@ -159,6 +163,15 @@ def lr_lambda(run: RunConfig):
         return run.min_lr_ratio + (1 - run.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return f
+
+
+def _out_of_time(run: RunConfig, t_start: float, device) -> bool:
+    """Whether `max_minutes` has passed (rank 0's clock, so every rank stops at the same step)."""
+    if run.max_minutes is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - t_start >= 60.0 * run.max_minutes)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _mean_over_ranks(value: float, device) -> float:
@@ -341,7 +354,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             loss_sum += loss.item()
         history["step_time"].append(time.perf_counter() - t0)
         done = step + 1
-        if done % run.log_every == 0 or done == run.steps:
+        last = done == run.steps or _out_of_time(run, t_start, engine.device)
+        if done % run.log_every == 0 or last:
             train_loss = _mean_over_ranks(loss_sum / gas, engine.device)
             history["train"].append((done, train_loss))
             load, rank_load = _expert_load(model)
@@ -358,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 for i, v in enumerate(load):
                     writer.add_scalar(f"load/max_over_mean_layer{i}", v, done)
                 writer.add_scalar("load/ep_rank_max_over_mean", rank_load, done)
-        if done % run.eval_every == 0 or done == run.steps:
+        if done % run.eval_every == 0 or last:
             val = evaluate(engine, val_tokens, run, gpt, rank)
             history["val"].append((done, val))
             load, _ = _expert_load(model)
@@ -376,8 +390,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                 tqdm.write(f"[train] step {done:5d}  train {history['train'][-1][1]:.4f}  val {val:.4f}  "
                            f"ppl {math.exp(val):8.2f}  expert load max/mean per layer "
                            f"{' '.join(f'{v:.2f}' for v in load)}", file=sys.stdout)
-        if done % run.ckpt_every == 0 or done == run.steps:
+        if done % run.ckpt_every == 0 or last:
             engine.save_checkpoint(str(ckpt_dir), tag=f"step{done}", client_state={"step": done, "history": history})
+        if last:
+            break
     bar.close()
 
     # Per-expert share of token slots of the last forward (the final diagnostics' probe batch).

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from default_moe.config import MoEConfig, check_overrides
+from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, check_ep_size
@@ -253,6 +254,7 @@ def _install_engine_hooks(engine) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=True)["experts"]
         with torch.no_grad():
             for name, layer in layers:
+                upgrade_expert_state_dict(saved[name], "")  # files written with separate w1/w3
                 for n, p in layer.experts.named_parameters():
                     p.copy_(saved[name][n])
         return load_path, client_state

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from default_moe.layer_utils import in_backward
+from default_moe.layer_utils import updates_state
 from default_moe.parallel import ParallelGroups
 from default_moe.routing import Router, RouterOutput, register_router
 
@@ -67,7 +67,7 @@ def stablemoe_route(
     aux: Dict[str, torch.Tensor] = {}
     if first_stage:
         T, E = scores_TE.shape
-        counts_E = torch.bincount(idx_T, minlength=E).float()
+        counts_E = torch.zeros(E, device=idx_T.device).index_add_(0, idx_T, torch.ones(T, device=idx_T.device))
         n_bar = max(T / E, 1e-9)
         assigned_T = torch.sigmoid(scores_TE).gather(1, idx_T[:, None]).squeeze(1)
         ratio_T = ((counts_E - n_bar) / n_bar)[idx_T]
@@ -112,7 +112,7 @@ class StableMoERouter(Router):
     def step(self, training: bool) -> bool:
         """Whether this forward is a stage-1 training forward; counts training forwards."""
         first = training and self.stage == 1
-        if training and not in_backward():
+        if updates_state(training):
             self.num_steps += 1
         return first
 
