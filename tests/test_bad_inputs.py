@@ -138,3 +138,35 @@ def test_bad_checkpoints_and_cli(saved):
         assert out.returncode == 2 and needle in out.stderr, out.stderr
     assert digest() == before
     assert len(CASES) + 8 >= 25
+
+
+def test_untrusted_files_and_bad_extra(saved, tmp_path_factory):
+    """Checkpoints are data: a crafted pickle is refused by every reader (its payload never runs), the
+    upgrade needs --trust-pickle, a non-JSON `extra` fails before anything is written."""
+    import os
+
+    tmp, digest = saved
+    before = digest()
+    elsewhere = tmp_path_factory.mktemp("untrusted")
+    marker = elsewhere / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = elsewhere / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": {}, "moe_configs": {}, "extra": {"x": Payload()}}, evil)
+    layer = torch.nn.Sequential(MoELayer(MoEConfig(**BASE)))
+    with pytest.raises(checkpoint.UntrustedCheckpointError, match="could run code, so it is refused"):
+        checkpoint.load(layer, str(evil))
+    with pytest.raises(ValueError, match=r"extra\['obj'\] is a object"):
+        checkpoint.save(layer, str(tmp / "good.pt"), extra={"obj": object()})
+    for args, needle in [
+        (["checkpoint-info", str(evil)], "checkpoint-upgrade --trust-pickle"),
+        (["checkpoint-upgrade", str(evil), str(tmp / "good.pt")], "pass --trust-pickle only for a file you wrote"),
+        (["checkpoint-upgrade", "--trust-pickle", str(tmp / "good.pt"), str(tmp / "ds.json")], "exists; pass --force"),
+    ]:
+        out = subprocess.run([sys.executable, "-m", "default_moe.cli", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and needle in out.stderr, out.stderr
+    assert not marker.exists()
+    assert digest() == before

@@ -33,7 +33,7 @@ def _layer(**kw):
     return MoELayer(MoEConfig(hidden_size=8, num_experts=4, ffn_hidden_size=16, **kw))
 
 
-def test_checkpoint_errors_and_atomic_write(tmp_path):
+def test_checkpoint_errors_and_atomic_write(tmp_path, monkeypatch):
     path = str(tmp_path / "c.pt")
     model = torch.nn.Sequential(_layer())
     checkpoint.save(model, path, extra={"step": 1})
@@ -52,12 +52,21 @@ def test_checkpoint_errors_and_atomic_write(tmp_path):
         checkpoint.load(model, str(tmp_path / "foreign.pt"))
     assert open(path, "rb").read() == before  # failed loads leave the file alone
 
-    # A crash while writing (here: an object torch cannot pickle) leaves the previous file intact.
-    class Unpicklable:
-        def __reduce__(self):
-            raise RuntimeError("crash mid-save")
+    # A non-JSON extra is refused before anything is written.
+    with pytest.raises(ValueError, match=r"extra\['bad'\] is a object"):
+        checkpoint.save(model, path, extra={"bad": object()})
+    # A crash while writing (half a file written, then an error) leaves the previous file intact.
+    real_save = torch.save
 
+    def crashing_save(obj, f):
+        real_save(obj, f)
+        with open(f, "r+b") as fh:
+            fh.truncate(100)
+        raise RuntimeError("crash mid-save")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crashing_save)
     with pytest.raises(RuntimeError, match="crash mid-save"):
-        checkpoint.save(model, path, extra={"bad": Unpicklable()})
+        checkpoint.save(model, path, extra={"step": 2})
+    monkeypatch.undo()
     assert open(path, "rb").read() == before and checkpoint.load(model, path) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "corrupt.pt", "foreign.pt"]  # no temp left

@@ -12,12 +12,26 @@ previous checkpoint intact. Loading checks that every MoE layer's config matches
 with the "default_moe" section at any ep_size (module states + one expert file per EP rank) into
 this format offline, without a process group: the weights and defaults then load at any ep_size.
 Optimizer states are not converted (they are partitioned by ZeRO for one layout).
+
+Trust: a checkpoint is a pickle, and unpickling can run code. Nothing here unpickles a file
+without the caller saying they trust it:
+- this format holds only tensors and plain containers (configs and `extra` are JSON values,
+  checked at save) and is read with `torch.load(weights_only=True)`; a file that needs more is
+  refused with `UntrustedCheckpointError` unless `trust_pickle=True` (CLI: `checkpoint-upgrade
+  --trust-pickle OLD NEW` rewrites such a file once into the safe form);
+- DeepSpeed checkpoints (`convert_deepspeed`, the main job's resume) are checked before anything
+  unpickles them: every `.pt` file's globals must be in `DEEPSPEED_SAFE_GLOBALS`, the plain types
+  DeepSpeed writes (read without executing anything, `get_unsafe_globals_in_checkpoint`).
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
-from typing import Any, Dict, Optional
+import pickle
+import warnings
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -54,6 +68,76 @@ def consolidated_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     return sd
 
 
+class UntrustedCheckpointError(ValueError):
+    """A file would need arbitrary unpickling (it could run code) and the caller did not trust it."""
+
+
+# Globals DeepSpeed 0.19 writes into its checkpoint files besides tensors and builtins: plain data
+# types whose unpickling runs no user code. Anything else in a file refuses it.
+DEEPSPEED_SAFE_GLOBALS = {
+    "collections.OrderedDict", "collections.defaultdict", "torch.Size", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter", "torch.serialization._get_layout", "torch.device",
+    "torch.FloatStorage", "torch.LongStorage", "torch.BFloat16Storage", "torch.HalfStorage", "torch.IntStorage",
+    "torch.BoolStorage", "torch.ByteStorage", "torch.DoubleStorage", "argparse.Namespace",
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address", "torch.float32", "torch.bfloat16", "torch.float16",
+    "torch.int64", "torch.bool", "builtins.set", "_codecs.encode", "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
+}
+
+
+def unsafe_globals(path: str, allowed=frozenset()) -> List[str]:
+    """The globals of a torch file outside torch's weights-only set and `allowed` (read without unpickling)."""
+    return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(allowed))
+
+
+def check_deepspeed_files(tag_dir: str) -> None:
+    """Refuses a DeepSpeed checkpoint folder any of whose `.pt` files holds a global DeepSpeed does
+    not write (a crafted pickle); nothing is unpickled by the check."""
+    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+        try:
+            bad = unsafe_globals(path, DEEPSPEED_SAFE_GLOBALS)
+        except Exception as e:  # noqa: BLE001 - unreadable means refuse, with the reason
+            raise ValueError(f"checkpoint file {path} is not readable (corrupt or not a torch file): "
+                             f"{type(e).__name__}: {e}") from None
+        if bad:
+            raise UntrustedCheckpointError(
+                f"checkpoint file {path} holds Python objects DeepSpeed does not write ({', '.join(bad[:5])}); "
+                "loading it could run code, so it is refused. Only load checkpoints you wrote or trust "
+                "(default-moe convert-deepspeed --trust-pickle loads one you trust)"
+            )
+
+
+def _json_problem(value: Any, where: str) -> Optional[str]:
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return None
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            problem = _json_problem(v, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return f"{where} has a non-string key {k!r}"
+            problem = _json_problem(v, f"{where}[{k!r}]")
+            if problem:
+                return problem
+        return None
+    return f"{where} is a {type(value).__name__}"
+
+
+def check_extra(extra: Any) -> None:
+    """`extra` must be JSON values (dict/list/str/int/float/bool/None), so the file loads as data."""
+    if not isinstance(extra, dict):
+        raise ValueError(f"checkpoint extra must be a dict of JSON values, got {type(extra).__name__}")
+    problem = _json_problem(extra, "extra")
+    if problem:
+        raise ValueError(f"checkpoint extra must hold JSON values only (dict, list, str, int, float, bool, None): "
+                         f"{problem}")
+
+
 def _atomic_save(payload: Dict[str, Any], path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
@@ -67,6 +151,7 @@ def _atomic_save(payload: Dict[str, Any], path: str) -> None:
 
 def save(model: nn.Module, path: str, extra: Optional[Dict[str, Any]] = None) -> None:
     """Writes a resharding checkpoint (all ranks must call it; rank 0 writes atomically)."""
+    check_extra(extra or {})  # before any collective: every rank fails alike
     sd = consolidated_state_dict(model)
     rank = dist.get_rank() if comm.is_distributed() else 0
     if rank == 0:
@@ -81,22 +166,49 @@ def save(model: nn.Module, path: str, extra: Optional[Dict[str, Any]] = None) ->
         dist.barrier()
 
 
-def read(path: str) -> Dict[str, Any]:
-    """Loads and checks a checkpoint file (clear errors for missing, corrupt or foreign files)."""
+def read(path: str, trust_pickle: bool = False) -> Dict[str, Any]:
+    """Loads and checks a checkpoint file (clear errors for missing, corrupt, foreign or unsafe files).
+
+    Args:
+        trust_pickle: also unpickle arbitrary objects (files written before checkpoints were data
+            only). Only for files you wrote or trust: unpickling can run code.
+
+    Raises:
+        UntrustedCheckpointError: the file needs arbitrary unpickling and `trust_pickle` is False.
+    """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        try:
+            objects = unsafe_globals(path)  # reads the pickle's opcodes, runs nothing
+        except Exception:  # noqa: BLE001 - not a torch zip/pickle at all
+            objects = []
+        if not objects:
+            raise ValueError(f"checkpoint {path} is not readable (corrupt or not a torch file): "
+                             f"{str(e).splitlines()[0][:200]}") from None
+        if not trust_pickle:
+            raise UntrustedCheckpointError(
+                f"checkpoint {path} holds Python objects beyond tensors and plain data ({', '.join(objects[:5])}); "
+                f"loading it could run code, so it is refused. If you wrote it (an older default-moe format) or "
+                f"otherwise trust it, rewrite it once as data: default-moe checkpoint-upgrade --trust-pickle {path} NEW.pt"
+            ) from None
+        warnings.warn(f"unpickling {path} with trust_pickle=True: this runs any code the file holds", stacklevel=2)
         payload = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # noqa: BLE001 - any unpickling failure means the same thing here
+    except Exception as e:  # noqa: BLE001 - any other failure means a corrupt or foreign file
         raise ValueError(f"checkpoint {path} is not readable (corrupt or not a torch file): {type(e).__name__}: {e}") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint {path} is not a default-moe checkpoint (expected format {FORMAT!r})")
     return payload
 
 
-def load(model: nn.Module, path: str) -> Dict[str, Any]:
-    """Loads a checkpoint written by `save` at any ep_size; returns its `extra` dict."""
-    payload = read(path)
+def load(model: nn.Module, path: str, trust_pickle: bool = False) -> Dict[str, Any]:
+    """Loads a checkpoint written by `save` at any ep_size; returns its `extra` dict.
+
+    `trust_pickle` as in `read` (never needed for files this version writes).
+    """
+    payload = read(path, trust_pickle)
     saved_cfgs = payload["moe_configs"]
     layers = _moe_layers(model)
     missing = sorted(set(saved_cfgs) - {n for n, _ in layers})
@@ -121,18 +233,52 @@ def load(model: nn.Module, path: str) -> Dict[str, Any]:
     return payload["extra"]
 
 
-def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None) -> Dict[str, Any]:
+def upgrade(old_path: str, new_path: str, trust_pickle: bool = False) -> Dict[str, Any]:
+    """Rewrites a checkpoint that needs arbitrary unpickling (an older format) into the data-only
+    form; the caller must say they trust the old file. Returns the new file's `extra`."""
+    if not trust_pickle:
+        raise UntrustedCheckpointError(
+            f"upgrading {old_path} unpickles it, which can run code: pass trust_pickle=True "
+            "(CLI: --trust-pickle) only for a file you wrote or trust"
+        )
+    payload = read(old_path, trust_pickle=True)
+    extra = payload.get("extra") or {}
+    # Tuples become lists; objects JSON cannot hold become their str() (reported).
+    stringified: List[str] = []
+
+    def as_text(obj):
+        stringified.append(type(obj).__name__)
+        return str(obj)
+
+    extra = json.loads(json.dumps(extra, default=as_text))
+    if stringified:
+        warnings.warn(f"{old_path}: extra values of type(s) {sorted(set(stringified))} were stored as strings",
+                      stacklevel=2)
+    check_extra(extra)
+    model = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in payload["model"].items()}
+    bad = sorted(k for k, v in model.items() if not isinstance(v, torch.Tensor))
+    if bad:
+        raise ValueError(f"{old_path}: model entries {bad[:5]} are not tensors; cannot store them as data")
+    new = {"format": FORMAT, "model": model, "moe_configs": json.loads(json.dumps(payload["moe_configs"])),
+           "extra": extra}
+    _atomic_save(new, new_path)
+    return extra
+
+
+def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
+                      trust_pickle: bool = False) -> Dict[str, Any]:
     """Converts a DeepSpeed checkpoint of a default_moe model into a resharding checkpoint.
 
     Args:
         ckpt_dir: the directory given to `engine.save_checkpoint`.
         out_path: the resharding checkpoint to write (atomically).
         tag: the checkpoint tag (default: the one in `ckpt_dir/latest`).
+        trust_pickle: skip the check of DeepSpeed's module file (`check_deepspeed_files`) for a
+            file you trust that holds other objects (e.g. client state with your own classes).
 
     Returns:
         The written payload's `extra`: {"source", "tag", "saved_ep_size"}.
     """
-    import glob
     import re
 
     from default_moe.integrations.deepspeed import EXPERT_FILE
@@ -161,9 +307,22 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None) -
     (ep_size, files), = layouts.items()
     if sorted(files) != list(range(ep_size)):
         raise ValueError(f"{tag_dir}: expert files for EP ranks {sorted(files)} of ep_size {ep_size}; some are missing")
-    parts = [torch.load(files[r], map_location="cpu", weights_only=True) for r in range(ep_size)]
+    parts = []
+    for r in range(ep_size):
+        try:
+            parts.append(torch.load(files[r], map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError:
+            raise UntrustedCheckpointError(
+                f"{files[r]} holds Python objects beyond tensors and plain data (default-moe writes none there); "
+                "loading it could run code, so it is refused"
+            ) from None
     if "moe_configs" not in parts[0]:
         raise ValueError(f"{files[0]} predates the MoE configs in expert files; re-save it with this version")
+    if trust_pickle:
+        warnings.warn(f"unpickling {module_file} with trust_pickle=True: this runs any code the file holds",
+                      stacklevel=2)
+    else:
+        check_deepspeed_files(tag_dir)  # before anything is unpickled
     module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
     sd = {k: v.detach().cpu().clone() for k, v in module.items()}
     configs = parts[0]["moe_configs"]

@@ -65,13 +65,32 @@ def _cmd_convert_deepspeed(args: argparse.Namespace) -> int:
         print(f"error: {args.out} exists; pass --force to replace it", file=sys.stderr)
         return 2
     try:
-        extra = checkpoint.convert_deepspeed(args.ckpt_dir, args.out, args.tag)
+        extra = checkpoint.convert_deepspeed(args.ckpt_dir, args.out, args.tag, trust_pickle=args.trust_pickle)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.out} from {extra['source']} (saved at ep_size={extra['saved_ep_size']}); "
           f"load it at any ep_size with default_moe.checkpoint.load(model, {args.out!r})")
     return _cmd_checkpoint_info(argparse.Namespace(path=args.out))
+
+
+def _cmd_checkpoint_upgrade(args: argparse.Namespace) -> int:
+    from default_moe import checkpoint
+
+    if not args.trust_pickle:
+        print(f"error: upgrading {args.old} unpickles it, which can run any code the file holds; pass "
+              "--trust-pickle only for a file you wrote or trust", file=sys.stderr)
+        return 2
+    if os.path.exists(args.new) and not args.force:
+        print(f"error: {args.new} exists; pass --force to replace it", file=sys.stderr)
+        return 2
+    try:
+        checkpoint.upgrade(args.old, args.new, trust_pickle=True)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.new}: data only (loads with weights_only=True)")
+    return _cmd_checkpoint_info(argparse.Namespace(path=args.new))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -91,7 +110,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("out", help="the resharding checkpoint file to write")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one in CKPT_DIR/latest)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="load DeepSpeed's module file even if it holds objects DeepSpeed does not write (runs its code)")
     p.set_defaults(fn=_cmd_convert_deepspeed)
+    p = sub.add_parser("checkpoint-upgrade",
+                       help="rewrite an older (pickled-object) checkpoint you trust as data-only, once")
+    p.add_argument("old")
+    p.add_argument("new")
+    p.add_argument("--trust-pickle", action="store_true", help="required: unpickling OLD runs any code it holds")
+    p.add_argument("--force", action="store_true", help="replace NEW if it exists")
+    p.set_defaults(fn=_cmd_checkpoint_upgrade)
     args = ap.parse_args(argv)
     return args.fn(args)
 
