@@ -94,6 +94,9 @@ def dense_check(engine, rank, world, beta):
         ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D_ref
     torch.testing.assert_close(layer.defaults.defaults_ED, D_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.reshape(30, H), ref, rtol=1e-4, atol=1e-5)
+    from default_moe.defaults import ExpertDefaults
+
+    assert "DefaultAutoEPMoELayer" in ExpertDefaults.callers  # through the one mechanism
 
 
 def all_checks(rank: int, world: int, tmpdir: str) -> None:

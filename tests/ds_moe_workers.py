@@ -77,6 +77,38 @@ def dense_reference_check(rank, world):
         torch.testing.assert_close(layer.defaults.defaults_ED, D_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         assert (~ran).any() and ran.any()
+        from default_moe.defaults import ExpertDefaults
+
+        assert "DefaultMOELayer" in ExpertDefaults.callers  # through the one mechanism
+
+
+def recompute_check(rank, world):
+    """The recompute contract in the DeepSpeed-MoE adapter: three forwards under activation
+    checkpointing, then their backwards oldest first (a pipeline schedule's order) give exactly the
+    gradients of the same run without recompute, though each forward updated D."""
+    import torch.utils.checkpoint
+
+    grads = {}
+    for recompute in (False, True):
+        model = DSMoEModel(seed=4, k=2, ep_size=1, sampling=False)
+        deepspeed_moe.convert(model.moe, deepspeed_moe.layer_config(model.moe, {"router": "default", "beta": 0.5}))
+        layer = model.moe.deepspeed_moe
+        layer.train()
+        g = torch.Generator().manual_seed(70 + rank)
+        outs = []
+        for _ in range(3):
+            x = torch.randn(24, D, generator=g).requires_grad_(True)
+            out = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=True) if recompute else layer(x)
+            outs.append((x, out, torch.randn(24, D, generator=g)))
+        got = []
+        for x, out, g_out in outs:
+            layer.zero_grad(set_to_none=True)
+            (out * g_out).sum().backward()
+            got.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+        grads[recompute] = got
+        assert len(layer.defaults._snapshots) == 0 and layer.defaults.num_updates == 3
+    for a, b in zip(grads[False], grads[True]):
+        assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b)), "recompute changed the gradients"
 
 
 def all_checks(rank: int, world: int, tmpdir: str) -> None:
@@ -86,6 +118,7 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     plain = deepspeed.initialize
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     dense_reference_check(rank, world)
+    recompute_check(rank, world)
 
     # Bad sections for DeepSpeed MoE layers fail before the engine.
     for bad, needle in [({"top_k": 2}, "differs from the deepspeed.moe.layer.MoE layer's top_k=1"),

@@ -91,6 +91,9 @@ def layer_vs_reference(rank, world):
     close = functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-5)  # fp32 vs float64
     close(layer.defaults.defaults_ED.double(), D_ref)
     close(out.detach().reshape(-1, H).double(), ref[mine].detach())
+    from default_moe.defaults import ExpertDefaults
+
+    assert "megatron DefaultMoELayer" in ExpertDefaults.callers  # through the one mechanism
     close(x.grad.reshape(-1, H).double(), X.grad[mine])
     rgrad = layer.router.weight.grad.clone()
     dist.all_reduce(rgrad)

@@ -1,7 +1,25 @@
-"""Default MoE's per-expert default vectors: an EMA of each expert's raw outputs.
+"""Default MoE's one mechanism: the default term, the EMA defaults and their update, and the
+rules around them. Every adapter (our `MoELayer`, DeepSpeed-MoE, AutoEP, megatron-core, ...) calls
+it with tensors it already has and adds the returned term; none re-implements any of it.
 
-D_i <- beta * D_i + (1 - beta) * m_i, where m_i is the mean of expert i's raw (pre-gate) outputs
-over the token slots routed to it in this micro-batch across the whole data-parallel group
+    fwd  = defaults.begin_forward(training)                # the update/record/recompute rules
+    defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, groups)        # statistics + EMA
+    (or observe_rows(fwd, y_ND, expert_N, probs_N, groups) for per-expert rows)
+    out += defaults.default_term(fwd, probs_TE, ran_TE)    # (probs_TE * ~ran_TE) @ D, fp32
+
+- `dense_softmax(logits)`: pi = softmax over ALL experts in fp32, autocast off;
+  `check_score_function(name, where)` refuses anything else (sigmoid scores would add ~0.5 D_i
+  for every unselected expert) by name.
+- Updates: once per training forward; none in eval; none in an activation-checkpoint recompute
+  (it runs inside the autograd engine); none in a `frozen_state()` (diagnostics).
+- The recompute contract: `default_term` uses a copy of D taken after this forward's own update
+  (the copy backward needs, so the next in-place update cannot touch it), recorded in a
+  `ForwardSnapshots`; a recompute of the forward replays that copy even when other forwards of
+  the layer ran in between, and the record is freed when the gradient reaches the term.
+- The statistics are reduced over the group(s) the adapter passes (summed over each in turn).
+
+The EMA: D_i <- beta * D_i + (1 - beta) * m_i, where m_i is the mean of expert i's raw (pre-gate)
+outputs over the token slots routed to it in this micro-batch across the reduction group
 (optionally pi-weighted). Experts that received no token keep D_i. The per-expert (sum, weight)
 statistics travel as one E x (D+1) fp32 all-reduce, so every replica holds identical defaults.
 D is a buffer (in the state dict, no gradient).
@@ -33,13 +51,55 @@ Legend: T tokens, K top-k, E experts, D hidden.
 
 from __future__ import annotations
 
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from default_moe import comm
+from default_moe.layer_utils import ForwardSnapshots, in_backward, state_frozen
+
+Groups = Union[None, dist.ProcessGroup, Sequence[Optional[dist.ProcessGroup]]]
+
+
+def check_score_function(score_function: str, where: str) -> None:
+    """Default MoE needs pi = softmax over all experts; other score functions are refused by name."""
+    if score_function != "softmax":
+        raise ValueError(
+            f"Default MoE needs the softmax over all experts as router scores; {where} uses {score_function!r} "
+            "(with sigmoid scores the default term adds ~0.5 * D_i for every unselected expert and swamps the "
+            "routed output). Use router 'topk' there, or a softmax router"
+        )
+
+
+def dense_softmax(logits_TE: torch.Tensor) -> torch.Tensor:
+    """pi = softmax over ALL experts, fp32, outside autocast (routing is precision sensitive)."""
+    with torch.autocast(device_type=logits_TE.device.type, enabled=False):
+        return torch.softmax(logits_TE.float(), dim=-1)
+
+
+def ran_mask(num_experts: int, idx_TK: torch.Tensor, keep_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[T, E] bool: the experts that processed each token (selected and not dropped over capacity)."""
+    # Counted, not scattered: a dropped route may share its (placeholder) expert id with a kept one.
+    keep = torch.ones_like(idx_TK, dtype=torch.int32) if keep_TK is None else keep_TK.to(torch.int32)
+    ran = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.int32, device=idx_TK.device).scatter_add(1, idx_TK, keep)
+    return ran > 0
+
+
+@dataclass
+class DefaultsForward:
+    """What one forward may do (from `ExpertDefaults.begin_forward`)."""
+
+    update: bool  # a training forward that updates the EMA
+    record: bool  # its D is recorded for a recompute (training, not a recompute, not frozen)
+
+
+def _as_groups(groups: Groups) -> List[Optional[dist.ProcessGroup]]:
+    if groups is None or isinstance(groups, dist.ProcessGroup):
+        return [groups]
+    return list(groups)
 
 
 class ExpertDefaults(nn.Module):
@@ -77,6 +137,8 @@ class ExpertDefaults(nn.Module):
         # The last update's batch means and which experts it saw (diagnostics only).
         self.register_buffer("last_batch_mean_ED", None, persistent=False)
         self.register_buffer("last_seen_E", None, persistent=False)
+        self.default_in_forward = True
+        self._snapshots = ForwardSnapshots()
 
     @classmethod
     def from_config(cls, config, num_experts: Optional[int] = None, hidden_size: Optional[int] = None,
@@ -91,6 +153,50 @@ class ExpertDefaults(nn.Module):
         """Applies a (re)config's EMA settings; the defaults themselves are kept."""
         self.beta, self.weighting, self.sync_mode = config.beta, config.ema_weighting, config.ema_sync
         self.stats_dtype, self.sync_every, self.nonfinite = config.ema_stats_dtype, config.ema_sync_every, config.nonfinite
+        self.default_in_forward = config.default_in_forward
+
+    # ---- the mechanism every adapter calls ----
+
+    # Which adapters went through the mechanism (class names), for the test that each one does.
+    callers: "set[str]" = set()
+
+    def begin_forward(self, training: bool, caller: str = "") -> DefaultsForward:
+        """The rules: an async update in flight is applied first (except in a recompute or a frozen
+        forward); the EMA updates once per training forward, never in eval, a recompute or a
+        frozen forward."""
+        if caller:
+            ExpertDefaults.callers.add(caller)
+        record = not in_backward() and not state_frozen()
+        if record:
+            self.finish_pending()
+        return DefaultsForward(update=training and record, record=training and record)
+
+    def observe(self, fwd: DefaultsForward, y_TKD: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
+                keep_TK: Optional[torch.Tensor], groups: Groups) -> None:
+        """Statistics of the raw outputs per (token, slot), reduced over `groups`, and the EMA step."""
+        if fwd.update:
+            self.update(self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK), groups)
+
+    def observe_rows(self, fwd: DefaultsForward, y_ND: torch.Tensor, expert_N: torch.Tensor,
+                     probs_N: torch.Tensor, groups: Groups) -> None:
+        """As `observe`, from raw output rows with their (global) expert ids."""
+        if fwd.update:
+            self.update(self.local_statistics(y_ND[:, None], expert_N[:, None], probs_N[:, None], None), groups)
+
+    def default_term(self, fwd: DefaultsForward, probs_TE: torch.Tensor, ran_TE: torch.Tensor) -> torch.Tensor:
+        """sum over experts that did not process the token of pi_i * D_i: [T, D] fp32.
+
+        Args:
+            probs_TE: pi, the fp32 softmax over all experts (differentiable).
+            ran_TE: bool, the experts that processed each token.
+        """
+        D_ED, entry = self._snapshots.get(lambda: self.defaults_ED.detach().to(torch.float32, copy=True), fwd.record)
+        with torch.autocast(device_type=probs_TE.device.type, enabled=False):
+            term_TD = (probs_TE.float() * ~ran_TE) @ D_ED
+        self._snapshots.release_after_backward(entry, term_TD)
+        if not self.default_in_forward:
+            term_TD = term_TD - term_TD.detach()  # zero in the forward, same gradient
+        return term_TD
 
     def local_statistics(
         self,
@@ -124,8 +230,8 @@ class ExpertDefaults(nn.Module):
         return torch.cat([sums_ED, weight_E[:, None]], dim=1)
 
     @torch.no_grad()
-    def update(self, stats_E_D1: torch.Tensor, dp_group: Optional[dist.ProcessGroup]) -> None:
-        """All-reduces the statistics over DP and applies (sync) or schedules (async) the EMA step.
+    def update(self, stats_E_D1: torch.Tensor, dp_group: Groups) -> None:
+        """All-reduces the statistics over the group(s) and applies (sync) or schedules (async) the EMA step.
 
         With `sync_every` N > 1 the statistics are summed locally and only every Nth call syncs.
         """
@@ -144,9 +250,13 @@ class ExpertDefaults(nn.Module):
         else:
             parts = [stats_E_D1]
         asynchronous = self.sync_mode == "async"
+        # Over each group in turn (sums over orthogonal groups = the sum over their product); only
+        # the last reduction may stay in flight.
+        active = [g for g in _as_groups(dp_group) if comm.group_size(g) > 1]
         works = []
-        if comm.group_size(dp_group) > 1:
-            works = [comm.all_reduce(t, dp_group, async_op=asynchronous) for t in parts]
+        for i, g in enumerate(active):
+            in_flight = asynchronous and i == len(active) - 1
+            works += [comm.all_reduce(t, g, async_op=in_flight) for t in parts]
         if asynchronous:
             # Deferred even without a group, so async means the same thing at every world size.
             self._pending = (works, parts)
@@ -160,7 +270,8 @@ class ExpertDefaults(nn.Module):
             works, parts = self._pending
             self._pending = None
             for work in works:
-                work.wait()
+                if work is not None:
+                    work.wait()
             self._apply_stats(parts)
 
     def _apply_stats(self, parts: List[torch.Tensor]) -> None:
@@ -198,6 +309,7 @@ class ExpertDefaults(nn.Module):
                 self._buffers[n] = b.to(device=moved.device)
         if self._accum is not None:
             self._accum = self._accum.to(device=self.defaults_ED.device)
+        self._snapshots.apply(lambda D: D.to(device=self.defaults_ED.device))
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -212,8 +324,10 @@ class ExpertDefaults(nn.Module):
             state_dict[key] = torch.zeros_like(self.defaults_ED)
         if self._pending is not None:
             for work in self._pending[0]:
-                work.wait()
+                if work is not None:
+                    work.wait()
             self._pending = None  # superseded by the loaded defaults
+        self._snapshots.clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:

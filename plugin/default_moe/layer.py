@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from default_moe.config import MoEConfig
-from default_moe.defaults import ExpertDefaults
+from default_moe.defaults import ExpertDefaults, ran_mask
 from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask, expert_counts
 from default_moe.experts import GroupedExperts, mark_expert_params
 from default_moe.layer_utils import in_backward as _in_backward
@@ -189,13 +189,10 @@ class MoELayer(nn.Module):
         cfg = self.config
         x_TD = x.reshape(-1, cfg.hidden_size)
         token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
-        recompute = _in_backward()
         # A recompute or a frozen (diagnostic) forward changes no state: it neither applies a
         # pending update nor makes one, and records no counters.
-        record = not recompute and not state_frozen()
-        update_defaults = self.defaults is not None and self.training and record
-        if self.defaults is not None and record:
-            self.defaults.finish_pending()
+        record = not _in_backward() and not state_frozen()
+        fwd = self.defaults.begin_forward(self.training, "MoELayer") if self.defaults is not None else None
 
         route = self.router(x_TD, self.groups, token_ids_T)
         if self.training and record:
@@ -216,18 +213,9 @@ class MoELayer(nn.Module):
         if route.output_scale_D is not None:
             out_TD = out_TD * route.output_scale_D.to(out_TD.dtype)
         if self.defaults is not None:
-            if update_defaults:
-                stats = self.defaults.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK)
-                self.defaults.update(stats, self.groups.dp_group)
-            # A copy: the next in-place EMA update must not touch a tensor saved for this backward.
-            D_ED = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
+            self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, self.groups.dp_group)
             # Experts that did not process the token: not in the top-k, or dropped over capacity.
-            not_run_TK = torch.zeros_like(gates_TK) if keep_TK is None else (~keep_TK).to(gates_TK.dtype)
-            unselected_TE = torch.ones_like(route.probs_TE).scatter(1, idx_TK, not_run_TK)
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                default_TD = (route.probs_TE * unselected_TE) @ D_ED
-            if not cfg.default_in_forward:
-                default_TD = default_TD - default_TD.detach()  # zero in the forward, same gradient
+            default_TD = self.defaults.default_term(fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK))
             out_TD = out_TD + default_TD.to(out_TD.dtype)
 
         if record:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import threading
-from typing import Iterator
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -39,3 +41,80 @@ def state_frozen() -> bool:
 def updates_state(training: bool) -> bool:
     """Whether a forward may change training state: a training forward, not a recompute, not frozen."""
     return training and not in_backward() and not state_frozen()
+
+
+class _Entry:
+    __slots__ = ("value",)
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+
+class ForwardSnapshots:
+    """The recompute contract: a recompute of a forward sees exactly what that forward saw.
+
+    A training forward records what it used (D, a StableMoE stage, token ids); an activation-
+    checkpoint recompute of it — which runs in the backward, possibly after other forwards of the
+    same layer (pipeline schedules run several forwards before their backwards) — replays the
+    oldest record whose backward has not run, and the record is freed when the gradient reaches
+    the tensor it is anchored to. Backwards of one layer run in the order of its forwards (gradient
+    accumulation, 1F1B and interleaved pipeline schedules), so "oldest outstanding" is the one;
+    records older than a freed one are stale and freed with it.
+
+    Limit: a training-mode forward under `torch.no_grad()` that is never recomputed (use eval mode
+    for such passes) cannot be told from a reentrant checkpoint's first forward; its record stays
+    until a later record is freed, and a recompute in between would replay it.
+    """
+
+    def __init__(self) -> None:
+        self._fifo: "collections.deque[_Entry]" = collections.deque()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._fifo)
+
+    # Records belong to this object's forwards: a copy (deepcopy, pickle) starts with none.
+    def __deepcopy__(self, memo) -> "ForwardSnapshots":
+        return ForwardSnapshots()
+
+    def __getstate__(self) -> dict:
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def get(self, make: Callable[[], Any], record: bool) -> Tuple[Any, Optional[_Entry]]:
+        """(value, entry): in a recompute the oldest outstanding record's value, else `make()`
+        (recorded when `record`, i.e. a training forward that may be recomputed)."""
+        if in_backward():
+            with self._lock:
+                entry = self._fifo[0] if self._fifo else None
+            return (entry.value if entry is not None else make()), entry
+        value = make()
+        if not record:
+            return value, None
+        entry = _Entry(value)
+        with self._lock:
+            self._fifo.append(entry)
+        return value, entry
+
+    def release_after_backward(self, entry: Optional[_Entry], anchor: torch.Tensor) -> None:
+        """Frees `entry` (and older records) when the gradient reaches `anchor`."""
+        if entry is not None and anchor.requires_grad:
+            anchor.register_hook(functools.partial(self._release, entry))
+
+    def _release(self, entry: _Entry, grad=None) -> None:
+        with self._lock:
+            if any(e is entry for e in self._fifo):
+                while self._fifo and self._fifo.popleft() is not entry:
+                    pass
+
+    def apply(self, fn: Callable[[Any], Any]) -> None:
+        """Maps the recorded values (e.g. follows a module's `.to()`)."""
+        with self._lock:
+            for e in self._fifo:
+                e.value = fn(e.value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._fifo.clear()

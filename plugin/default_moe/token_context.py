@@ -3,10 +3,9 @@
 megatron-core, HF models under AutoEP and `deepspeed.moe.layer.MoE` do not pass input ids to
 their MoE blocks. `capture_token_ids(model)` registers a forward pre-hook on the model's root
 module that records its input ids (the `input_ids` keyword, else the first integer tensor
-argument); the engine adapters read them with `current()`. The ids stay recorded after the
-forward, so activation-checkpoint recomputation in the backward of the same micro-batch sees them;
-a pipeline schedule that runs several forwards before their backwards would see the newest ids in
-a recompute (not supported with these routers).
+argument); the engine adapters read them through `ids_for(record)`, which keeps them in the
+forward's record (`layer_utils.ForwardSnapshots`): an activation-checkpoint recompute replays the
+ids its own forward used, also when a pipeline schedule ran other forwards in between.
 
 The ids are held process-wide, not per thread: on CUDA, autograd runs backward and
 activation-checkpoint recomputation on per-device worker threads, which must read the ids the
@@ -35,6 +34,15 @@ def current(what: str = "this router") -> torch.Tensor:
             "default_moe.token_context.capture_token_ids(model) on the model's root module once"
         )
     return ids
+
+
+def ids_for(record: dict, what: str = "this router") -> torch.Tensor:
+    """The token ids of the forward `record` belongs to (a `ForwardSnapshots` value): recorded at
+    the forward, replayed by its recompute (the recompute contract), however many forwards ran in
+    between."""
+    if "ids" not in record:
+        record["ids"] = current(what)
+    return record["ids"]
 
 
 def _find_ids(args, kwargs) -> Optional[torch.Tensor]:

@@ -14,8 +14,9 @@ the EMA from them (all-reduced over DP) and adds sum_{i not in S} pi_i D_i.
 SparseMixer (v1/v2) re-routes AutoEP's router on the same gate weights (custom backward in the
 top scores; v1's omega scales the routed output); its balance loss is HF's own router aux loss.
 
-pi: the router's own score function over all experts (softmax for Mixtral/Qwen3, sigmoid where a
-preset uses it), in fp32, from the same gate weights. `route_norm` (Mixtral renormalises its top-k
+pi: the softmax over all experts in fp32, from the same gate weights (Mixtral, Qwen3-MoE); a router
+with another score function (sigmoid, e.g. DeepSeek-V3's preset) is refused by name for routers
+that use defaults. `route_norm` (Mixtral renormalises its top-k
 scores): under router "default" the selected experts are combined with the raw pi, as the paper
 does (the default term always uses raw pi); set `"normalize_topk": true` in the section to keep
 the renormalised top-k scores for the selected experts. Router "topk" leaves AutoEP untouched.
@@ -34,12 +35,12 @@ from typing import Dict
 import torch
 
 from default_moe.config import MoEConfig, check_overrides
-from default_moe.defaults import ExpertDefaults
-from default_moe.layer_utils import in_backward as _in_backward
+from default_moe.defaults import ExpertDefaults, check_score_function, dense_softmax, ran_mask
+from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
 SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe",
-                "ema_stats_dtype", "ema_sync_every", "nonfinite")
+                "ema_stats_dtype", "ema_sync_every", "nonfinite", "default_in_forward")
 AUTOEP_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -89,11 +90,15 @@ def layer_class(settings: Dict):
             self.defaults = None
             self.omega = None
             self._pending_aux = None
+            # Per-forward token ids and StableMoE stage, replayed by a recompute (the recompute contract).
+            self._records = ForwardSnapshots()
+            self._record: dict = {}
             if self.moe_config.router == "sparsemixer":
                 self._install_sparsemixer()
             elif self.moe_config.router in ("hash", "stablemoe"):
                 self._install_token_router()
             if registered_routers()[self.moe_config.router].uses_defaults:
+                check_score_function(self.router.score_func, "this AutoEP layer (router score_func)")
                 self.defaults = ExpertDefaults.from_config(
                     self.moe_config, self.num_experts, self.hidden_size
                 ).to(self.router.gate.weight.device)
@@ -146,7 +151,7 @@ def layer_class(settings: Dict):
                 self.register_buffer("num_steps", torch.zeros((), dtype=torch.long, device=router.gate.weight.device))
 
             def forward(x, expert_bias=None):
-                ids_T = token_context.current(f"router {kind!r}").reshape(-1).to(x.device).long()
+                ids_T = token_context.ids_for(layer._record, f"router {kind!r}").reshape(-1).to(x.device).long()
                 if ids_T.numel() != x.shape[0]:
                     raise ValueError(f"recorded token ids ({ids_T.numel()}) do not match the MoE input ({x.shape[0]} tokens)")
                 if kind == "hash":
@@ -155,9 +160,11 @@ def layer_class(settings: Dict):
                 else:
                     with torch.autocast(device_type=x.device.type, enabled=False):
                         scores_TE = router.gate(x).float()
-                    first = layer.training and int(layer.num_steps) < cfg.stablemoe.stage2_step
-                    if layer.training and not _in_backward():
-                        layer.num_steps += 1
+                    if "first" not in layer._record:  # a recompute replays its forward's stage
+                        layer._record["first"] = layer.training and int(layer.num_steps) < cfg.stablemoe.stage2_step
+                        if updates_state(layer.training):
+                            layer.num_steps += 1
+                    first = layer._record["first"]
                     idx_T, gate_T, aux = stablemoe_route(scores_TE, ids_T, layer.distill, cfg.stablemoe, first)
                     idx_TK, gates_TK = idx_T[:, None], gate_T[:, None]
                     layer._pending_aux = sum(aux.values()) if aux else None
@@ -180,6 +187,15 @@ def layer_class(settings: Dict):
                 raise ValueError(f'DeepSpeed config "default_moe" with AutoEP does not support {", ".join(problems)}')
 
         def _forward(self, hidden_states: torch.Tensor):
+            self._record, entry = self._records.get(dict, updates_state(self.training))
+            try:
+                out = self._forward_impl(hidden_states)
+            finally:
+                self._record = {}  # a route outside a forward starts afresh
+            self._records.release_after_backward(entry, out[0] if isinstance(out, tuple) else out)
+            return out
+
+        def _forward_impl(self, hidden_states: torch.Tensor):
             if self.defaults is None and self.omega is None:
                 out = super()._forward(hidden_states)
                 aux, self._pending_aux = self._pending_aux, None
@@ -201,9 +217,7 @@ def layer_class(settings: Dict):
                 with _combine_replaced(mod, scaled):
                     return super()._forward(hidden_states)
             self._check_supported()
-            recompute = _in_backward()
-            if not recompute:
-                self.defaults.finish_pending()
+            fwd = self.defaults.begin_forward(self.training, "DefaultAutoEPMoELayer")
             x_TH = hidden_states.reshape(-1, hidden_states.shape[-1])
             captured = {}
             hook = self.router.register_forward_hook(lambda m, a, out: captured.update(selected_TK=out[1]))
@@ -214,19 +228,16 @@ def layer_class(settings: Dict):
                 y_TKH = expert_output.new_zeros(T * top_k, H).index_copy(0, token_indices_sorted, expert_output)
                 y_TKH = y_TKH.view(T, top_k, H)
                 idx_TK = captured["selected_TK"].long()
+                from deepspeed.utils import groups
+
                 with torch.autocast(device_type=x_TH.device.type, enabled=False):
                     logits_TE = self.router.gate(x_TH).float()
-                    probs_TE = torch.sigmoid(logits_TE) if self.router.score_func == "sigmoid" else torch.softmax(logits_TE, -1)
+                probs_TE = dense_softmax(logits_TE)
                 probs_TK = probs_TE.gather(1, idx_TK)
                 gates_TK = top_scores.float() if self.moe_config.normalize_topk else probs_TK
-                if self.training and not recompute:
-                    from deepspeed.utils import groups
-
-                    stats = self.defaults.local_statistics(y_TKH, idx_TK, probs_TK, None)
-                    self.defaults.update(stats, groups._get_data_parallel_group())
-                D_EH = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
-                unselected_TE = torch.ones_like(probs_TE).scatter(1, idx_TK, 0.0)
-                out = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1) + (probs_TE * unselected_TE) @ D_EH
+                self.defaults.observe(fwd, y_TKH, idx_TK, probs_TK, None, groups._get_data_parallel_group())
+                out = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1) + self.defaults.default_term(
+                    fwd, probs_TE, ran_mask(self.num_experts, idx_TK))
                 return out.to(expert_output.dtype).reshape(bsz, seqlen, H)
 
             try:

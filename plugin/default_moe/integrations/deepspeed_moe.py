@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from default_moe.config import MoEConfig
-from default_moe.defaults import ExpertDefaults
-from default_moe.layer_utils import in_backward as _in_backward
+from default_moe.defaults import ExpertDefaults, dense_softmax, ran_mask
+from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
 # Keys of the "default_moe" section that a DeepSpeed MoE layer takes from its own constructor.
@@ -105,6 +105,9 @@ class DefaultMOELayer(_moe_layer_base()):
         if base.ep_group is not None:
             self.ep_group = base.ep_group
         self.defaults: Optional[ExpertDefaults] = None
+        # Per-forward token ids and StableMoE stage, replayed by a recompute (the recompute contract).
+        self._records = ForwardSnapshots()
+        self._record: dict = {}
         self.set_config(config)
 
     def set_config(self, config: MoEConfig) -> None:
@@ -171,7 +174,7 @@ class DefaultMOELayer(_moe_layer_base()):
                 logits_SE, version, eps, gate.training, getattr(self, "sparsemixer_generator", None)
             )
             return self._sparse_routes(logits_SE, idx_SK, gates_SK, balance_SE)
-        ids_S = token_context.current(f"router {cfg.router!r}").reshape(-1).to(x_SM.device).long()
+        ids_S = token_context.ids_for(self._record, f"router {cfg.router!r}").reshape(-1).to(x_SM.device).long()
         if ids_S.numel() != x_SM.shape[0]:
             raise ValueError(f"recorded token ids ({ids_S.numel()}) do not match the MoE input ({x_SM.shape[0]} tokens)")
         if cfg.router == "hash":
@@ -179,9 +182,11 @@ class DefaultMOELayer(_moe_layer_base()):
             gates_SK = torch.full(idx_SK.shape, 1.0 / gate.k, device=x_SM.device)
             return self._sparse_routes(logits_SE, idx_SK, gates_SK, torch.zeros_like(logits_SE),
                                        l_aux=logits_SE.new_zeros(()))
-        first = gate.training and int(self.num_steps) < cfg.stablemoe.stage2_step
-        if gate.training and not _in_backward():
-            self.num_steps += 1
+        if "first" not in self._record:  # a recompute replays its forward's stage
+            self._record["first"] = gate.training and int(self.num_steps) < cfg.stablemoe.stage2_step
+            if updates_state(gate.training):
+                self.num_steps += 1
+        first = self._record["first"]
         idx_S, gate_S, aux = stablemoe_route(logits_SE, ids_S, self.distill, cfg.stablemoe, first)
         # StableMoE's stage-1 losses (already weighted by its coefficients) are the l_aux returned.
         l_aux = sum(aux.values()) if aux else logits_SE.new_zeros(())
@@ -219,15 +224,14 @@ class DefaultMOELayer(_moe_layer_base()):
         M = x.shape[-1]
         x_SM = x.reshape(-1, M)
         S = x_SM.shape[0]
-        recompute = _in_backward()
-        if self.defaults is not None and not recompute:
-            self.defaults.finish_pending()
+        fwd = self.defaults.begin_forward(self.training, "DefaultMOELayer") if self.defaults is not None else None
+        self._record, entry = self._records.get(dict, updates_state(self.training))
 
         logits_SE, (self.l_aux, C, E, idx_KS, loc_KS, gates_KS, self.exp_counts) = self._route(x_SM, used_token)
         C = int(C)
         kept_KS = idx_KS >= 0
         idx_SK = idx_KS.t().long().clamp_min(0)
-        probs_SE = torch.softmax(logits_SE, dim=-1)
+        probs_SE = dense_softmax(logits_SE)
         probs_SK = probs_SE.gather(1, idx_SK)
         if self.defaults is not None and not self.moe_config.normalize_topk:
             gates_KS = probs_SK.t() * kept_KS  # raw pi, as the paper combines
@@ -245,13 +249,12 @@ class DefaultMOELayer(_moe_layer_base()):
         out_SM = (routed_KSM * gates_KS.unsqueeze(-1)).sum(0).to(expert_out.dtype)
 
         if self.defaults is not None:
-            keep_SK = kept_KS.t()
-            if self.training and not recompute:
-                from deepspeed.utils import groups
+            from deepspeed.utils import groups
 
-                stats = self.defaults.local_statistics(routed_KSM.transpose(0, 1), idx_SK, probs_SK, keep_SK)
-                self.defaults.update(stats, groups._get_data_parallel_group())
-            D_ED = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
-            ran_SE = torch.zeros_like(probs_SE).scatter_add(1, idx_SK, keep_SK.to(probs_SE.dtype))
-            out_SM = out_SM + ((probs_SE * (ran_SE == 0)) @ D_ED).to(out_SM.dtype)
+            keep_SK = kept_KS.t()
+            self.defaults.observe(fwd, routed_KSM.transpose(0, 1), idx_SK, probs_SK, keep_SK,
+                                  groups._get_data_parallel_group())
+            out_SM = out_SM + self.defaults.default_term(fwd, probs_SE, ran_mask(E, idx_SK, keep_SK)).to(out_SM.dtype)
+        self._records.release_after_backward(entry, out_SM)
+        self._record = {}  # a route outside a forward starts afresh
         return out_SM.reshape(x.shape)

@@ -52,8 +52,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from default_moe.config import MoEConfig, check_overrides
-from default_moe.defaults import ExpertDefaults
-from default_moe.layer_utils import in_backward as _in_backward
+from default_moe.defaults import ExpertDefaults, check_score_function, dense_softmax
+from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
 from megatron.core import parallel_state
@@ -85,7 +85,9 @@ def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 def check_megatron_config(config) -> None:
     """Refuses megatron router settings that make no sense with Default MoE's dense softmax."""
     problems = []
-    if config.moe_router_score_function != "softmax":
+    try:
+        check_score_function(config.moe_router_score_function, "megatron-core (moe_router_score_function)")
+    except ValueError:
         problems.append(f"moe_router_score_function={config.moe_router_score_function!r} (needs 'softmax')")
     if not config.moe_router_pre_softmax and config.moe_router_topk > 1:
         problems.append("moe_router_pre_softmax=False with top-k > 1 (set moe_router_pre_softmax=True: "
@@ -106,7 +108,7 @@ class DefaultTopKRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         # Same logits as the sparse path, so gradients through both reach the router weights.
-        self.dense_probs = torch.softmax(logits.reshape(-1, self.config.num_moe_experts).float(), dim=-1)
+        self.dense_probs = dense_softmax(logits.reshape(-1, self.config.num_moe_experts))
         probs, routing_map = super().routing(logits, padding_mask)
         self.routing_map = routing_map
         return probs, routing_map
@@ -197,6 +199,8 @@ class TokenIdTopKRouter(TopKRouter):
             self.distill = DistilledRouter(config.num_moe_experts, sc.vocab_size, sc.router_dim)
             self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
         self.dense_probs = self.routing_map = None
+        # Per-forward token ids and StableMoE stage, replayed by a recompute (the recompute contract).
+        self._records = ForwardSnapshots()
 
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
@@ -207,7 +211,8 @@ class TokenIdTopKRouter(TopKRouter):
 
         E, K = self.config.num_moe_experts, self.config.moe_router_topk
         x_TH = input.reshape(-1, input.shape[-1])
-        ids = token_context.current(f"router {self.kind!r}")
+        record, entry = self._records.get(dict, updates_state(self.training))
+        ids = token_context.ids_for(record, f"router {self.kind!r}")
         ids_T = ids.t().reshape(-1).to(x_TH.device).long()  # [B, S] -> the layer's [S, B] order
         if ids_T.numel() != x_TH.shape[0]:
             raise ValueError(f"recorded token ids ({tuple(ids.shape)}) do not match the MoE input ({tuple(input.shape)})")
@@ -217,15 +222,18 @@ class TokenIdTopKRouter(TopKRouter):
             aux = {}
         else:
             scores_TE = self.gating(input).reshape(-1, E).float()
-            first = self.training and int(self.num_steps) < self.stablemoe_config.stage2_step
-            if self.training and not _in_backward():
-                self.num_steps += 1
+            if "first" not in record:  # a recompute replays its forward's stage
+                record["first"] = self.training and int(self.num_steps) < self.stablemoe_config.stage2_step
+                if updates_state(self.training):
+                    self.num_steps += 1
+            first = record["first"]
             idx_T, gate_T, aux = stablemoe_route(scores_TE, ids_T, self.distill, self.stablemoe_config, first)
             idx_TK, gates_TK = idx_T[:, None], gate_T[:, None]
         probs = torch.zeros(x_TH.shape[0], E, device=x_TH.device, dtype=gates_TK.dtype).scatter(1, idx_TK, gates_TK)
         routing_map = torch.zeros_like(probs, dtype=torch.bool).scatter(1, idx_TK, True)
         if aux and self.training and torch.is_grad_enabled():
             probs = MoEAuxLossAutoScaler.apply(probs, sum(aux.values()))
+        self._records.release_after_backward(entry, input)
         self.routing_map = routing_map
         return probs, routing_map
 
@@ -270,8 +278,8 @@ class DefaultMoELayer(McoreMoELayer):
             ).to(self.router.weight.device)
 
     def forward(self, hidden_states, *args, **kwargs):
-        if self.defaults is not None and not _in_backward():
-            self.defaults.finish_pending()
+        if self.defaults is not None:
+            self._fwd = self.defaults.begin_forward(self.training, "megatron DefaultMoELayer")
         return super().forward(hidden_states, *args, **kwargs)
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -282,28 +290,19 @@ class DefaultMoELayer(McoreMoELayer):
         )
         raw_NH, mlp_bias = self.experts(dispatched_N, tokens_per_expert, torch.ones_like(permuted_probs_N))
         assert mlp_bias is None, f"mlp_bias is not supported for {type(self.token_dispatcher)}"
-        if self.training and not _in_backward():
+        if self._fwd.update:
             self._update_defaults(raw_NH, tokens_per_expert, permuted_probs_N)
         expert_out_NH = raw_NH * permuted_probs_N.unsqueeze(-1).to(raw_NH.dtype)
         return self.token_dispatcher.combine_preprocess(expert_out_NH), mlp_bias
 
     def _update_defaults(self, raw_NH, tokens_per_expert, probs_N) -> None:
-        E, H = self.defaults.defaults_ED.shape
         counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).reshape(-1).to(raw_NH.device)
         local_ids = torch.tensor(self.local_expert_indices, device=raw_NH.device)
         n = int(counts.sum())
         expert_N = torch.repeat_interleave(local_ids, counts)
-        raw = raw_NH[:n].detach().float()
-        if self.moe_config.ema_weighting == "prob":
-            w_N = probs_N[:n].detach().float()
-            raw = raw * w_N[:, None]
-        else:
-            w_N = raw.new_ones(n)
-        sums_EH = raw.new_zeros(E, H).index_add_(0, expert_N, raw)
-        weight_E = raw.new_zeros(E).index_add_(0, expert_N, w_N)
         # Rows of other ranks' experts are zero here; the DP all-reduce fills them in.
-        stats = torch.cat([sums_EH, weight_E[:, None]], dim=1)
-        self.defaults.update(stats, parallel_state.get_data_parallel_group(with_context_parallel=True))
+        self.defaults.observe_rows(self._fwd, raw_NH[:n], expert_N, probs_N[:n],
+                                   parallel_state.get_data_parallel_group(with_context_parallel=True))
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
         omega = getattr(self.router, "omega", None)
@@ -312,9 +311,7 @@ class DefaultMoELayer(McoreMoELayer):
         output = super().postprocess(output, shared_expert_output)
         if self.defaults is None:
             return output
-        D_EH = self.defaults.defaults_ED.detach().to(torch.float32, copy=True)
-        probs_TE, routing_map_TE = self.router.dense_probs, self.router.routing_map
-        default_TH = (probs_TE * ~routing_map_TE) @ D_EH
+        default_TH = self.defaults.default_term(self._fwd, self.router.dense_probs, self.router.routing_map)
         return output + default_TH.view(output.shape).to(output.dtype)
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from default_moe.layer_utils import updates_state
+from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.parallel import ParallelGroups
 from default_moe.routing import Router, RouterOutput, register_router
 
@@ -101,6 +101,7 @@ class StableMoERouter(Router):
         self.centroids_ED = weight
         self.distill = DistilledRouter(config.num_experts, sc.vocab_size, sc.router_dim)
         self.register_buffer("num_steps", torch.zeros((), dtype=torch.long))
+        self._stages = ForwardSnapshots()
 
     @property
     def stage(self) -> int:
@@ -109,12 +110,17 @@ class StableMoERouter(Router):
     def distilled_scores(self, token_ids_T: torch.Tensor) -> torch.Tensor:
         return self.distill(token_ids_T)
 
-    def step(self, training: bool) -> bool:
-        """Whether this forward is a stage-1 training forward; counts training forwards."""
-        first = training and self.stage == 1
-        if updates_state(training):
+    def step(self, training: bool):
+        """(whether this forward is a stage-1 training forward, its record); counts training forwards.
+
+        A recompute replays its forward's stage (the recompute contract), also across the
+        stage boundary with other forwards in between.
+        """
+        record = updates_state(training)
+        first, entry = self._stages.get(lambda: training and self.stage == 1, record)
+        if record:
             self.num_steps += 1
-        return first
+        return first, entry
 
     def forward(
         self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
@@ -122,9 +128,10 @@ class StableMoERouter(Router):
         check_token_ids(token_ids_T, x_TD.shape[0], "stablemoe")
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             scores_TE = x_TD.float() @ self.centroids_ED.float().t()
-        first_stage = self.step(self.training)
+        first_stage, entry = self.step(self.training)
         idx_T, gate_T, aux = stablemoe_route(
             scores_TE, token_ids_T.to(x_TD.device).long(), self.distill, self.config.stablemoe, first_stage
         )
+        self._stages.release_after_backward(entry, gate_T)
         probs_TE = torch.zeros_like(scores_TE).scatter(1, idx_T[:, None], 1.0)
         return RouterOutput(probs_TE=probs_TE, idx_TK=idx_T[:, None], gates_TK=gate_T[:, None], aux_losses=aux)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from default_moe import losses
+from default_moe.defaults import dense_softmax
 from default_moe.parallel import ParallelGroups
 from default_moe.routing import Router, RouterOutput, register_router, router_weight
 
@@ -43,7 +44,7 @@ class TopKRouter(Router):
         # Routing decisions are precision sensitive: fp32 even under bf16 autocast.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-            probs_TE = torch.softmax(logits_TE, dim=-1)
+        probs_TE = dense_softmax(logits_TE)
         topk_probs_TK, idx_TK = torch.topk(probs_TE, cfg.top_k, dim=-1)
         gates_TK = topk_probs_TK
         if cfg.normalize_topk:
