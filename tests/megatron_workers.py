@@ -358,9 +358,40 @@ def token_routers(rank, world):
     MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
 
+def recompute_check(rank, world):
+    """The recompute contract in the megatron adapter (EP 2): three forwards under activation
+    checkpointing, then their backwards oldest first, give exactly the gradients and D of the same
+    run without recompute, though each forward updated D."""
+    import torch.utils.checkpoint
+
+    results = {}
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        layer = build_layer("default")
+        layer.train()
+        g = torch.Generator().manual_seed(40 + rank)
+        outs = []
+        for _ in range(3):
+            x = torch.randn(6, 2, H, generator=g, requires_grad=True)
+            run = (lambda t: layer(t)[0])
+            out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=True) if recompute else run(x)
+            outs.append((x, out, torch.randn(6, 2, H, generator=g)))
+        got = []
+        for x, out, g_out in outs:
+            layer.zero_grad(set_to_none=True)
+            (out * g_out).sum().backward()
+            got.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+        results[recompute] = (got, layer.defaults.defaults_ED.clone())
+        assert len(layer.defaults._snapshots) == 0
+    for a, b in zip(results[False][0], results[True][0]):
+        assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b)), "recompute changed the gradients"
+    assert torch.equal(results[False][1], results[True][1])
+
+
 def all_checks(rank, world, tmpdir):
     setup()
     layer_vs_reference(rank, world)
+    recompute_check(rank, world)
     sparsemixer_layer_check(rank, world)
     specs_and_install(rank, world)
     token_routers(rank, world)

@@ -46,6 +46,8 @@ def run_config(argv):
 
 
 CASES = [
+    ("router in the wrong case", cfg(router="Default"), ValueError, "got 'Default'; did you mean 'default'?"),
+    ("misspelt field", cfg(rooter="default"), ValueError, "unknown MoEConfig field(s) ['rooter']"),
     ("top_k > experts", cfg(top_k=5), ValueError, "MoEConfig.top_k must be <= num_experts (4)"),
     ("experts not divisible by ep", cfg(ep_size=3), ValueError, "divisible by MoEConfig.ep_size"),
     ("beta = 1", cfg(beta=1.0), ValueError, "MoEConfig.beta must be a number in [0.0, 1.0)"),

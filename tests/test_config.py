@@ -64,15 +64,55 @@ def test_ep_size_needs_a_matching_world():
 
 def test_cli_check_config(tmp_path):
     good = tmp_path / "ds.json"
-    good.write_text(json.dumps({"train_batch_size": 8, "default_moe": {"enabled": True, **BASE, "beta": 0.8}}))
+    # A DeepSpeed section is validated as initialize() will: no sizes (they come from the model).
+    good.write_text(json.dumps({"train_batch_size": 8, "default_moe": {"enabled": True, "beta": 0.8}}))
     out = subprocess.run(
         [sys.executable, "-m", "default_moe.cli", "check-config", str(good), "--section", "default_moe"],
         capture_output=True, text=True,
     )
     assert out.returncode == 0 and json.loads(out.stdout)["beta"] == 0.8
+    good.write_text(json.dumps({"train_batch_size": 8, "default_moe": {"enabled": True, **BASE}}))
+    out = subprocess.run(
+        [sys.executable, "-m", "default_moe.cli", "check-config", str(good), "--section", "default_moe"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2 and "unknown key(s) ['ffn_hidden_size', 'hidden_size', 'num_experts']" in out.stderr
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**BASE, "ema_sync": "eventually"}))
     out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(bad)], capture_output=True, text=True)
     assert out.returncode == 2 and "MoEConfig.ema_sync must be one of ['sync', 'async']" in out.stderr
     out = subprocess.run([sys.executable, "-m", "default_moe.cli", "routers"], capture_output=True, text=True)
     assert out.returncode == 0 and "default" in out.stdout and "topk" in out.stdout
+
+
+def test_check_config_accepts_the_readme_deepspeed_section(tmp_path):
+    """`default-moe check-config ds.json --section default_moe` on the README's own DeepSpeed config
+    validates the section as DeepSpeed's initialize will (sizes come from the model)."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    after = readme[readme.index("## DeepSpeed: switch it on"):]
+    block = re.search(r"```json\n(.*?)```", after, re.S).group(1)
+    (tmp_path / "ds.json").write_text(block)
+    out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(tmp_path / "ds.json"),
+                          "--section", "default_moe"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert '"router": "default"' in out.stdout and "valid DeepSpeed" in out.stderr
+    (tmp_path / "bad.json").write_text(block.replace('"beta": 0.9', '"beta": 1.5'))
+    out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(tmp_path / "bad.json"),
+                          "--section", "default_moe"], capture_output=True, text=True)
+    assert out.returncode == 2 and "MoEConfig.beta must be a number" in out.stderr, out.stderr
+
+
+def test_readme_section_table_lists_every_section_key():
+    from pathlib import Path
+
+    from default_moe.integrations.deepspeed import SECTION_FIELDS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if line.startswith("| `router`, `top_k`"))
+    missing = [k for k in SECTION_FIELDS if f"`{k}`" not in row]
+    assert not missing, f"README's \"default_moe\" key table lacks {missing}"

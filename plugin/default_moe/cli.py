@@ -31,6 +31,19 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         if args.section not in data:
             print(f"error: {args.path} has no {args.section!r} section", file=sys.stderr)
             return 2
+        if args.section == "default_moe":
+            # A DeepSpeed section: sizes come from the model, so validate it as initialize() will.
+            from default_moe.integrations.deepspeed import DeepSpeedMoESection
+
+            try:
+                sec = DeepSpeedMoESection.from_ds_config(data)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(json.dumps({"enabled": sec.enabled, **sec.overrides}, indent=2))
+            print(f'valid DeepSpeed "default_moe" section ({"on" if sec.enabled else "off"}); sizes come from the '
+                  "model's layers at initialize", file=sys.stderr)
+            return 0
         data = data[args.section]
     data = {k: v for k, v in data.items() if k != "enabled"}
     try:

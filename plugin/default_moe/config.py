@@ -9,6 +9,8 @@ before any process group is touched or any weight is allocated.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
@@ -36,9 +38,17 @@ def _check_float(name: str, value: Any, lo: float, hi: float, hi_open: bool = Fa
         raise ValueError(f"MoEConfig.{name} must be a number in [{lo}, {hi}{bracket}, got {value!r}")
 
 
+def _did_you_mean(value: Any, allowed) -> str:
+    if not isinstance(value, str):
+        return ""
+    lowered = {a.lower(): a for a in allowed if isinstance(a, str)}
+    match = difflib.get_close_matches(value.lower(), list(lowered), n=1, cutoff=0.6)
+    return f"; did you mean {lowered[match[0]]!r}?" if match else ""
+
+
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
-        raise ValueError(f"MoEConfig.{name} must be one of {list(allowed)}, got {value!r}")
+        raise ValueError(f"MoEConfig.{name} must be one of {list(allowed)}, got {value!r}{_did_you_mean(value, allowed)}")
 
 
 SPARSEMIXER_VERSIONS = ("auto", "v1", "v2")
@@ -275,6 +285,27 @@ class MoEConfig:
     @property
     def needs_token_ids(self) -> bool:
         return self.router in ("stablemoe", "hash")
+
+
+def _named_fields_only(cls):
+    """Unknown keyword arguments fail like bad values do (ValueError naming them, allowed fields,
+    a close match), not with dataclass's bare TypeError."""
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def checked_init(self, *args, **kwargs):
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(known))
+        if unknown:
+            hint = "".join(_did_you_mean(u, known) for u in unknown[:1])
+            raise ValueError(f"unknown {cls.__name__} field(s) {unknown}; allowed fields: {sorted(known)}{hint}")
+        init(self, *args, **kwargs)
+
+    cls.__init__ = checked_init
+    return cls
+
+
+MoEConfig = _named_fields_only(MoEConfig)
 
 
 def check_overrides(overrides: Mapping[str, Any]) -> None:

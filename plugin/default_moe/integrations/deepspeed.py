@@ -37,7 +37,7 @@ SECTION = "default_moe"
 SECTION_FIELDS = (
     "router", "top_k", "beta", "ema_sync", "ema_weighting", "normalize_topk", "ep_size",
     "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe",
-    "ema_stats_dtype", "ema_sync_every", "nonfinite", "default_in_forward",
+    "ema_stats_dtype", "ema_sync_every", "nonfinite", "default_in_forward", "experts_backend",
 )
 EXPERT_FILE = "default_moe_experts_ep{ep_size}_rank{ep_rank}.pt"
 
