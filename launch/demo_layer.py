@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from default_moe import MoEConfig, MoELayer, count_collectives
+from default_moe.data_parallel import reduce_gradients
 from default_moe.parallel import init_distributed_from_env
 
 
@@ -50,16 +51,9 @@ def main() -> None:
             loss = torch.nn.functional.mse_loss(h, target)
             opt.zero_grad()
             loss.backward()
-        # Dense grads (router) averaged over DP; expert grads averaged over their expert-DP group
-        # (size world/ep = 1 here) and divided by DP size, as DeepSpeed does.
-        for name, p in layers.named_parameters():
-            if p.grad is None or world == 1:
-                continue
-            if getattr(p, "expert_parallel", False):
-                p.grad /= world
-            else:
-                dist.all_reduce(p.grad)
-                p.grad /= world
+        # Dense grads averaged over DP; expert grads summed over their expert-DP group and divided
+        # by the DP size (what DeepSpeed does for MoE parameters).
+        reduce_gradients(layers)
         opt.step()
         if rank == 0 and (step == 1 or step % 10 == 0):
             load = layers[0].tokens_per_expert.tolist()

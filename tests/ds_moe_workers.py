@@ -214,6 +214,15 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     train_engine(e, 2, 1)
     e.save_checkpoint(f"{tmpdir}/dsmoe")
     D_saved = m.moe.deepspeed_moe.defaults.defaults_ED.clone()
+    if rank == 0:  # convert-deepspeed says what it does not convert
+        from default_moe import checkpoint
+
+        try:
+            checkpoint.convert_deepspeed(f"{tmpdir}/dsmoe", f"{tmpdir}/dsmoe.pt")
+        except ValueError as err:
+            assert "DeepSpeed-MoE expert files" in str(err) and "engine.load_checkpoint" in str(err), str(err)
+        else:
+            raise AssertionError("a DeepSpeed-MoE checkpoint was converted")
     torch.manual_seed(1)  # top-2 samples its second expert: same random numbers in both continuations
     cont = train_engine(e, 2, 1, first_step=2)
     m2 = DSMoEModel(k=2, seed=9)

@@ -297,7 +297,16 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     pattern = EXPERT_FILE.format(ep_size="*", ep_rank="*")
     expert_files = sorted(glob.glob(os.path.join(tag_dir, pattern)))
     if not expert_files:
-        raise FileNotFoundError(f"{tag_dir} has no {pattern} files: it was not written with the default_moe section")
+        native = glob.glob(os.path.join(tag_dir, "*expp_rank_*")) or glob.glob(os.path.join(tag_dir, "layer_*_expert_*"))
+        if native:
+            raise ValueError(
+                f"{tag_dir} holds DeepSpeed-MoE expert files ({os.path.basename(sorted(native)[0])}, ...): a model built "
+                "with deepspeed.moe.layer.MoE keeps DeepSpeed's own checkpoint layout, which convert-deepspeed does not "
+                "convert (it converts models of default_moe.MoELayer layers). Resume it with engine.load_checkpoint at "
+                "the same ep_size; its defaults are in the module state"
+            )
+        raise FileNotFoundError(f"{tag_dir} has no {pattern} files: it was not written by a model of "
+                                "default_moe.MoELayer layers with the default_moe section")
     layouts = {}
     for path in expert_files:
         m = re.search(r"_ep(\d+)_rank(\d+)\.pt$", path)

@@ -175,6 +175,20 @@ class MoELayer(nn.Module):
                 f"({self.config.hidden_size}), got shape {tuple(x.shape)}"
             )
 
+    def _check_not_in_plain_ddp(self) -> None:
+        """Refuses a plain DistributedDataParallel around EP experts (it broadcast rank 0's experts
+        over the other EP ranks at construction and would average different experts' gradients)."""
+        ddp = nn.parallel.DistributedDataParallel._active_ddp_module
+        if ddp is None or self.groups.ep_size == 1:
+            return
+        if any(not getattr(p, "_ddp_ignored", False) for p in self.experts.parameters()):
+            raise ValueError(
+                f"MoE layer {self.layer_name or '(unnamed)'} with ep_size={self.groups.ep_size} runs inside a plain "
+                "torch DistributedDataParallel, which broadcast rank 0's experts over the other EP ranks and averages "
+                "different experts' gradients. Use default_moe.data_parallel.wrap_ddp(model) instead (or "
+                "reduce_gradients(model) after backward, or fully_shard_moe(model) for FSDP2)"
+            )
+
     def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Routes, dispatches, runs experts, combines (and adds the default term).
 
@@ -186,6 +200,7 @@ class MoELayer(nn.Module):
             [..., D], same dtype as `x`. The aux losses are attached to it for backward.
         """
         self._check_input(x)
+        self._check_not_in_plain_ddp()
         cfg = self.config
         x_TD = x.reshape(-1, cfg.hidden_size)
         token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
