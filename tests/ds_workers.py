@@ -210,3 +210,12 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     finally:
         dm_ds.unregister()
     assert deepspeed.initialize is plain_initialize
+
+    # 6. The section reaching DeepSpeed's own initialize (a name bound before the hook, or the
+    # import forgotten) is refused before any engine exists, instead of being ignored.
+    try:
+        plain_initialize(model=ToyMoEModel(), config=ds_config(1, 1, 0.05))
+    except ValueError as e:
+        assert "was not built by default_moe's initialize" in str(e), str(e)
+    else:
+        raise AssertionError("an enabled default_moe section reached plain DeepSpeed unnoticed")

@@ -12,6 +12,7 @@ Legend: T tokens, K top-k, E experts, D hidden.
 
 from __future__ import annotations
 
+import sys
 from typing import Dict, Optional
 
 import torch
@@ -85,6 +86,11 @@ class MoELayer(nn.Module):
                 f"MoEConfig.ep_size ({config.ep_size}) does not match the size of the given EP group ({groups.ep_size})"
             )
         check_same_config(config, groups.dp_group)  # once, at build: a mismatch fails, never hangs
+        if "deepspeed" in sys.modules:
+            # A "default_moe" section must not reach a DeepSpeed engine we did not build (it would be ignored).
+            from default_moe.integrations.deepspeed import install_section_guard
+
+            install_section_guard()
         self.config = config
         self.groups = groups
         self.router = build_router(config)

@@ -16,6 +16,7 @@ engine is made aware that the model has MoE layers. Without the section, or with
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import json
 import os
@@ -291,6 +292,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     ds_config = _read_ds_config(args, kwargs.get("config"), kwargs.get("config_params"))
     ds_config = _fill_stablemoe_vocab(ds_config, model)
     section = DeepSpeedMoESection.from_ds_config(ds_config)
+    install_section_guard()
     if not section.enabled or model is None:
         return original(args, model, optimizer, model_parameters, *rest, **kwargs)
 
@@ -350,11 +352,48 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     if isinstance(optimizer, torch.optim.Optimizer):
         _split_optimizer_groups(optimizer)
     autoep_ctx = autoep.building_with(autoep_settings) if use_autoep else contextlib.nullcontext()
-    with _engine_sees_our_layers(), autoep_ctx:
-        result = original(args, model, optimizer, model_parameters, *rest, **kwargs)
+    _INSIDE_OURS[0] += 1
+    try:
+        with _engine_sees_our_layers(), autoep_ctx:
+            result = original(args, model, optimizer, model_parameters, *rest, **kwargs)
+    finally:
+        _INSIDE_OURS[0] -= 1
     if layers:
         _install_engine_hooks(result[0])
     return result
+
+
+_INSIDE_OURS = [0]  # > 0 while our initialize runs DeepSpeed's
+
+
+def install_section_guard() -> None:
+    """Makes DeepSpeed's engine refuse an enabled `"default_moe"` section that did not come through
+    our `initialize` (e.g. `from deepspeed import initialize` bound before the hook, or the import
+    forgotten): without it DeepSpeed would ignore the section and train without Default MoE."""
+    from deepspeed.runtime import engine as engine_mod
+
+    cls = engine_mod.DeepSpeedEngine
+    if getattr(cls.__init__, "_default_moe_guard", False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def guarded(self, *args, **kwargs):
+        params = getattr(kwargs.get("config_class"), "_param_dict", None)
+        if params is None and isinstance(kwargs.get("config"), dict):
+            params = kwargs["config"]
+        section = (params or {}).get(SECTION) if isinstance(params, dict) else None
+        if isinstance(section, dict) and section.get("enabled", True) and not _INSIDE_OURS[0]:
+            raise ValueError(
+                f'the DeepSpeed config has an enabled "{SECTION}" section, but this engine was not built by '
+                "default_moe's initialize, so DeepSpeed would ignore it and train without Default MoE. Call "
+                "deepspeed.initialize through the module attribute after `import default_moe.deepspeed` (not a "
+                "`from deepspeed import initialize` name bound earlier), or call default_moe.deepspeed.initialize"
+            )
+        return original(self, *args, **kwargs)
+
+    guarded._default_moe_guard = True
+    cls.__init__ = guarded
 
 
 def register() -> None:
@@ -362,6 +401,7 @@ def register() -> None:
     global _ORIGINAL_INITIALIZE
     import deepspeed
 
+    install_section_guard()
     if _ORIGINAL_INITIALIZE is None:
         _ORIGINAL_INITIALIZE = deepspeed.initialize
         deepspeed.initialize = initialize
