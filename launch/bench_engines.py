@@ -17,7 +17,7 @@ bytes are also a column of their own on every device. Host syncs: the calls of o
 that make the host wait for a CUDA device (`default_moe.diagnostics.count_host_syncs`; counted on
 any device, so CPU runs show what a GPU run would wait for). Several sizes per run
 (`--sizes T:D:F:E:k,...`); `--impls` picks implementations (DeepSpeed / megatron-core rows are
-skipped with a note when the package is not importable). megatron-core runs on CPU through the test shims (tests/megatron_cpu.py),
+skipped with a note when the package is not importable). megatron-core runs on CPU through the opt-in shims (default_moe.integrations.megatron_cpu),
 as in the test suite.
 """
 
@@ -148,7 +148,7 @@ def _build_deepspeed(out, args, world, first):
 
 
 def _build_megatron(out, args, world, first):
-    import megatron_cpu
+    from default_moe.integrations import megatron_cpu
 
     if not torch.cuda.is_available():
         megatron_cpu.apply()

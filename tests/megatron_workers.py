@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-import megatron_cpu
+from default_moe.integrations import megatron_cpu
 
 H, E, K, FFN = 16, 4, 2, 32
 

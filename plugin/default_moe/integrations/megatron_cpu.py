@@ -1,8 +1,14 @@
-"""Test support: run megatron-core 0.16.x on CPU with gloo.
+"""CPU/test-only opt-in: run megatron-core 0.16.x on a machine without CUDA (gloo).
+
+    from default_moe.integrations import megatron_cpu
+    megatron_cpu.apply()   # before building megatron-core models; a no-op when CUDA is available
 
 megatron-core assumes CUDA in a handful of places (device placement, side streams, the RNG
-tracker, split sizes of all-to-all); these shims replace those calls by CPU equivalents. They are
-applied only when CUDA is absent, only by tests, and the plugin never imports this module.
+tracker, split sizes of all-to-all); these shims replace those calls by CPU equivalents,
+process-wide (they monkeypatch `torch.cuda.*` and a few megatron-core helpers, and keep a
+TorchFunctionMode that maps `device="cuda"` to the CPU). For trying the Megatron path on a laptop
+and for tests, never for training runs; the plugin itself never imports this module. Tested with
+megatron-core 0.16.1 (the test suite and `launch/example_megatron.py`).
 """
 
 from __future__ import annotations
