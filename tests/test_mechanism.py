@@ -68,7 +68,7 @@ def test_recompute_after_other_forwards_equals_no_recompute(router, kw, reentran
         assert len(ckpt.defaults._snapshots) == 0, "records outlived their backwards"
 
 
-def test_eval_and_no_grad_record_nothing():
+def test_eval_records_nothing_and_backward_frees_the_record():
     layer = make()
     layer.eval()
     layer(torch.randn(T, D))

@@ -91,6 +91,15 @@ def unsafe_globals(path: str, allowed=frozenset()) -> List[str]:
     return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(allowed))
 
 
+def latest_tag(ckpt_dir: str) -> Optional[str]:
+    """The tag DeepSpeed's `latest` file names in a checkpoint directory (None without one)."""
+    path = os.path.join(ckpt_dir, "latest")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return f.read().strip()
+
+
 def check_deepspeed_files(tag_dir: str) -> None:
     """Refuses a DeepSpeed checkpoint folder any of whose `.pt` files holds a global DeepSpeed does
     not write (a crafted pickle); nothing is unpickled by the check."""
@@ -284,11 +293,9 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     from default_moe.integrations.deepspeed import EXPERT_FILE
 
     if tag is None:
-        latest = os.path.join(ckpt_dir, "latest")
-        if not os.path.exists(latest):
+        tag = latest_tag(ckpt_dir)
+        if tag is None:
             raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file: pass the checkpoint tag explicitly")
-        with open(latest) as f:
-            tag = f.read().strip()
     tag_dir = os.path.join(ckpt_dir, str(tag))
     module_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.exists(module_file):

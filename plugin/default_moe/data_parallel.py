@@ -110,12 +110,6 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDataParal
     return nn.parallel.DistributedDataParallel(model, process_group=groups.dp_group, **ddp_kwargs)
 
 
-def _mesh(group: Optional[dist.ProcessGroup], device_type: str):
-    from torch.distributed.device_mesh import DeviceMesh
-
-    return DeviceMesh.from_group(group, device_type)
-
-
 _SINGLETONS: Dict[int, dist.ProcessGroup] = {}
 
 
@@ -138,6 +132,7 @@ def fully_shard_moe(model: nn.Module, device_type: Optional[str] = None, **fsdp_
     Returns:
         The model (sharded in place).
     """
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.distributed.fsdp import fully_shard
 
     groups = model_groups(model)
@@ -146,7 +141,7 @@ def fully_shard_moe(model: nn.Module, device_type: Optional[str] = None, **fsdp_
     device_type = device_type or next(model.parameters()).device.type
     dp_group = groups.dp_group or dist.group.WORLD
     expert_dp = groups.expert_dp_group if comm.group_size(groups.expert_dp_group) > 1 else _singleton_group()
-    expert_mesh, dp_mesh = _mesh(expert_dp, device_type), _mesh(dp_group, device_type)
+    expert_mesh, dp_mesh = DeviceMesh.from_group(expert_dp, device_type), DeviceMesh.from_group(dp_group, device_type)
     dp = comm.group_size(dp_group)
     for _, layer in _moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh, **fsdp_kwargs)

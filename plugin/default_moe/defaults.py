@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from default_moe import comm
-from default_moe.layer_utils import ForwardSnapshots, in_backward, state_frozen
+from default_moe.layer_utils import ForwardSnapshots, in_backward, state_frozen, updates_state
 
 Groups = Union[None, dist.ProcessGroup, Sequence[Optional[dist.ProcessGroup]]]
 
@@ -92,8 +92,9 @@ def ran_mask(num_experts: int, idx_TK: torch.Tensor, keep_TK: Optional[torch.Ten
 class DefaultsForward:
     """What one forward may do (from `ExpertDefaults.begin_forward`)."""
 
-    update: bool  # a training forward that updates the EMA
-    record: bool  # its D is recorded for a recompute (training, not a recompute, not frozen)
+    # A training forward, not a recompute, not frozen: it updates the EMA and records the D it
+    # uses for a recompute.
+    update: bool
 
 
 def _as_groups(groups: Groups) -> List[Optional[dist.ProcessGroup]]:
@@ -166,10 +167,9 @@ class ExpertDefaults(nn.Module):
         frozen forward."""
         if caller:
             ExpertDefaults.callers.add(caller)
-        record = not in_backward() and not state_frozen()
-        if record:
+        if not in_backward() and not state_frozen():
             self.finish_pending()
-        return DefaultsForward(update=training and record, record=training and record)
+        return DefaultsForward(update=updates_state(training))
 
     def observe(self, fwd: DefaultsForward, y_TKD: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                 keep_TK: Optional[torch.Tensor], groups: Groups) -> None:
@@ -190,7 +190,7 @@ class ExpertDefaults(nn.Module):
             probs_TE: pi, the fp32 softmax over all experts (differentiable).
             ran_TE: bool, the experts that processed each token.
         """
-        D_ED, entry = self._snapshots.get(lambda: self.defaults_ED.detach().to(torch.float32, copy=True), fwd.record)
+        D_ED, entry = self._snapshots.get(lambda: self.defaults_ED.detach().to(torch.float32, copy=True), fwd.update)
         with torch.autocast(device_type=probs_TE.device.type, enabled=False):
             term_TD = (probs_TE.float() * ~ran_TE) @ D_ED
         self._snapshots.release_after_backward(entry, term_TD)

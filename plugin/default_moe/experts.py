@@ -31,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from default_moe.config import EXPERTS_BACKENDS  # noqa: F401  (re-exported)
 
 
 def mark_expert_params(module: nn.Module) -> None:

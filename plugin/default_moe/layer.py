@@ -22,8 +22,7 @@ from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults, ran_mask
 from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask, expert_counts
 from default_moe.experts import GroupedExperts, mark_expert_params
-from default_moe.layer_utils import in_backward as _in_backward
-from default_moe.layer_utils import state_frozen
+from default_moe.layer_utils import updates_state
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, build_groups, check_same_config
 from default_moe.routing import build_router, registered_routers
@@ -212,7 +211,7 @@ class MoELayer(nn.Module):
         token_ids_T = token_ids.reshape(-1) if token_ids is not None else None
         # A recompute or a frozen (diagnostic) forward changes no state: it neither applies a
         # pending update nor makes one, and records no counters.
-        record = not _in_backward() and not state_frozen()
+        record = updates_state(True)
         fwd = self.defaults.begin_forward(self.training, "MoELayer") if self.defaults is not None else None
 
         route = self.router(x_TD, self.groups, token_ids_T)

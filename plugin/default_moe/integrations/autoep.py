@@ -139,7 +139,7 @@ def layer_class(settings: Dict):
 
             from default_moe import token_context
             from default_moe.routing.hash import hash_experts
-            from default_moe.routing.stablemoe import DistilledRouter, stablemoe_route
+            from default_moe.routing.stablemoe import DistilledRouter, stablemoe_route, stage_for
 
             router, layer, cfg = self.router, self, self.moe_config
             kind = cfg.router
@@ -160,11 +160,7 @@ def layer_class(settings: Dict):
                 else:
                     with torch.autocast(device_type=x.device.type, enabled=False):
                         scores_TE = router.gate(x).float()
-                    if "first" not in layer._record:  # a recompute replays its forward's stage
-                        layer._record["first"] = layer.training and int(layer.num_steps) < cfg.stablemoe.stage2_step
-                        if updates_state(layer.training):
-                            layer.num_steps += 1
-                    first = layer._record["first"]
+                    first = stage_for(layer._record, layer.training, layer.num_steps, cfg.stablemoe.stage2_step)
                     idx_T, gate_T, aux = stablemoe_route(scores_TE, ids_T, layer.distill, cfg.stablemoe, first)
                     idx_TK, gates_TK = idx_T[:, None], gate_T[:, None]
                     layer._pending_aux = sum(aux.values()) if aux else None

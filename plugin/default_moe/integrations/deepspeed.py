@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from default_moe.config import MoEConfig, check_overrides
-from default_moe.checkpoint import check_deepspeed_files
+from default_moe.checkpoint import check_deepspeed_files, latest_tag
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
 from default_moe.losses import AuxLossAutoScaler
@@ -245,10 +245,7 @@ def _install_engine_hooks(engine) -> None:
 
     def load_checkpoint(load_dir, tag=None, **kw):
         # DeepSpeed unpickles its files without restriction: check them first (nothing unpickled).
-        named = tag
-        if named is None and os.path.exists(os.path.join(load_dir, "latest")):
-            with open(os.path.join(load_dir, "latest")) as fh:
-                named = fh.read().strip()
+        named = tag if tag is not None else latest_tag(load_dir)
         if named is not None and os.path.isdir(os.path.join(load_dir, str(named))):
             check_deepspeed_files(os.path.join(load_dir, str(named)))
         load_path, client_state = load(load_dir, tag=tag, **kw)

@@ -164,7 +164,7 @@ class DefaultMOELayer(_moe_layer_base()):
         from default_moe import token_context
         from default_moe.routing.hash import hash_experts
         from default_moe.routing.sparsemixer import sparsemixer_route
-        from default_moe.routing.stablemoe import stablemoe_route
+        from default_moe.routing.stablemoe import stablemoe_route, stage_for
 
         gate, cfg = self.gate, self.moe_config
         logits_SE = F.linear(x_SM.float(), weight=gate.wg.weight.float(), bias=None)
@@ -182,11 +182,7 @@ class DefaultMOELayer(_moe_layer_base()):
             gates_SK = torch.full(idx_SK.shape, 1.0 / gate.k, device=x_SM.device)
             return self._sparse_routes(logits_SE, idx_SK, gates_SK, torch.zeros_like(logits_SE),
                                        l_aux=logits_SE.new_zeros(()))
-        if "first" not in self._record:  # a recompute replays its forward's stage
-            self._record["first"] = gate.training and int(self.num_steps) < cfg.stablemoe.stage2_step
-            if updates_state(gate.training):
-                self.num_steps += 1
-        first = self._record["first"]
+        first = stage_for(self._record, gate.training, self.num_steps, cfg.stablemoe.stage2_step)
         idx_S, gate_S, aux = stablemoe_route(logits_SE, ids_S, self.distill, cfg.stablemoe, first)
         # StableMoE's stage-1 losses (already weighted by its coefficients) are the l_aux returned.
         l_aux = sum(aux.values()) if aux else logits_SE.new_zeros(())

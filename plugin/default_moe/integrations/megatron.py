@@ -207,7 +207,7 @@ class TokenIdTopKRouter(TopKRouter):
 
         from default_moe import token_context
         from default_moe.routing.hash import hash_experts
-        from default_moe.routing.stablemoe import stablemoe_route
+        from default_moe.routing.stablemoe import stablemoe_route, stage_for
 
         E, K = self.config.num_moe_experts, self.config.moe_router_topk
         x_TH = input.reshape(-1, input.shape[-1])
@@ -222,11 +222,7 @@ class TokenIdTopKRouter(TopKRouter):
             aux = {}
         else:
             scores_TE = self.gating(input).reshape(-1, E).float()
-            if "first" not in record:  # a recompute replays its forward's stage
-                record["first"] = self.training and int(self.num_steps) < self.stablemoe_config.stage2_step
-                if updates_state(self.training):
-                    self.num_steps += 1
-            first = record["first"]
+            first = stage_for(record, self.training, self.num_steps, self.stablemoe_config.stage2_step)
             idx_T, gate_T, aux = stablemoe_route(scores_TE, ids_T, self.distill, self.stablemoe_config, first)
             idx_TK, gates_TK = idx_T[:, None], gate_T[:, None]
         probs = torch.zeros(x_TH.shape[0], E, device=x_TH.device, dtype=gates_TK.dtype).scatter(1, idx_TK, gates_TK)

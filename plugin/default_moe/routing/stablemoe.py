@@ -77,6 +77,16 @@ def stablemoe_route(
     return idx_T, gate_T, aux
 
 
+def stage_for(record: dict, training: bool, num_steps: torch.Tensor, stage2_step: int) -> bool:
+    """Whether the forward `record` belongs to is a stage-1 training forward (the engine adapters'
+    StableMoE step): decided and counted once per forward, replayed by its recompute."""
+    if "first" not in record:
+        record["first"] = training and int(num_steps) < stage2_step
+        if updates_state(training):
+            num_steps += 1
+    return record["first"]
+
+
 def check_token_ids(token_ids_T: Optional[torch.Tensor], num_tokens: int, name: str) -> None:
     if token_ids_T is None:
         raise ValueError(f"router {name!r} needs the input token ids: call the layer as layer(x, token_ids=ids)")
