@@ -17,7 +17,7 @@ bytes are also a column of their own on every device. Host syncs: the calls of o
 that make the host wait for a CUDA device (`default_moe.diagnostics.count_host_syncs`; counted on
 any device, so CPU runs show what a GPU run would wait for). Several sizes per run
 (`--sizes T:D:F:E:k,...`); `--impls` picks implementations (DeepSpeed / megatron-core rows are
-skipped with a note when the package is not importable). megatron-core runs on CPU through the opt-in shims (default_moe.integrations.megatron_cpu),
+skipped with a note when the package is not importable). megatron-core runs on CPU through the CPU/test-only shims (launch/megatron_cpu.py),
 as in the test suite.
 """
 
@@ -148,7 +148,8 @@ def _build_deepspeed(out, args, world, first):
 
 
 def _build_megatron(out, args, world, first):
-    from default_moe.integrations import megatron_cpu
+    import megatron_cpu
+    from default_moe.integrations import megatron_compat as compat
 
     if not torch.cuda.is_available():
         megatron_cpu.apply()
@@ -167,7 +168,7 @@ def _build_megatron(out, args, world, first):
                             moe_aux_loss_coeff=0.01, use_cpu_initialization=True, add_bias_linear=False,
                             gated_linear_unit=True, activation_func=F.silu, expert_model_parallel_size=world)
     spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False)
-    out["megatron-core"] = McoreMoE(cfg, spec.submodules.mlp.submodules)
+    out["megatron-core"] = McoreMoE(cfg, compat.moe_spec_submodules(spec.submodules.mlp))
 
 
 def parse_sizes(text: str):

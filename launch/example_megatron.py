@@ -12,7 +12,7 @@ rank, world = dist.get_rank(), dist.get_world_size()
 if torch.cuda.is_available():
     torch.cuda.set_device(rank % torch.cuda.device_count())
 else:
-    from default_moe.integrations import megatron_cpu
+    import megatron_cpu
 
     megatron_cpu.apply()  # CPU/test-only shims for megatron-core's CUDA assumptions
 

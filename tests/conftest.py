@@ -5,6 +5,8 @@ import pytest
 
 # Helper modules (reference, workers) import as top-level modules, also in spawned workers.
 sys.path.insert(0, os.path.dirname(__file__))
+# launch/megatron_cpu.py: the CPU/test-only megatron shims (not part of the installed plugin).
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "launch"))
 
 
 def pytest_addoption(parser):

@@ -1,4 +1,4 @@
-"""Per-rank bodies of the megatron-core tests (2 gloo processes, CPU, megatron-core 0.16.x)."""
+"""Per-rank bodies of the megatron-core tests (2 gloo processes, CPU, megatron-core 0.16.1 and 0.19.2)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from default_moe.integrations import megatron_cpu
+import megatron_cpu
+from default_moe.integrations import megatron_compat as compat
 
 H, E, K, FFN = 16, 4, 2, 32
 
@@ -41,8 +42,8 @@ def build_layer(router, **kw):
 
     spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False), router=router, beta=0.6)
     mlp = spec.submodules.mlp
-    assert mlp.module is dm.DefaultMoELayer
-    return mlp.module(tconfig(**kw), mlp.submodules, **mlp.params)
+    assert compat.moe_spec_class(mlp) is dm.DefaultMoELayer
+    return compat.build_moe_layer(mlp, tconfig(**kw))
 
 
 def gather_cat(t):
@@ -130,8 +131,7 @@ def sparsemixer_layer_check(rank, world):
 
     torch.manual_seed(0)
     spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False), router="sparsemixer")
-    mlp = spec.submodules.mlp
-    layer = mlp.module(tconfig(), mlp.submodules, **mlp.params)
+    layer = compat.build_moe_layer(spec.submodules.mlp, tconfig())
     assert isinstance(layer.router, dm.SparseMixerTopKRouter) and layer.router.version == "v2"
     layer.train()
     layer.router.generator = torch.Generator().manual_seed(rank)
@@ -186,26 +186,26 @@ def specs_and_install(rank, world):
 
     cfg = tconfig(num_layers=4, moe_layer_freq=[0, 1, 0, 1])
     plain = gpt_layer_specs.get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
-    mlps = [s.submodules.mlp.module for s in plain.layer_specs]
+    mlps = [compat.moe_spec_class(s.submodules.mlp) for s in plain.layer_specs]
     assert mlps[1] is MoELayer and mlps[0] is not MoELayer
     patched = dm.patch_spec(plain, router="default")
-    got = [s.submodules.mlp.module for s in patched.layer_specs]
+    got = [compat.moe_spec_class(s.submodules.mlp) for s in patched.layer_specs]
     assert got[1] is dm.DefaultMoELayer and got[3] is dm.DefaultMoELayer and got[0] is mlps[0] and got[2] is mlps[2]
-    assert [s.submodules.mlp.module for s in plain.layer_specs] == mlps  # the input spec is untouched
+    assert [compat.moe_spec_class(s.submodules.mlp) for s in plain.layer_specs] == mlps  # the input spec is untouched
     # functools.partial specs (megatron-core >= 0.17)
-    part = functools.partial(MoELayer, submodules=plain.layer_specs[1].submodules.mlp.submodules)
+    part = functools.partial(MoELayer, submodules=compat.moe_spec_submodules(plain.layer_specs[1].submodules.mlp))
     pp = dm.patch_spec(part, router="default", beta=0.5)
     assert pp.func is dm.DefaultMoELayer and pp.keywords["default_moe"]["beta"] == 0.5
     dm.install(router="default", beta=0.8)
     try:
         inst = gpt_layer_specs.get_gpt_decoder_block_spec(cfg, use_transformer_engine=False)
-        assert [s.submodules.mlp.module for s in inst.layer_specs] == got
+        assert [compat.moe_spec_class(s.submodules.mlp) for s in inst.layer_specs] == got
         local = gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E)
-        assert local.submodules.mlp.module is dm.DefaultMoELayer
-        assert local.submodules.mlp.params["default_moe"]["beta"] == 0.8
+        assert compat.moe_spec_class(local.submodules.mlp) is dm.DefaultMoELayer
+        assert compat.moe_spec_kwargs(local.submodules.mlp)["default_moe"]["beta"] == 0.8
     finally:
         dm.uninstall()
-    assert gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp.module is MoELayer
+    assert compat.moe_spec_class(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp) is MoELayer
     for bad, needle in [({"router": "nope"}, "router 'nope' is not available"),
                         ({"router": "stablemoe"}, "MoEConfig.stablemoe.vocab_size is required"),
                         ({"beta": 1.5}, "MoEConfig.beta"),

@@ -1,10 +1,11 @@
-"""megatron-core (0.16.x, CPU, gloo, 2 processes) with Default MoE patched into its specs."""
+"""megatron-core (0.16.1 and 0.19.2: launch/test.sh runs these in both envs; CPU, gloo) with Default MoE patched into its specs."""
 
 import argparse
 
 import pytest
 
 pytest.importorskip("megatron.core")
+pytestmark = pytest.mark.megatron
 
 from dist import run_distributed  # noqa: E402
 
@@ -44,6 +45,7 @@ def test_megatron_lm_provider_wrapper():
     from megatron.core.transformer.moe.moe_layer import MoELayer
 
     from default_moe.integrations import megatron as dm
+    from default_moe.integrations import megatron_compat as compat
 
     seen = []
     parser = dm.chain_extra_args_providers(None, lambda p: seen.append(p) or p)(argparse.ArgumentParser())
@@ -54,8 +56,8 @@ def test_megatron_lm_provider_wrapper():
         return gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp
 
     mlp = dm.wrap_model_provider(provider, get_args=lambda: args)()
-    assert mlp.module is dm.DefaultMoELayer and mlp.params["default_moe"]["beta"] == 0.5
-    assert gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp.module is MoELayer
+    assert compat.moe_spec_class(mlp) is dm.DefaultMoELayer and compat.moe_spec_kwargs(mlp)["default_moe"]["beta"] == 0.5
+    assert compat.moe_spec_class(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is MoELayer
 
 
 def test_megatron_example_runs_on_cpu():

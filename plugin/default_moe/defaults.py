@@ -178,10 +178,20 @@ class ExpertDefaults(nn.Module):
             self.update(self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK), groups)
 
     def observe_rows(self, fwd: DefaultsForward, y_ND: torch.Tensor, expert_N: torch.Tensor,
-                     probs_N: torch.Tensor, groups: Groups) -> None:
-        """As `observe`, from raw output rows with their (global) expert ids."""
+                     probs_N: torch.Tensor, groups: Groups, count_weights: bool = True) -> None:
+        """As `observe`, from raw output rows with their (global) expert ids.
+
+        Args:
+            count_weights: False on a rank whose rows another rank of the group also holds as
+                partial sums (expert tensor parallelism: every expert-TP rank holds the same rows,
+                each a partial sum of the output). The sums then add up to the full outputs and
+                the weights (counts) are contributed once, by the rank that passes True.
+        """
         if fwd.update:
-            self.update(self.local_statistics(y_ND[:, None], expert_N[:, None], probs_N[:, None], None), groups)
+            stats_E_D1 = self.local_statistics(y_ND[:, None], expert_N[:, None], probs_N[:, None], None)
+            if not count_weights:
+                stats_E_D1[:, -1] = 0
+            self.update(stats_E_D1, groups)
 
     def default_term(self, fwd: DefaultsForward, probs_TE: torch.Tensor, ran_TE: torch.Tensor) -> torch.Tensor:
         """sum over experts that did not process the token of pi_i * D_i: [T, D] fp32.

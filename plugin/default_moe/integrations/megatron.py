@@ -53,10 +53,10 @@ import torch
 
 from default_moe.config import MoEConfig, check_overrides
 from default_moe.defaults import ExpertDefaults, check_score_function, dense_softmax
+from default_moe.integrations import megatron_compat as compat
 from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
-from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -96,6 +96,7 @@ def check_megatron_config(config) -> None:
         problems.append("moe_apply_probs_on_input=True (the raw expert outputs are needed)")
     if config.moe_pad_expert_input_to_capacity:
         problems.append("moe_pad_expert_input_to_capacity=True (padding rows would enter the EMA)")
+    problems += compat.unsupported_features(config)
     if problems:
         raise ValueError("Default MoE cannot run with megatron-core " + "; ".join(problems))
 
@@ -133,10 +134,10 @@ class SparseMixerTopKRouter(TopKRouter):
     with megatron's `MoEAuxLossAutoScaler`. v1's learnable output scale `omega` is applied by
     `DefaultMoELayer.postprocess`."""
 
-    def __init__(self, config, pg_collection=None, sparsemixer=None):
+    def __init__(self, config, pg_collection=None, is_mtp_layer=False, sparsemixer=None):
         from default_moe.config import SparseMixerConfig
 
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **compat.router_kwargs(is_mtp_layer))
         extra = []
         if config.moe_router_load_balancing_type not in ("aux_loss", "none"):
             extra.append(f"moe_router_load_balancing_type={config.moe_router_load_balancing_type!r}")
@@ -166,7 +167,7 @@ class SparseMixerTopKRouter(TopKRouter):
         coeff = sum(coeff) if isinstance(coeff, (list, tuple)) else coeff
         if self.training and torch.is_grad_enabled() and coeff:
             aux = switch_load_balancing_loss(
-                balance_TE, idx_TK, coeff, parallel_state.get_data_parallel_group(with_context_parallel=True)
+                balance_TE, idx_TK, coeff, compat.stage_group()
             )
             probs_out = MoEAuxLossAutoScaler.apply(probs_out, aux)
         self.dense_probs, self.routing_map = probs_TE, routing_map
@@ -180,11 +181,11 @@ class TokenIdTopKRouter(TopKRouter):
     `capture_token_ids(model)` records the model's input ids ([B, S], sequence-first here) for them.
     StableMoE's stage-1 losses are attached with megatron's `MoEAuxLossAutoScaler`."""
 
-    def __init__(self, config, pg_collection=None, kind="hash", stablemoe=None):
+    def __init__(self, config, pg_collection=None, is_mtp_layer=False, kind="hash", stablemoe=None):
         from default_moe.config import StableMoEConfig
         from default_moe.routing.stablemoe import DistilledRouter
 
-        super().__init__(config=config, pg_collection=pg_collection)
+        super().__init__(config=config, pg_collection=pg_collection, **compat.router_kwargs(is_mtp_layer))
         extra = []
         if config.sequence_parallel or config.context_parallel_size > 1:
             extra.append("sequence or context parallelism (the token ids would not line up)")
@@ -248,7 +249,8 @@ class DefaultMoELayer(McoreMoELayer):
         ema_weighting, sparsemixer).
     """
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, default_moe=None):
+    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False, name=None,
+                 default_moe=None):
         settings = validate_settings(default_moe)
         if submodules is not None and submodules.router in (None, TopKRouter):
             if settings.get("router") == "sparsemixer":
@@ -258,7 +260,8 @@ class DefaultMoELayer(McoreMoELayer):
             else:
                 router = DefaultTopKRouter
             submodules = dataclasses.replace(submodules, router=router)
-        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection)
+        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
+                         **compat.moe_layer_kwargs(is_mtp_layer, name))
         self.moe_config = MoEConfig(
             hidden_size=config.hidden_size, num_experts=config.num_moe_experts,
             ffn_hidden_size=config.moe_ffn_hidden_size or config.ffn_hidden_size, top_k=config.moe_router_topk,
@@ -273,14 +276,19 @@ class DefaultMoELayer(McoreMoELayer):
                 self.moe_config, config.num_moe_experts, config.hidden_size, name=f"layer {self.layer_number}"
             ).to(self.router.weight.device)
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def route(self, hidden_states, *args, **kwargs):
+        # The first step inside megatron's (possibly checkpointed) MoE forward: a recompute of it
+        # (selective "moe" recompute, or a full-layer recompute) gets a non-updating forward.
         if self.defaults is not None:
             self._fwd = self.defaults.begin_forward(self.training, "megatron DefaultMoELayer")
-        return super().forward(hidden_states, *args, **kwargs)
+        return super().route(hidden_states, *args, **kwargs)
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
         if self.defaults is None:
             return super().routed_experts_compute(hidden_states, probs)
+        if compat.expert_buffers(self.token_dispatcher):
+            raise ValueError("Default MoE cannot run with zero-copy expert output buffers (NCCL-EP dispatcher): "
+                             "it needs the experts' raw outputs")
         dispatched_N, tokens_per_expert, permuted_probs_N = self.token_dispatcher.dispatch_postprocess(
             hidden_states, probs
         )
@@ -296,9 +304,12 @@ class DefaultMoELayer(McoreMoELayer):
         local_ids = torch.tensor(self.local_expert_indices, device=raw_NH.device)
         n = int(counts.sum())
         expert_N = torch.repeat_interleave(local_ids, counts)
-        # Rows of other ranks' experts are zero here; the DP all-reduce fills them in.
-        self.defaults.observe_rows(self._fwd, raw_NH[:n], expert_N, probs_N[:n],
-                                   parallel_state.get_data_parallel_group(with_context_parallel=True))
+        # Summed over the whole pipeline stage: rows of other ranks' experts are zero here, every
+        # token of the stage is routed from exactly one rank, and under expert tensor parallelism
+        # each expert-TP rank holds the same rows as partial sums (they add up; the counts are
+        # contributed by expert-TP rank 0 alone).
+        self.defaults.observe_rows(self._fwd, raw_NH[:n], expert_N, probs_N[:n], compat.stage_group(),
+                                   count_weights=self.token_dispatcher.tp_rank == 0)
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
         omega = getattr(self.router, "omega", None)
@@ -348,36 +359,82 @@ def patch_spec(spec: Any, **settings: Any) -> Any:
     return _patch(spec, validate_settings(settings))
 
 
-_ORIGINAL_BUILDER = None
+_INSTALLED: Optional[Dict[str, Any]] = None  # what install() replaced, for uninstall()
 
 
 def install(**settings: Any) -> None:
-    """Makes every megatron-core GPT spec builder emit `DefaultMoELayer` for its MoE layers.
+    """Makes every megatron-core MoE spec emit `DefaultMoELayer`, and refuses any other MoE layer.
 
-    All of `gpt_layer_specs`' builders (local, Transformer Engine, decoder block) get their MoE
-    spec from `get_moe_module_spec_for_backend`, which this wraps. Call once at start-up, before
-    the model provider builds specs; `uninstall()` undoes it.
+    Patches every place megatron-core takes MoE specs from (see `megatron_compat`): the spec
+    builder GPT layer specs call (0.16-0.19), the one the experimental attention variants import
+    (0.19) and the hybrid (Mamba/attention + MoE) specs built at import time (0.19). While
+    installed, building a megatron `MoELayer` that is not ours raises (a spec path this did not
+    reach never trains silently without Default MoE), and for the token-id routers (hash,
+    StableMoE) every GPT/hybrid model records its input ids. Call once at start-up, before the
+    model is built (Megatron-LM: after the arguments are parsed); `uninstall()` undoes it.
     """
-    global _ORIGINAL_BUILDER
-    from megatron.core.models.gpt import gpt_layer_specs
-
+    global _INSTALLED
     settings = validate_settings(settings)
-    if _ORIGINAL_BUILDER is None:
-        _ORIGINAL_BUILDER = gpt_layer_specs.get_moe_module_spec_for_backend
+    uninstall()
+    saved: Dict[str, Any] = {"sites": [], "inits": []}
 
-    def builder(*args, **kwargs):
-        return _patch(_ORIGINAL_BUILDER(*args, **kwargs), settings)
+    for module, attr in compat.spec_builder_sites():
+        original = getattr(module, attr)
+        saved["sites"].append((module, attr, original))
 
-    gpt_layer_specs.get_moe_module_spec_for_backend = builder
+        @functools.wraps(original)
+        def builder(*args, _original=original, **kwargs):
+            return _patch(_original(*args, **kwargs), settings)
+
+        setattr(module, attr, builder)
+    for module, attr in compat.prebuilt_spec_sites():
+        original = getattr(module, attr)
+        saved["sites"].append((module, attr, original))
+        setattr(module, attr, _patch(original, settings))
+
+    moe_init = McoreMoELayer.__init__
+
+    @functools.wraps(moe_init)
+    def guarded_init(self, *args, **kwargs):
+        if not isinstance(self, DefaultMoELayer):
+            raise RuntimeError(
+                f"default-moe is installed (router {settings.get('router', 'default')!r}) but megatron-core is building a "
+                f"{type(self).__name__} from a spec it did not patch; use default_moe.integrations.megatron.patch_spec "
+                f"on that spec (megatron-core {compat.MCORE_VERSION}; tested spec paths: GPT local/TE layer specs, "
+                "decoder block specs, hybrid layer specs, experimental attention variants)"
+            )
+        moe_init(self, *args, **kwargs)
+
+    McoreMoELayer.__init__ = guarded_init
+    saved["inits"].append((McoreMoELayer, moe_init))
+    if settings.get("router") in ("hash", "stablemoe"):
+        for cls in compat.model_classes():
+            init = cls.__init__
+
+            @functools.wraps(init)
+            def capturing_init(self, *args, _init=init, **kwargs):
+                _init(self, *args, **kwargs)
+                capture_token_ids(self)  # token-id routers read the model's input ids
+
+            cls.__init__ = capturing_init
+            saved["inits"].append((cls, init))
+    _INSTALLED = saved
 
 
 def uninstall() -> None:
-    global _ORIGINAL_BUILDER
-    from megatron.core.models.gpt import gpt_layer_specs
+    """Undoes `install()` (no-op when not installed)."""
+    global _INSTALLED
+    if _INSTALLED is None:
+        return
+    for module, attr, original in reversed(_INSTALLED["sites"]):
+        setattr(module, attr, original)
+    for cls, init in reversed(_INSTALLED["inits"]):
+        cls.__init__ = init
+    _INSTALLED = None
 
-    if _ORIGINAL_BUILDER is not None:
-        gpt_layer_specs.get_moe_module_spec_for_backend = _ORIGINAL_BUILDER
-        _ORIGINAL_BUILDER = None
+
+def installed() -> bool:
+    return _INSTALLED is not None
 
 
 def _beta(value: str) -> float:
@@ -463,8 +520,6 @@ def wrap_model_provider(model_provider, get_args=None):
             model = model_provider(*args, **kwargs)
         finally:
             uninstall()
-        if getter().moe_router_type in ("hash", "stablemoe"):
-            capture_token_ids(model)  # token-id routers read the model's input ids
         return model
 
     return provider

@@ -1,14 +1,16 @@
-"""CPU/test-only opt-in: run megatron-core 0.16.x on a machine without CUDA (gloo).
+"""CPU/test-only: run megatron-core (0.16.1, 0.19.2) and Megatron-LM's training loop without CUDA (gloo).
 
-    from default_moe.integrations import megatron_cpu
-    megatron_cpu.apply()   # before building megatron-core models; a no-op when CUDA is available
+    import megatron_cpu        # this file (launch/), not part of the installed plugin
+    megatron_cpu.apply()       # before building megatron-core models; a no-op when CUDA is available
+    megatron_cpu.apply_training()   # also Megatron-LM's megatron.training (pretrain_gpt.py)
 
 megatron-core assumes CUDA in a handful of places (device placement, side streams, the RNG
 tracker, split sizes of all-to-all); these shims replace those calls by CPU equivalents,
 process-wide (they monkeypatch `torch.cuda.*` and a few megatron-core helpers, and keep a
 TorchFunctionMode that maps `device="cuda"` to the CPU). For trying the Megatron path on a laptop
-and for tests, never for training runs; the plugin itself never imports this module. Tested with
-megatron-core 0.16.1 (the test suite and `launch/example_megatron.py`).
+and for tests, never for training runs; the plugin never imports this module. Used by the test
+suite (megatron-core 0.16.1 and 0.19.2; `tests/megatron_lm_site/sitecustomize.py` for the real
+`pretrain_gpt.py`) and `launch/example_megatron.py`.
 """
 
 from __future__ import annotations
@@ -76,6 +78,13 @@ def apply() -> None:
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.manual_seed = lambda seed: torch.manual_seed(seed)
     torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.cuda.set_device = lambda *a, **k: None
+    import typing
+
+    if not hasattr(typing, "override"):  # megatron.training 0.19 imports it from typing (3.12)
+        import typing_extensions
+
+        typing.override = typing_extensions.override
 
     from megatron.core.tensor_parallel import random as mrandom
     from megatron.core.transformer.moe import moe_utils, token_dispatcher
@@ -97,3 +106,48 @@ def apply() -> None:
     _MODE = _CudaToCpu()
     _MODE.__enter__()
     _APPLIED = True
+
+
+def apply_training() -> None:
+    """Also lets Megatron-LM's `megatron.training` (pretrain, initialize) run on the CPU."""
+    apply()
+    if torch.cuda.is_available():
+        return
+    from megatron.core.datasets import utils as dataset_utils
+    from megatron.training import arguments, initialize, training
+
+    init = initialize.initialize_megatron
+
+    def initialize_megatron(*args, **kwargs):
+        kwargs["allow_no_cuda"] = True
+        return init(*args, **kwargs)
+
+    training.initialize_megatron = initialize.initialize_megatron = initialize_megatron
+
+    def one_device(fn):
+        # Megatron sets up model-parallel groups and the RNG tracker only when it sees a GPU.
+        def wrapped(*args, **kwargs):
+            count = torch.cuda.device_count
+            torch.cuda.device_count = lambda: 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.device_count = count
+
+        return wrapped
+
+    initialize._initialize_distributed = one_device(initialize._initialize_distributed)
+    initialize._set_random_seed = one_device(initialize._set_random_seed)
+    try:
+        import helpers_cpp  # noqa: F401  (built with megatron-core's sdist)
+
+        dataset_utils.compile_helpers = lambda: None
+    except ImportError:
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+
+            dataset_utils.compile_helpers = lambda: None
+        except ImportError:
+            pass
+    if hasattr(arguments, "get_device_arch_version"):
+        arguments.get_device_arch_version = lambda: 0
