@@ -24,7 +24,7 @@ if [ "$(cat "$stamp2" 2>/dev/null)" != "$want2" ]; then
   # already-installed build tools (no isolation) and without pulling its optional dependencies.
   if ! { "$VENV2/bin/python" -m pip install --upgrade "pip>=23" &&
          "${pip2[@]}" torch numpy triton pybind11 setuptools wheel packaging einops psutil tqdm &&
-         "${pip2[@]}" -e "$ROOT[test]" &&
+         "${pip2[@]}" -e "$ROOT[test,megatron_lm]" &&
          "${pip2[@]}" --no-build-isolation --no-deps --ignore-requires-python "megatron-core==$MCORE019_VERSION"; } >"$log2" 2>&1; then
     tail -n 40 "$log2" >&2
     echo "[env] pip install failed; full log: $log2" >&2

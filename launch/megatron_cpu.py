@@ -149,5 +149,7 @@ def apply_training() -> None:
             dataset_utils.compile_helpers = lambda: None
         except ImportError:
             pass
+    if hasattr(initialize, "fused_kernels"):  # 0.16: builds CUDA kernels with nvcc at start-up
+        initialize.fused_kernels.load = lambda args: None
     if hasattr(arguments, "get_device_arch_version"):
         arguments.get_device_arch_version = lambda: 0
