@@ -101,6 +101,31 @@ def apply() -> None:
             return tensor.numpy() if as_numpy else tensor
         return tensor
 
+    from megatron.core.tensor_parallel import mappings
+
+    gather, reduce_scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def gather_uneven(input_, group, output_split_sizes=None, use_global_buffer=False):
+        # gloo's all_gather needs equal sizes: pad to the largest split, gather, cut.
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        top = max(output_split_sizes)
+        padded = input_.new_zeros((top, *input_.shape[1:]))
+        padded[: input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in output_split_sizes]
+        torch.distributed.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, output_split_sizes)])
+
+    def reduce_scatter_uneven(input_, group, input_split_sizes=None, use_global_buffer=False):
+        # gloo has no reduce_scatter: all-reduce, keep this rank's split.
+        if input_split_sizes is None or group.size() == 1:
+            return reduce_scatter(input_, group, input_split_sizes, use_global_buffer)
+        total = input_.contiguous().clone()
+        torch.distributed.all_reduce(total, group=group)
+        return torch.split(total, input_split_sizes, dim=0)[group.rank()].contiguous()
+
+    mappings._gather_along_first_dim = gather_uneven
+    mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
     moe_utils.maybe_move_tensor_to_cpu = to_cpu
     token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
     _MODE = _CudaToCpu()

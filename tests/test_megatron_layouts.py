@@ -1,0 +1,22 @@
+"""Identical, correct D in the parallel layouts megatron users run (megatron-core 0.16.1 and 0.19.2):
+TP with sequence parallelism, expert-TP, EP, CP, PP, DP and products of them, each against a
+float64 dense reference of D and of the layer output (tests/megatron_layout_workers.py)."""
+
+import pytest
+
+pytest.importorskip("megatron.core")
+pytestmark = [pytest.mark.megatron, pytest.mark.distributed]
+
+from dist import run_distributed  # noqa: E402
+
+
+def test_layouts_on_2_ranks():
+    import megatron_layout_workers as w
+
+    run_distributed(w.all_layouts, 2, w.LAYOUTS_2)
+
+
+def test_layouts_on_4_ranks():
+    import megatron_layout_workers as w
+
+    run_distributed(w.all_layouts, 4, w.LAYOUTS_4)
