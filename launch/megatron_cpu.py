@@ -124,6 +124,15 @@ def apply() -> None:
         torch.distributed.all_reduce(total, group=group)
         return torch.split(total, input_split_sizes, dim=0)[group.rank()].contiguous()
 
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    def causal_mask(sq):
+        # device="cuda" upstream; the TorchFunctionMode does not reach code that autograd runs
+        # (activation-checkpoint recomputes inside torch.autograd.backward).
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    transformer_utils.get_default_causal_mask = fused_softmax.get_default_causal_mask = causal_mask
     mappings._gather_along_first_dim = gather_uneven
     mappings._reduce_scatter_along_first_dim = reduce_scatter_uneven
     moe_utils.maybe_move_tensor_to_cpu = to_cpu

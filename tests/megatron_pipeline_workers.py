@@ -1,0 +1,100 @@
+"""Per-rank bodies of the pipeline-recompute test: megatron's 1F1B schedule on 2 pipeline stages
+runs several micro-batches' forwards before their backwards, so the EMA moves between a
+micro-batch's forward and its recompute. Router and expert gradients (and D, and the StableMoE
+step) with activation recompute must equal those of a run without it."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+import megatron_cpu
+
+H, E, S, MB, VOCAB, MICROBATCHES = 16, 4, 8, 2, 64, 4
+
+
+def _run(recompute: str, router: str, top_k: int):
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from megatron.core.transformer import TransformerConfig
+
+    from default_moe.integrations import megatron as dm
+
+    model_parallel_cuda_manual_seed(123)
+    extra = {}
+    if recompute == "full":
+        extra = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "moe":
+        extra = dict(recompute_granularity="selective", recompute_modules=["moe"])
+    config = TransformerConfig(
+        num_layers=4, hidden_size=H, num_attention_heads=2, num_moe_experts=E, moe_router_topk=top_k,
+        moe_ffn_hidden_size=32, ffn_hidden_size=32, moe_token_dispatcher_type="alltoall", moe_router_pre_softmax=True,
+        moe_aux_loss_coeff=0.0, use_cpu_initialization=True, add_bias_linear=False, init_method_std=0.3,
+        pipeline_model_parallel_size=2, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
+        **extra,
+    )
+    settings = dict(router=router, beta=0.5)
+    if router == "stablemoe":
+        # The stage boundary falls inside the step: micro-batches 1-2 learn routing, 3-4 freeze it.
+        settings["stablemoe"] = dict(vocab_size=VOCAB, stage2_step=2, router_dim=8)
+    dm.install(**settings)
+    try:
+        torch.manual_seed(0)
+        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E),
+                         vocab_size=VOCAB, max_sequence_length=S,
+                         pre_process=parallel_state.is_pipeline_first_stage(),
+                         post_process=parallel_state.is_pipeline_last_stage())
+    finally:
+        dm.uninstall()
+    layers = [m for m in model.modules() if isinstance(m, dm.DefaultMoELayer)]
+    assert len(layers) == 2  # two MoE layers on each stage
+    if router == "default":
+        with torch.no_grad():
+            for i, layer in enumerate(layers):  # a nonzero start, so every step's D matters
+                layer.defaults.defaults_ED.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(i)))
+    g = torch.Generator().manual_seed(42)
+    batches = [torch.randint(0, VOCAB, (MB, S), generator=g) for _ in range(MICROBATCHES)]
+    pos = torch.arange(S).unsqueeze(0).expand(MB, S)
+
+    def step(data_iterator, chunk):
+        tokens = next(data_iterator)
+        out = chunk(tokens, pos, None, labels=torch.roll(tokens, -1, 1))
+
+        def loss_fn(output):
+            loss = output.float().mean()
+            return loss, {"loss": loss.detach()}
+
+        return out, loss_fn
+
+    get_forward_backward_func()(forward_step_func=step, data_iterator=iter(batches), model=[model],
+                                num_microbatches=MICROBATCHES, seq_length=S, micro_batch_size=MB, forward_only=False)
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()
+             if p.grad is not None and (".router." in n or ".experts." in n)}
+    state = {n: b.clone() for n, b in model.named_buffers() if "defaults_ED" in n or "num_steps" in n}
+    return grads, state
+
+
+def pipeline_recompute(rank, world):
+    megatron_cpu.apply()
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    for router, top_k in (("default", 2), ("stablemoe", 1)):
+        want_grads, want_state = _run("none", router, top_k)
+        assert any(".router." in n for n in want_grads) and any(".experts." in n for n in want_grads)
+        if router == "stablemoe":
+            assert all(int(v) == MICROBATCHES for n, v in want_state.items() if "num_steps" in n), want_state
+        for recompute in ("full", "moe"):
+            grads, state = _run(recompute, router, top_k)
+            assert grads.keys() == want_grads.keys()
+            for n in grads:
+                assert torch.equal(grads[n], want_grads[n]), (
+                    f"{router}, recompute {recompute}: gradient of {n} differs from the run without recompute "
+                    f"(max diff {(grads[n] - want_grads[n]).abs().max():.3g})")
+            for n in state:
+                assert torch.equal(state[n], want_state[n]), f"{router}, recompute {recompute}: {n} differs"
+    parallel_state.destroy_model_parallel()
