@@ -77,3 +77,47 @@ def test_megatron_example_runs_on_cpu():
     losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out.stdout)]
     norm = float(re.search(r"mean norm ([0-9.]+)", out.stdout).group(1))
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5 and norm > 0, out.stdout
+
+
+def test_install_reaches_every_spec_path_and_refuses_the_rest():
+    """install() patches every MoE spec source of this megatron-core (GPT layer specs; on 0.19 also
+    the experimental attention variants and the hybrid specs built at import time); while
+    installed, a megatron MoELayer that is not ours cannot be built; uninstall() restores all."""
+    import types
+
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer import TransformerConfig
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    from default_moe.integrations import megatron as dm
+    from default_moe.integrations import megatron_compat as compat
+
+    cfg = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4, moe_router_topk=2,
+                            moe_router_pre_softmax=True, use_cpu_initialization=True, add_bias_linear=False)
+    init = MoELayer.__init__
+    before = {(m.__name__, a): getattr(m, a) for m, a in compat.spec_builder_sites() + compat.prebuilt_spec_sites()}
+    dm.install(router="default", beta=0.7)
+    try:
+        assert compat.moe_spec_class(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=4).submodules.mlp) is dm.DefaultMoELayer
+        if compat.NEW_SPECS:
+            from megatron.core.models.backends import LocalSpecProvider
+            from megatron.core.models.gpt import experimental_attention_variant_module_specs as variants
+            from megatron.core.models.hybrid import hybrid_layer_specs
+
+            spec, _ = variants._get_moe_module_spec(cfg, backend=LocalSpecProvider())
+            assert compat.moe_spec_class(spec) is dm.DefaultMoELayer
+            assert compat.moe_spec_class(hybrid_layer_specs.moe) is dm.DefaultMoELayer
+            moe_layer = hybrid_layer_specs.hybrid_stack_spec.submodules.moe_layer
+            assert compat.moe_spec_class(moe_layer.submodules.mlp) is dm.DefaultMoELayer
+            assert compat.moe_spec_kwargs(moe_layer.submodules.mlp)["default_moe"]["beta"] == 0.7
+        with pytest.raises(RuntimeError, match="building a MoELayer from a spec it did not patch"):
+            MoELayer(cfg)
+    finally:
+        dm.uninstall()
+    assert MoELayer.__init__ is init
+    assert {(m.__name__, a): getattr(m, a) for m, a in compat.spec_builder_sites() + compat.prebuilt_spec_sites()} == before
+    # Features whose expert path Default MoE cannot see are refused by name.
+    with pytest.raises(ValueError, match="moe_latent_size"):
+        dm.check_megatron_config(types.SimpleNamespace(**{**vars(cfg), "moe_latent_size": 8}))
+    with pytest.raises(ValueError, match="overlap_dispatch_backward_with_experts_wgrad"):
+        dm.check_megatron_config(types.SimpleNamespace(**{**vars(cfg), "overlap_dispatch_backward_with_experts_wgrad": True}))

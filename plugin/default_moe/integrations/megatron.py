@@ -9,7 +9,8 @@ Two ways in:
 
 and for Megatron-LM scripts, `extra_args_provider=dm.extra_args_provider` adds
 `--moe-router-type`, `--moe-default-beta`, `--moe-default-ema-sync`, `--moe-default-ema-weighting`;
-`dm.install_from_args(args)` applies them (see patches/megatron-lm-pretrain_gpt.diff).
+`dm.install_from_args(args)` applies them (see patches/megatron-lm-core_r0.19.0.diff and
+patches/megatron-lm-core_v0.16.1.diff). Version differences live in `megatron_compat`.
 
 What our layer keeps from megatron-core: its router (`TopKRouter`, with z-loss, aux losses,
 expert bias, group-limited routing, capacity and token dropping), its token dispatchers and its
@@ -21,8 +22,11 @@ experts (SequentialMLP, TEGroupedMLP). What it adds (`DefaultMoELayer`, a `MoELa
   scales them by the routing probabilities itself (the same product megatron applies before fc2,
   as the expert MLPs have no fc2 bias in MoE layers);
 - per-expert statistics from the raw outputs on the expert's rank, zero rows elsewhere, one
-  all-reduce of E x (H+1) over the data-parallel(+context-parallel) group: every replica holds
-  the same defaults; the EMA update follows the core `ExpertDefaults`;
+  all-reduce of E x (H+1) over the whole pipeline stage (tensor x context x data parallel =
+  expert-TP x EP x expert-DP): every token of the stage is routed from one rank, and under expert
+  tensor parallelism the expert-TP ranks' partial sums add up to the outputs while the counts come
+  from expert-TP rank 0 only; so every rank of the stage holds the same defaults, in any
+  TP/SP/CP/EP/expert-TP/DP layout; the EMA update follows the core `ExpertDefaults`;
 - the default term `(dense_probs * ~routing_map) @ D` added in `postprocess` (routes dropped over
   capacity count as not run). No collective is added for the router gradient.
 - `defaults.defaults_ED` in the state dict and in `sharded_state_dict` (replicated).
@@ -34,8 +38,10 @@ top-k > 1, `moe_apply_probs_on_input`, `moe_pad_expert_input_to_capacity`. Allow
 losses, group-limited routing, `moe_router_topk_scaling_factor` (scales the selected experts'
 gates only; the default term uses raw pi).
 
-Tested on CPU with megatron-core 0.16.1 (the version pip resolves on Python 3.11) through the
-local spec (`SequentialMLP`). The Transformer Engine path (`TEGroupedMLP`) goes through the same
+Tested on CPU with megatron-core 0.16.1 and 0.19.2 through the local spec (`SequentialMLP`), in
+layer, GPT-model, pipeline-schedule and real Megatron-LM `pretrain_gpt.py` runs. Also refused:
+`moe_latent_size`, `overlap_dispatch_backward_with_experts_wgrad`, inference router/dispatcher
+specs, NCCL-EP zero-copy expert buffers (the experts' raw outputs are not visible there). The Transformer Engine path (`TEGroupedMLP`) goes through the same
 `routed_experts_compute` override and takes unit probabilities the same way, but it is not tested
 here (Transformer Engine does not install on CPU).
 
@@ -252,7 +258,13 @@ class DefaultMoELayer(McoreMoELayer):
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False, name=None,
                  default_moe=None):
         settings = validate_settings(default_moe)
-        if submodules is not None and submodules.router in (None, TopKRouter):
+        uses_defaults = registered_routers()[settings.get("router", "default")].uses_defaults
+        if uses_defaults:  # refused before megatron builds anything
+            check_megatron_config(config)
+        if submodules is not None and submodules.router not in (None, TopKRouter):
+            raise ValueError(f"default-moe replaces megatron's TopKRouter; this MoE spec names router "
+                             f"{getattr(submodules.router, '__name__', submodules.router)!r} (inference specs are not supported)")
+        if submodules is not None:
             if settings.get("router") == "sparsemixer":
                 router = functools.partial(SparseMixerTopKRouter, sparsemixer=settings.get("sparsemixer"))
             elif settings.get("router") in ("hash", "stablemoe"):
@@ -268,8 +280,7 @@ class DefaultMoELayer(McoreMoELayer):
             aux_loss_coeff=0.0, **settings,
         )
         self.defaults: Optional[ExpertDefaults] = None
-        if registered_routers()[self.moe_config.router].uses_defaults:
-            check_megatron_config(config)
+        if uses_defaults:
             if not isinstance(self.router, DefaultTopKRouter):
                 raise ValueError(f"Default MoE needs DefaultTopKRouter (a TopKRouter), got {type(self.router).__name__}")
             self.defaults = ExpertDefaults.from_config(
