@@ -13,7 +13,7 @@ import megatron_cpu
 H, E, S, MB, VOCAB, MICROBATCHES = 16, 4, 8, 2, 64, 4
 
 
-def _run(recompute: str, router: str, top_k: int):
+def _run(recompute: str, router: str, top_k: int, vpp=None):
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -34,7 +34,7 @@ def _run(recompute: str, router: str, top_k: int):
         moe_ffn_hidden_size=32, ffn_hidden_size=32, moe_token_dispatcher_type="alltoall", moe_router_pre_softmax=True,
         moe_aux_loss_coeff=0.0, use_cpu_initialization=True, add_bias_linear=False, init_method_std=0.3,
         pipeline_model_parallel_size=2, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-        **extra,
+        virtual_pipeline_model_parallel_size=vpp, **extra,
     )
     settings = dict(router=router, beta=0.5)
     if router == "stablemoe":
@@ -43,14 +43,16 @@ def _run(recompute: str, router: str, top_k: int):
     dm.install(**settings)
     try:
         torch.manual_seed(0)
-        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E),
-                         vocab_size=VOCAB, max_sequence_length=S,
-                         pre_process=parallel_state.is_pipeline_first_stage(),
-                         post_process=parallel_state.is_pipeline_last_stage())
+        chunks = [GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E),
+                           vocab_size=VOCAB, max_sequence_length=S,
+                           pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=v),
+                           post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=v),
+                           **({} if vpp is None else {"vp_stage": v}))
+                  for v in range(vpp or 1)]
     finally:
         dm.uninstall()
-    layers = [m for m in model.modules() if isinstance(m, dm.DefaultMoELayer)]
-    assert len(layers) == 2  # two MoE layers on each stage
+    layers = [m for c in chunks for m in c.modules() if isinstance(m, dm.DefaultMoELayer)]
+    assert len(layers) == 2  # two MoE layers on each stage (one per chunk when interleaved)
     if router == "default":
         with torch.no_grad():
             for i, layer in enumerate(layers):  # a nonzero start, so every step's D matters
@@ -69,27 +71,30 @@ def _run(recompute: str, router: str, top_k: int):
 
         return out, loss_fn
 
-    get_forward_backward_func()(forward_step_func=step, data_iterator=iter(batches), model=[model],
+    data = iter(batches) if vpp is None else [iter(batches), iter(list(batches))]
+    get_forward_backward_func()(forward_step_func=step, data_iterator=data, model=chunks,
                                 num_microbatches=MICROBATCHES, seq_length=S, micro_batch_size=MB, forward_only=False)
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()
+    grads = {f"{i}.{n}": p.grad.clone() for i, c in enumerate(chunks) for n, p in c.named_parameters()
              if p.grad is not None and (".router." in n or ".experts." in n)}
-    state = {n: b.clone() for n, b in model.named_buffers() if "defaults_ED" in n or "num_steps" in n}
+    state = {f"{i}.{n}": b.clone() for i, c in enumerate(chunks) for n, b in c.named_buffers()
+             if "defaults_ED" in n or "num_steps" in n}
     return grads, state
 
 
-def pipeline_recompute(rank, world):
+def pipeline_recompute(rank, world, vpp=None):
+    """vpp None: 1F1B; 2: the interleaved schedule with 2 model chunks per stage."""
     megatron_cpu.apply()
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2)
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=vpp)
     for router, top_k in (("default", 2), ("stablemoe", 1)):
-        want_grads, want_state = _run("none", router, top_k)
+        want_grads, want_state = _run("none", router, top_k, vpp)
         assert any(".router." in n for n in want_grads) and any(".experts." in n for n in want_grads)
         if router == "stablemoe":
             assert all(int(v) == MICROBATCHES for n, v in want_state.items() if "num_steps" in n), want_state
         for recompute in ("full", "moe"):
-            grads, state = _run(recompute, router, top_k)
+            grads, state = _run(recompute, router, top_k, vpp)
             assert grads.keys() == want_grads.keys()
             for n in grads:
                 assert torch.equal(grads[n], want_grads[n]), (

@@ -22,10 +22,11 @@ def test_layouts_on_4_ranks():
     run_distributed(w.all_layouts, 4, w.LAYOUTS_4)
 
 
-def test_pipeline_1f1b_with_recompute_equals_no_recompute():
-    """megatron's 1F1B schedule, 2 stages, 4 micro-batches: full-layer and selective ("moe")
-    recompute give router/expert gradients, D and the StableMoE step equal to no recompute
-    (Default MoE and StableMoE across its stage boundary)."""
+@pytest.mark.parametrize("vpp", [None, 2], ids=["1f1b", "interleaved"])
+def test_pipeline_with_recompute_equals_no_recompute(vpp):
+    """megatron's 1F1B and interleaved schedules, 2 stages, 4 micro-batches: full-layer and
+    selective ("moe") recompute give router/expert gradients, D and the StableMoE step equal to
+    no recompute (Default MoE and StableMoE across its stage boundary)."""
     import megatron_pipeline_workers as w
 
-    run_distributed(w.pipeline_recompute, 2)
+    run_distributed(w.pipeline_recompute, 2, vpp)
