@@ -18,9 +18,9 @@ experts (SequentialMLP, TEGroupedMLP). What it adds (`DefaultMoELayer`, a `MoELa
 `DefaultTopKRouter`, a `TopKRouter` subclass):
 - the fp32 softmax over ALL experts of the same logits (`moe_router_pre_softmax` semantics, so the
   sparse and dense probabilities agree: no top-k renormalisation);
-- the experts run with unit probabilities, so their raw outputs feed the EMA; the layer then
-  scales them by the routing probabilities itself (the same product megatron applies before fc2,
-  as the expert MLPs have no fc2 bias in MoE layers);
+- the experts run with unit probabilities, so their raw outputs (fc2 bias included, when the
+  experts have one) feed the EMA; the layer then scales them by the routing probabilities itself:
+  megatron computes p * fc2(act(fc1 x)) + p * bias, the same p * raw output;
 - per-expert statistics from the raw outputs on the expert's rank, zero rows elsewhere, one
   all-reduce of E x (H+1) over the whole pipeline stage (tensor x context x data parallel =
   expert-TP x EP x expert-DP): every token of the stage is routed from one rank, and under expert
