@@ -48,11 +48,16 @@ def _ref() -> str:
 
 
 def _checkout(ref: str) -> Path:
-    base = Path(os.environ.get("DEFAULT_MOE_MEGATRON_LM", ROOT.parent / "shared" / "megatron-lm"))
-    for candidate in (base, base / ref):
-        if (candidate / "pretrain_gpt.py").is_file():
-            return candidate
-    pytest.skip(f"no Megatron-LM checkout at {base} (set DEFAULT_MOE_MEGATRON_LM to a checkout of {ref})")
+    if "DEFAULT_MOE_MEGATRON_LM" in os.environ:
+        bases = [Path(os.environ["DEFAULT_MOE_MEGATRON_LM"])]
+    else:  # beside this repository; else where the development machines keep it
+        bases = [ROOT.parent / "shared" / "megatron-lm", Path("/work/shared/megatron-lm")]
+    for base in bases:
+        for candidate in (base, base / ref):
+            if (candidate / "pretrain_gpt.py").is_file():
+                return candidate
+    pytest.skip(f"no Megatron-LM checkout at {' or '.join(map(str, bases))} "
+                f"(set DEFAULT_MOE_MEGATRON_LM to a checkout of {ref})")
 
 
 @pytest.fixture(scope="module")
