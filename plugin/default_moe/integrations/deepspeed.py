@@ -293,16 +293,20 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     if not section.enabled or model is None:
         return original(args, model, optimizer, model_parameters, *rest, **kwargs)
 
-    from default_moe.integrations import autoep, deepspeed_moe
+    from default_moe.integrations import autoep, deepspeed_moe, hf
 
     layers = _moe_layers(model)
     ds_layers = _deepspeed_moe_layers(model)
     use_autoep = bool((ds_config.get("expert_parallel") or {}).get("enabled", False))
     if not layers and not ds_layers and not use_autoep:
-        raise ValueError(
-            f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer, '
-            f'no deepspeed.moe.layer.MoE, and "expert_parallel" (AutoEP) is not enabled'
-        )
+        hf_blocks = hf.moe_blocks(model)  # refuses unsupported HF MoE blocks by name
+        if not hf_blocks:
+            raise ValueError(
+                f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer, '
+                f'no deepspeed.moe.layer.MoE, no supported HuggingFace MoE block ({sorted(hf.SUPPORTED)}), '
+                'and "expert_parallel" (AutoEP) is not enabled'
+            )
+        return _initialize_hf(original, section, args, model, optimizer, model_parameters, *rest, **kwargs)
     # Validate every layer's new config before anything is built or changed.
     new_configs = [section.config_for(layer.config) for _, layer in layers]
     ds_configs = [deepspeed_moe.layer_config(m, section.overrides) for _, m in ds_layers]
@@ -361,6 +365,31 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
 
 
 _INSIDE_OURS = [0]  # > 0 while our initialize runs DeepSpeed's
+
+
+def _initialize_hf(original, section, args, model, optimizer, model_parameters, *rest, **kwargs):
+    """HF MoE blocks without expert parallelism (replicated experts, any ZeRO stage): converted in
+    place (`integrations.hf.convert`), EMA statistics over DeepSpeed's data-parallel group."""
+    from default_moe.integrations import hf
+
+    settings = dict(section.overrides)
+    settings.pop("enabled", None)
+    try:
+        settings = hf.check_settings(settings)
+    except ValueError as e:
+        raise ValueError(f'DeepSpeed config "{SECTION}" (HuggingFace model, no "expert_parallel"): {e}') from None
+    import deepspeed
+
+    skip_cpu_jit_builds()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+    if not any(getattr(b, "_default_moe", None) is not None for _, b in hf.moe_blocks(model)):
+        hf.convert(model, **settings)
+    _INSIDE_OURS[0] += 1
+    try:
+        return original(args, model, optimizer, model_parameters, *rest, **kwargs)
+    finally:
+        _INSIDE_OURS[0] -= 1
 
 
 def install_section_guard() -> None:
