@@ -33,10 +33,10 @@ def qwen3_moe(seed=0):
     return Qwen3MoeForCausalLM(cfg)
 
 
-def config(stage, section, preset="mixtral"):
+def config(stage, section, preset="mixtral", gas=1):
     cfg = {
         "train_micro_batch_size_per_gpu": 2,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": gas,
         "zero_optimization": {"stage": stage},
         "optimizer": {"type": "AdamW", "params": {"lr": 3e-3, "weight_decay": 0.0, "torch_adam": True}},
         "gradient_clipping": 0.0,
@@ -182,6 +182,24 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     assert all(torch.isfinite(torch.tensor(losses))) and int(layer.num_steps) == 3
     assert layer.distill.emb.weight.shape == (V, 50)
     assert not torch.equal(layer.distill.emb.weight, w0)  # stage 1 trained the distilled router
+
+    # StableMoE's stage-1 losses reach backward through AuxLossAutoScaler: with gradient
+    # accumulation 2 they get the engine's 1/2 like the main loss (the distilled router's
+    # gradient comes from them alone).
+    grads = {}
+    for gas in (1, 2):
+        m = mixtral(top_k=1)
+        e, *_ = dm_ds.initialize(model=m, config=config(0, {"enabled": True, "router": "stablemoe",
+                                                            "stablemoe": {"stage2_step": 100}}, gas=gas))
+        ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(7 + rank))
+        e.backward(e(input_ids=ids, labels=ids).loss)
+        g = moe_layers(m)[0].distill.emb.weight.grad.clone()
+        if gas == 2:  # not an accumulation boundary: the engine has not averaged over ranks yet
+            dist.all_reduce(g)
+            g /= world
+        grads[gas] = g
+    assert grads[1].abs().sum() > 0
+    torch.testing.assert_close(grads[2], grads[1] / 2, rtol=1e-6, atol=0)
 
     try:
         from transformers import Qwen3MoeForCausalLM  # noqa: F401

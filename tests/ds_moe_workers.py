@@ -237,6 +237,50 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     e_old.save_checkpoint(f"{tmpdir}/before_flag")
     m3 = DSMoEModel(k=2, seed=5)
     e3, *_ = dm_ds.initialize(model=m3, config=ds_config(1, section=section("default")))
-    e3.load_checkpoint(f"{tmpdir}/before_flag")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:  # zeros, and said
+        warnings.simplefilter("always")
+        e3.load_checkpoint(f"{tmpdir}/before_flag")
+    assert any("starts from zero defaults" in str(w.message) for w in caught), [str(w.message) for w in caught]
     assert m3.moe.deepspeed_moe.defaults.defaults_ED.abs().sum() == 0
     assert torch.equal(m3.moe.deepspeed_moe.gate.wg.weight, e_old.module.moe.deepspeed_moe.gate.wg.weight)
+    filtered_defaults_check(rank, world, tmpdir)
+
+
+class ExpertNamedModel(DSMoEModel):
+    """The MoE module under a name containing "expert": DeepSpeed's non-MoE state filter drops every
+    key containing "expert" under a native MoE module, D included."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed=seed, k=2)
+        self.expert_block = self.moe
+        del self.moe
+
+    def forward(self, x, y):
+        h = self.inp(x)
+        o, l_aux, _ = self.expert_block(h)
+        return F.mse_loss(self.out(h + o), y) + 0.01 * l_aux
+
+
+def filtered_defaults_check(rank, world, tmpdir):
+    """D dropped from DeepSpeed's module state by its filter is restored from default_moe_defaults.pt:
+    never silently lost."""
+    import deepspeed
+
+    dm_ds.skip_cpu_jit_builds()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    m = ExpertNamedModel()
+    e, *_ = dm_ds.initialize(model=m, config=ds_config(1, section=section("default")))
+    train_engine(e, 2, 1)
+    e.save_checkpoint(f"{tmpdir}/named")
+    D_saved = m.expert_block.deepspeed_moe.defaults.defaults_ED.clone()
+    assert D_saved.abs().sum() > 0
+    dist.barrier()
+    tag = open(f"{tmpdir}/named/latest").read().strip()
+    module_state = torch.load(f"{tmpdir}/named/{tag}/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert not any(k.endswith("defaults_ED") for k in module_state), "the filter no longer drops D: test premise gone"
+    m2 = ExpertNamedModel(seed=3)
+    e2, *_ = dm_ds.initialize(model=m2, config=ds_config(1, section=section("default")))
+    e2.load_checkpoint(f"{tmpdir}/named")
+    assert torch.equal(m2.expert_block.deepspeed_moe.defaults.defaults_ED, D_saved)

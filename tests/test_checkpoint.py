@@ -38,8 +38,15 @@ def test_checkpoint_errors_and_atomic_write(tmp_path, monkeypatch):
     model = torch.nn.Sequential(_layer())
     checkpoint.save(model, path, extra={"step": 1})
     before = open(path, "rb").read()
-    with pytest.raises(ValueError, match=r"different config for MoE layer '0': beta=0.9 \(model: 0.5\)"):
-        checkpoint.load(torch.nn.Sequential(_layer(beta=0.5)), path)
+    with pytest.raises(ValueError, match=r"different config for MoE layer '0': router='default' \(model: 'topk'\)"):
+        checkpoint.load(torch.nn.Sequential(_layer(router="topk")), path)
+    with pytest.raises(ValueError, match=r"ema_weighting='mean' \(model: 'prob'\)"):
+        checkpoint.load(torch.nn.Sequential(_layer(ema_weighting="prob")), path)
+    # Settings that do not change what the saved state is load, and are reported.
+    other = torch.nn.Sequential(_layer(beta=0.5, ema_sync="async", nonfinite="raise", init_std=0.1, aux_loss_coeff=0.0))
+    with pytest.warns(UserWarning, match=r"0: aux_loss_coeff=0.01 -> 0.0; 0: beta=0.9 -> 0.5; 0: ema_sync='sync' -> 'async'"):
+        assert checkpoint.load(other, path) == {"step": 1}
+    assert torch.equal(other[0].defaults.defaults_ED, model[0].defaults.defaults_ED)
     with pytest.raises(ValueError, match="MoE layers"):
         checkpoint.load(torch.nn.Sequential(_layer(), _layer()), path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -70,3 +77,23 @@ def test_checkpoint_errors_and_atomic_write(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert open(path, "rb").read() == before and checkpoint.load(model, path) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "corrupt.pt", "foreign.pt"]  # no temp left
+
+
+def test_load_resets_pending_accumulation_and_says_when_d_is_missing():
+    """A load replaces any statistics accumulated toward an ema_sync_every sync; a state without
+    D loads zeros and says so (pre-flag checkpoint, or D filtered out on the way)."""
+    layer = _layer(ema_sync_every=3)
+    layer.train()
+    x = torch.randn(6, 8)
+    layer(x)
+    assert layer.defaults._accum_count == 1
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer.load_state_dict(state)
+    assert layer.defaults._accum is None and layer.defaults._accum_count == 0
+    for _ in range(3):
+        layer(x)
+    assert layer.defaults.num_updates == 1  # 3 forwards after the load, not 4
+    del state["defaults.defaults_ED"]
+    with pytest.warns(UserWarning, match="defaults.defaults_ED is not in the loaded state: Default MoE starts from zero"):
+        layer.load_state_dict(state)
+    assert layer.defaults.defaults_ED.abs().sum() == 0

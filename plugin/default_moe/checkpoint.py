@@ -42,8 +42,11 @@ from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
 
 FORMAT = "default-moe-checkpoint-v1"
-# Config fields that change how the layer runs, not what its saved state means.
-_LAYOUT_ONLY = ("ep_size", "experts_backend")
+# Config fields that change how the layer runs or trains from here on, not the shapes or the meaning
+# of its saved state (a difference is reported, not refused). Every other field (sizes, activation,
+# router and its settings, top_k, normalize_topk, ema_weighting: what D averages) is refused.
+_RUNTIME_ONLY = ("ep_size", "experts_backend", "beta", "ema_sync", "ema_stats_dtype", "ema_sync_every", "nonfinite",
+                 "default_in_forward", "init_std", "aux_loss_coeff", "z_loss_coeff", "capacity_factor", "drop_policy")
 
 
 def _moe_layers(model: nn.Module):
@@ -224,14 +227,19 @@ def load(model: nn.Module, path: str, trust_pickle: bool = False) -> Dict[str, A
     if missing or len(saved_cfgs) != len(layers):
         raise ValueError(f"checkpoint {path} has MoE layers {sorted(saved_cfgs)}, the model {[n for n, _ in layers]}")
     sd = dict(payload["model"])
+    reported = []
     for name, layer in layers:
         mine = layer.config.to_dict()
-        diffs = sorted(k for k in mine if k not in _LAYOUT_ONLY and saved_cfgs[name].get(k) != mine[k])
-        if diffs:
+        diffs = sorted(k for k in mine if saved_cfgs[name].get(k) != mine[k])
+        refused = [k for k in diffs if k not in _RUNTIME_ONLY]
+        if refused:
             raise ValueError(
                 f"checkpoint {path} was written with a different config for MoE layer {name!r}: "
-                + ", ".join(f"{k}={saved_cfgs[name].get(k)!r} (model: {mine[k]!r})" for k in diffs)
+                + ", ".join(f"{k}={saved_cfgs[name].get(k)!r} (model: {mine[k]!r})" for k in refused)
+                + " (these change the shapes or the meaning of the saved state)"
             )
+        reported += [f"{name}: {k}={saved_cfgs[name].get(k)!r} -> {mine[k]!r}" for k in diffs
+                     if k not in ("ep_size", "experts_backend")]
         prefix = f"{name}." if name else ""
         upgrade_expert_state_dict(sd, f"{prefix}experts.")  # written with separate w1/w3
         ids = list(layer.local_expert_ids)
@@ -239,6 +247,9 @@ def load(model: nn.Module, path: str, trust_pickle: bool = False) -> Dict[str, A
             key = f"{prefix}experts.{pname}"
             sd[key] = sd[key][ids[0] : ids[-1] + 1]
     model.load_state_dict(sd)
+    if reported:
+        warnings.warn(f"checkpoint {path} loaded; the model runs with other settings than it was saved with: "
+                      + "; ".join(reported), stacklevel=2)
     return payload["extra"]
 
 

@@ -51,6 +51,7 @@ Legend: T tokens, K top-k, E experts, D hidden.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -329,9 +330,16 @@ class ExpertDefaults(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "defaults_ED"
         if key not in state_dict:
-            # A checkpoint from before Default MoE was switched on: start from zero defaults
-            # (the paper's initialisation) instead of failing a strict load.
+            # A checkpoint from before Default MoE was switched on: start from zero defaults (the
+            # paper's initialisation) instead of failing a strict load; said, never silent, since
+            # the same absence is what a filter that dropped D on the way looks like.
+            warnings.warn(
+                f"{key} is not in the loaded state: Default MoE starts from zero defaults. Right for a checkpoint "
+                "written before Default MoE was switched on; if it was written with Default MoE, D was filtered out on "
+                "the way (DeepSpeed engines restore it from default_moe_defaults.pt)", stacklevel=3)
             state_dict[key] = torch.zeros_like(self.defaults_ED)
+        # Statistics accumulated toward an `ema_sync_every` sync belong to the replaced state.
+        self._accum, self._accum_count = None, 0
         if self._pending is not None:
             for work in self._pending[0]:
                 if work is not None:

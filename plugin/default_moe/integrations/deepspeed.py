@@ -221,14 +221,75 @@ def _expert_state(model) -> Dict[str, Dict[str, torch.Tensor]]:
     }
 
 
+DEFAULTS_FILE = "default_moe_defaults.pt"
+
+
+def _defaults_buffers(model) -> Dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if n.endswith("defaults_ED")}
+
+
+def _install_common_hooks(engine) -> None:
+    """For every engine our initialize builds with the section on (own layers, DeepSpeed-MoE,
+    AutoEP, HF blocks): D in its own checkpoint file, and the aux-loss gradient scale.
+
+    D is in the module state too, but a state filter can drop it on the way (DeepSpeed's non-MoE
+    filter drops every key containing "expert" under a native MoE module, so a module named e.g.
+    `expert_block` loses its D); `default_moe_defaults.pt` beside DeepSpeed's files keeps it and
+    tells the two cases apart on load: the file present = written with Default MoE (D restored
+    from it, a missing layer refused by name); absent = written before Default MoE was switched
+    on (zeros, warned by each layer)."""
+    save, load, backward = engine.save_checkpoint, engine.load_checkpoint, engine.backward
+
+    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
+        tag = tag if tag is not None else f"global_step{engine.global_steps}"
+        out = save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kw)
+        if dist.get_rank() == 0:  # D is identical on every rank
+            path = os.path.join(save_dir, str(tag), DEFAULTS_FILE)
+            torch.save({n: b.detach().cpu().clone() for n, b in _defaults_buffers(engine.module).items()}, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        dist.barrier()
+        return out
+
+    def load_checkpoint(load_dir, tag=None, **kw):
+        load_path, client_state = load(load_dir, tag=tag, **kw)
+        if load_path is None:
+            return load_path, client_state
+        named = tag if tag is not None else latest_tag(load_dir)
+        path = os.path.join(load_dir, str(named), DEFAULTS_FILE)
+        if os.path.exists(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            mine = _defaults_buffers(engine.module)
+            missing = sorted(set(mine) - set(saved))
+            if missing:
+                raise ValueError(f"{path} has no defaults for {missing[:4]}: the checkpoint's MoE layers differ from the model's")
+            with torch.no_grad():
+                for n, buf in mine.items():
+                    buf.copy_(saved[n])
+        return load_path, client_state
+
+    def backward_with_aux_scale(loss, *args, **kw):
+        # The aux losses enter backward through the layer outputs, outside the engine's loss
+        # scaling: give them the same 1/gradient_accumulation_steps (and fp16 loss scale).
+        scale = 1.0 / engine.gradient_accumulation_steps()
+        loss_scaler = getattr(engine.optimizer, "cur_scale", None)
+        if engine.fp16_enabled() and loss_scaler is not None:
+            scale *= float(loss_scaler)
+        AuxLossAutoScaler.set_loss_scale(scale)
+        return backward(loss, *args, **kw)
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+    engine.backward = backward_with_aux_scale
+
+
 def _install_engine_hooks(engine) -> None:
-    """Checkpoint save/load of this rank's experts and the aux-loss gradient scale."""
+    """Checkpoint save/load of this rank's experts (our own MoE layers)."""
     model = engine.module
     layers = _moe_layers(model)
     ep_size = layers[0][1].config.ep_size
     ep_rank = layers[0][1].groups.ep_rank
     expert_dp_rank = dist.get_rank(layers[0][1].groups.expert_dp_group) if layers[0][1].groups.expert_dp_size > 1 else 0
-    save, load, backward = engine.save_checkpoint, engine.load_checkpoint, engine.backward
+    save, load = engine.save_checkpoint, engine.load_checkpoint
 
     def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
         tag = tag if tag is not None else f"global_step{engine.global_steps}"
@@ -265,19 +326,8 @@ def _install_engine_hooks(engine) -> None:
                     p.copy_(saved[name][n])
         return load_path, client_state
 
-    def backward_with_aux_scale(loss, *args, **kw):
-        # The aux losses enter backward through the layer outputs, outside the engine's loss
-        # scaling: give them the same 1/gradient_accumulation_steps (and fp16 loss scale).
-        scale = 1.0 / engine.gradient_accumulation_steps()
-        loss_scaler = getattr(engine.optimizer, "cur_scale", None)
-        if engine.fp16_enabled() and loss_scaler is not None:
-            scale *= float(loss_scaler)
-        AuxLossAutoScaler.set_loss_scale(scale)
-        return backward(loss, *args, **kw)
-
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
-    engine.backward = backward_with_aux_scale
 
 
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, *rest, **kwargs):
@@ -361,6 +411,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
         _INSIDE_OURS[0] -= 1
     if layers:
         _install_engine_hooks(result[0])
+    _install_common_hooks(result[0])
     return result
 
 
@@ -387,9 +438,11 @@ def _initialize_hf(original, section, args, model, optimizer, model_parameters, 
         hf.convert(model, **settings)
     _INSIDE_OURS[0] += 1
     try:
-        return original(args, model, optimizer, model_parameters, *rest, **kwargs)
+        result = original(args, model, optimizer, model_parameters, *rest, **kwargs)
     finally:
         _INSIDE_OURS[0] -= 1
+    _install_common_hooks(result[0])
+    return result
 
 
 def install_section_guard() -> None:
