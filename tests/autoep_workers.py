@@ -183,6 +183,23 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     assert layer.distill.emb.weight.shape == (V, 50)
     assert not torch.equal(layer.distill.emb.weight, w0)  # stage 1 trained the distilled router
 
+    # A sigmoid router (DeepSpeed's DeepSeek-V3 preset) is refused by name: the default term would
+    # add ~0.5 D_i for every unselected expert.
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(0)
+    ds3 = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=V, hidden_size=H, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=E, num_experts_per_tok=K,
+        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        n_shared_experts=1))
+    try:
+        dm_ds.initialize(model=ds3, config=config(1, {"enabled": True, "router": "default"}, preset="deepseek_v3"))
+    except ValueError as err:
+        assert "sigmoid" in str(err) and "AutoEP" in str(err), str(err)
+    else:
+        raise AssertionError("AutoEP with a sigmoid router was accepted for Default MoE")
+
     # StableMoE's stage-1 losses reach backward through AuxLossAutoScaler: with gradient
     # accumulation 2 they get the engine's 1/2 like the main loss (the distilled router's
     # gradient comes from them alone).
