@@ -1,6 +1,6 @@
-"""Default MoE in a loaded HuggingFace MoE model, in place, for any trainer (DDP, FSDP2, DeepSpeed
-ZeRO 1-3, HF Trainer, your own loop); experts replicated (no expert parallelism; for EP use AutoEP,
-`integrations/autoep.py`).
+"""Default MoE in a loaded HuggingFace MoE model, in place, for any trainer (tested: plain DDP,
+DeepSpeed ZeRO 2 and 3, the HF Trainer; FSDP2 not tested); experts replicated (no expert
+parallelism; for EP use AutoEP, `integrations/autoep.py`).
 
     from default_moe.integrations import hf
     model = AutoModelForCausalLM.from_pretrained(path)
@@ -19,7 +19,7 @@ computations as HF's, one row per slot — so their raw outputs feed the EMA; th
 with g = pi at the selected experts (the paper: no top-k renormalisation), or HF's own top-k
 weights with `normalize_topk=True` (Mixtral and `norm_topk_prob` models renormalise). The EMA
 statistics are all-reduced over the data-parallel group (`group`, default: the whole world when
-torch.distributed is initialised), so every replica holds the same D. Shared experts (Qwen2-MoE)
+torch.distributed is initialised at the forward), so every replica holds the same D. Shared experts (Qwen2-MoE)
 and HF's router aux loss are untouched. Router "topk" converts nothing (HF's outputs exactly).
 
 Under ZeRO-3 the experts' parameters are gathered by DeepSpeed's own module hooks around the
@@ -93,6 +93,9 @@ class _BlockHooks:
         self.call = _Call(logits_TE=out[0])
 
     def _experts_in(self, module, args):
+        if len(args) < 3:
+            raise RuntimeError(f"{self.name}: default-moe expects the experts to be called as experts(hidden, top_k_index, "
+                               f"top_k_weights) with positional arguments (got {len(args)})")
         x_TH, idx_TK, weights_TK = args[:3]
         if self.call.logits_TE is None:
             raise RuntimeError(f"{self.name}: the experts ran without the router's logits (default-moe expects the "
@@ -113,7 +116,7 @@ class _BlockHooks:
         probs_TE = dense_softmax(call.logits_TE.reshape(T, -1))
         probs_TK = probs_TE.gather(1, idx_TK)
         gates_TK = call.weights_TK.float() if self.normalize_topk else probs_TK
-        defaults.observe(call.fwd, y_TKH, idx_TK, probs_TK, None, self.group)
+        defaults.observe(call.fwd, y_TKH, idx_TK, probs_TK, None, _data_parallel_group(self.group))
         with torch.autocast(device_type=y_TKH.device.type, enabled=False):
             out_TH = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1)
         out_TH = out_TH + defaults.default_term(call.fwd, probs_TE, ran_mask(probs_TE.shape[1], idx_TK))
@@ -153,7 +156,7 @@ def convert(model: nn.Module, router: str = "default", group=None, state_from: O
     Args:
         router: "default" (Default MoE) or "topk" (no change: HF's own blocks).
         group: the data-parallel process group the EMA statistics are summed over (default: the
-            world when torch.distributed is initialised, else none).
+            world, looked up at each forward, so converting before init_process_group is fine).
         state_from: a `save_pretrained` folder (or a .safetensors / .bin file) to restore the
             blocks' `defaults_ED` from (`from_pretrained` drops keys the HF model does not have).
         settings: beta, ema_sync, ema_weighting, ema_stats_dtype, ema_sync_every, nonfinite,
@@ -166,7 +169,6 @@ def convert(model: nn.Module, router: str = "default", group=None, state_from: O
     if router == "topk":
         return model
     normalize_topk = bool(settings.pop("normalize_topk", False))
-    group = _data_parallel_group(group)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     for name, block in blocks:
         if getattr(block, "_default_moe", None) is not None:
