@@ -1,0 +1,160 @@
+"""The launchers users start multi-node jobs with, on real cluster software: a throw-away SLURM
+cluster (slurmctld + one slurmd per network-namespace node, munge) running launch/slurm.sbatch,
+and DeepSpeed's hostfile runner reaching the nodes over ssh (pdsh) through
+launch/deepspeed_launch.sh. Both: EP 4 across 2 nodes x 2 processes, losses equal to the
+single-node 4-process run of the same command; the SLURM job also survives a killed rank.
+
+Needs root (namespaces, daemons); the Debian packages (slurm-wlm, munge, pdsh, openssh-server)
+are installed when missing; skipped with the reason otherwise. Every wait has a timeout; daemons
+and namespaces are always removed (also by hand: `bash launch/slurm_netns.sh down DIR`,
+`bash launch/ssh_netns.sh down DIR`).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = str(ROOT / "launch" / "slurm_netns.sh")
+SSH = str(ROOT / "launch" / "ssh_netns.sh")
+JOB = ["--steps", "9", "--ep-size", "4", "--micro-batch", "4", "--seq-len", "32", "--eval-every", "9",
+       "--eval-batches", "1", "--ckpt-every", "3", "--log-every", "1"]
+PACKAGES = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge", "pdsh": "pdsh", "sshd": "openssh-server"}
+
+pytestmark = pytest.mark.distributed
+
+
+def _skip_reason():
+    if os.geteuid() != 0:
+        return "needs root (network namespaces and cluster daemons)"
+    if shutil.which("ip") is None:
+        return "needs iproute2 (`ip`)"
+    probe = subprocess.run(["ip", "netns", "add", "dmprobe"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return f"cannot create network namespaces here: {probe.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", "dmprobe"], capture_output=True)
+    missing = sorted({pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None
+                      and not Path("/usr/sbin", tool).exists()})
+    if missing:
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
+            try:
+                res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return f"could not install {missing}: {e}"
+            if res.returncode != 0:
+                return f"could not install {missing}: {(res.stderr or res.stdout)[-300:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster_ok():
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def single_node(tmp_path_factory, cluster_ok):
+    """The same command on one node, 4 processes: the losses the cluster runs must reproduce."""
+    out = tmp_path_factory.mktemp("single")
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                          "launch/train.py", *JOB, "--run-dir", str(out)], cwd=ROOT, env=_env("unused"),
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return _history(out)
+
+
+def _env(prefix):
+    venv_bin = str(Path(sys.executable).parent)
+    return {**os.environ, "DM_NETNS_PREFIX": prefix, "OMP_NUM_THREADS": "1",
+            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+
+
+def _history(run_dir: Path):
+    return json.loads((run_dir / "metrics.json").read_text())["history"]
+
+
+def _job_state(state_dir, env, job_id):
+    out = subprocess.run(["bash", SLURM, "run", str(state_dir), "scontrol", "show", "job", job_id],
+                         capture_output=True, text=True, env=env, timeout=30).stdout
+    return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "UNKNOWN")
+
+
+def _wait_job(state_dir, env, job_id, timeout=240, on_poll=None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        state = _job_state(state_dir, env, job_id)
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "UNKNOWN"):
+            return state
+        if on_poll is not None:
+            on_poll()
+        time.sleep(0.5)
+    return "TIMEOUT"
+
+
+def _complete(ckpt: Path, tag: str) -> bool:
+    try:
+        named = (ckpt / "latest").read_text().strip() == tag
+    except OSError:
+        return False
+    return named and len(list((ckpt / tag).glob("default_moe_experts_ep4_rank*.pt"))) == 4
+
+
+def test_slurm_sbatch_two_nodes_and_a_killed_rank(tmp_path, single_node):
+    prefix = f"ds{os.getpid() % 10000}"
+    env = _env(prefix)
+    # Short: slurmd's unix sockets live under it (108-byte limit on socket paths).
+    state = Path(tempfile.mkdtemp(prefix="dms", dir="/tmp"))
+    sbatch_env = ["env", f"GLOO_SOCKET_IFNAME={prefix}eth", "NPROC_PER_NODE=2", f"VENV={Path(sys.executable).parents[1]}"]
+    try:
+        t0 = time.time()
+        subprocess.run(["bash", SLURM, "up", str(state)], env=env, check=True, timeout=120)
+        up_s = time.time() - t0
+        jobs = {}
+        for name, port in (("clean", 29591), ("faulty", 29592)):
+            run_dir = tmp_path / name
+            cmd = ["bash", SLURM, "run", str(state), *sbatch_env, f"MASTER_PORT={port}", "sbatch", "--parsable",
+                   "--nodes", "2", "--output", str(tmp_path / f"{name}-%j.out"), "launch/slurm.sbatch", *JOB,
+                   "--run-dir", str(run_dir)]
+            jobs[name] = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+                                        timeout=30).stdout.strip().split(";")[0]
+            t0 = time.time()
+            killed = []
+
+            def kill_after_checkpoint():
+                # After the step-3 checkpoint is whole, SIGKILL one training process of the job.
+                if name == "faulty" and not killed and _complete(run_dir / "ckpt", "step3"):
+                    workers = [p for p in psutil.process_iter(["cmdline"])
+                               if "launch/train.py" in " ".join(p.info["cmdline"] or []) and str(run_dir) in
+                               " ".join(p.info["cmdline"] or []) and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])]
+                    if len(workers) == 4:
+                        os.kill(workers[-1].pid, signal.SIGKILL)
+                        killed.append(workers[-1].pid)
+
+            final = _wait_job(state, env, jobs[name], on_poll=kill_after_checkpoint)
+            outs = list(tmp_path.glob(f"{name}-*.out"))
+            logs = "".join(f"\n--- {f.name}\n" + f.read_text()[-1500:] for f in sorted(state.glob("*.log")))
+            assert outs, f"{name} job {jobs[name]}: {final}, no output file{logs}"
+            out = outs[0].read_text()
+            assert final == "COMPLETED", f"{name} job {jobs[name]}: {final}\n{out[-4000:]}{logs}"
+            hist = _history(run_dir)
+            assert hist["train"] == single_node["train"] and hist["val"] == single_node["val"], name
+            print(f"[slurm] {name} job: {time.time() - t0:.1f} s (cluster up {up_s:.1f} s)")
+            if name == "faulty":
+                assert killed, "the job finished before a rank could be killed"
+                assert "resumed at step" in out, out[-3000:]
+    finally:
+        subprocess.run(["bash", SLURM, "down", str(state)], env=env, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+    assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+                if l.startswith(prefix)]
