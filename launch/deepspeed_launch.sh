@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The main job through DeepSpeed's own launcher.
 #   single node:  bash launch/deepspeed_launch.sh [train.py args]            (NUM_GPUS ranks, default 2 on CPU)
-#   many nodes:   HOSTFILE=hostfile bash launch/deepspeed_launch.sh [args]   (lines "host slots=N";
-#                 DeepSpeed reaches the hosts by passwordless ssh/pdsh; MASTER_ADDR/MASTER_PORT optional)
-# Single node is tested (tests/test_train.py); the hostfile path is DeepSpeed's and is not tested
-# here (no ssh between test hosts).
+#   many nodes:   HOSTFILE=hostfile bash launch/deepspeed_launch.sh [args]   (see configs/hostfile.example:
+#                 lines "host slots=N"; DeepSpeed reaches the hosts by passwordless ssh through pdsh;
+#                 MASTER_ADDR = the first host's address; GLOO/NCCL_SOCKET_IFNAME in .deepspeed_env)
+# Tested: single node (tests/test_train.py), and two ssh hosts in network namespaces, EP across
+# both, losses equal to the single-node run (tests/test_cluster.py).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/env.sh"

@@ -158,3 +158,34 @@ def test_slurm_sbatch_two_nodes_and_a_killed_rank(tmp_path, single_node):
         shutil.rmtree(state, ignore_errors=True)
     assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
                 if l.startswith(prefix)]
+
+
+def test_deepspeed_hostfile_runner_over_ssh(tmp_path, single_node):
+    """`HOSTFILE=... launch/deepspeed_launch.sh` from node A: DeepSpeed's runner reaches both nodes
+    with pdsh over ssh (a key made for the test), GLOO_SOCKET_IFNAME travels in the
+    .deepspeed_env file (DS_ENV_FILE), EP 4 spans both nodes; losses equal the single-node run."""
+    prefix = f"dh{os.getpid() % 10000}"
+    env = _env(prefix)
+    state = Path(tempfile.mkdtemp(prefix="dmh", dir="/tmp"))
+    (state / "hostfile").write_text("10.77.0.1 slots=2\n10.77.0.2 slots=2\n")
+    (state / "ds_env").write_text(f"GLOO_SOCKET_IFNAME={prefix}eth\nOMP_NUM_THREADS=1\n")
+    run_dir = tmp_path / "run"
+    try:
+        subprocess.run(["bash", SSH, "up", str(state)], env=env, check=True, timeout=60)
+        launch_env = {**env, "PATH": f"{state / 'bin'}{os.pathsep}{env['PATH']}", "HOSTFILE": str(state / "hostfile"),
+                      "MASTER_ADDR": "10.77.0.1", "MASTER_PORT": "29611", "DS_ENV_FILE": str(state / "ds_env")}
+        t0 = time.time()
+        res = subprocess.run(["ip", "netns", "exec", f"{prefix}A", "bash", "launch/deepspeed_launch.sh", *JOB,
+                              "--run-dir", str(run_dir)], cwd=ROOT, env=launch_env, capture_output=True, text=True,
+                             timeout=300)
+        print(f"[deepspeed runner] {time.time() - t0:.1f} s")
+    finally:
+        subprocess.run(["bash", SSH, "down", str(state)], env=env, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-4000:]
+    assert "10.77.0.2: " in out and "world=4" in out, out[-3000:]  # ranks on the second host
+    hist = _history(run_dir)
+    assert hist["train"] == single_node["train"] and hist["val"] == single_node["val"]
+    assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+                if l.startswith(prefix)]
