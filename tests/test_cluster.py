@@ -23,6 +23,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+import netns
+
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = str(ROOT / "launch" / "slurm_netns.sh")
 SSH = str(ROOT / "launch" / "ssh_netns.sh")
@@ -34,14 +36,9 @@ pytestmark = pytest.mark.distributed
 
 
 def _skip_reason():
-    if os.geteuid() != 0:
-        return "needs root (network namespaces and cluster daemons)"
-    if shutil.which("ip") is None:
-        return "needs iproute2 (`ip`)"
-    probe = subprocess.run(["ip", "netns", "add", "dmprobe"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create network namespaces here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "dmprobe"], capture_output=True)
+    reason = netns.can_make_namespaces()
+    if reason:
+        return reason
     missing = sorted({pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None
                       and not Path("/usr/sbin", tool).exists()})
     if missing:
@@ -68,16 +65,10 @@ def single_node(tmp_path_factory, cluster_ok):
     """The same command on one node, 4 processes: the losses the cluster runs must reproduce."""
     out = tmp_path_factory.mktemp("single")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                          "launch/train.py", *JOB, "--run-dir", str(out)], cwd=ROOT, env=_env("unused"),
+                          "launch/train.py", *JOB, "--run-dir", str(out)], cwd=ROOT, env=netns.env("unused"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     return _history(out)
-
-
-def _env(prefix):
-    venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, "DM_NETNS_PREFIX": prefix, "OMP_NUM_THREADS": "1",
-            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
 
 
 def _history(run_dir: Path):
@@ -112,7 +103,7 @@ def _complete(ckpt: Path, tag: str) -> bool:
 
 def test_slurm_sbatch_two_nodes_and_a_killed_rank(tmp_path, single_node):
     prefix = f"ds{os.getpid() % 10000}"
-    env = _env(prefix)
+    env = netns.env(prefix)
     # Short: slurmd's unix sockets live under it (108-byte limit on socket paths).
     state = Path(tempfile.mkdtemp(prefix="dms", dir="/tmp"))
     sbatch_env = ["env", f"GLOO_SOCKET_IFNAME={prefix}eth", "NPROC_PER_NODE=2", f"VENV={Path(sys.executable).parents[1]}"]
@@ -156,8 +147,7 @@ def test_slurm_sbatch_two_nodes_and_a_killed_rank(tmp_path, single_node):
     finally:
         subprocess.run(["bash", SLURM, "down", str(state)], env=env, timeout=60)
         shutil.rmtree(state, ignore_errors=True)
-    assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
-                if l.startswith(prefix)]
+    assert not netns.left_behind(prefix)
 
 
 def test_deepspeed_hostfile_runner_over_ssh(tmp_path, single_node):
@@ -165,7 +155,7 @@ def test_deepspeed_hostfile_runner_over_ssh(tmp_path, single_node):
     with pdsh over ssh (a key made for the test), GLOO_SOCKET_IFNAME travels in the
     .deepspeed_env file (DS_ENV_FILE), EP 4 spans both nodes; losses equal the single-node run."""
     prefix = f"dh{os.getpid() % 10000}"
-    env = _env(prefix)
+    env = netns.env(prefix)
     state = Path(tempfile.mkdtemp(prefix="dmh", dir="/tmp"))
     (state / "hostfile").write_text("10.77.0.1 slots=2\n10.77.0.2 slots=2\n")
     (state / "ds_env").write_text(f"GLOO_SOCKET_IFNAME={prefix}eth\nOMP_NUM_THREADS=1\n")
@@ -187,5 +177,4 @@ def test_deepspeed_hostfile_runner_over_ssh(tmp_path, single_node):
     assert "10.77.0.2: " in out and "world=4" in out, out[-3000:]  # ranks on the second host
     hist = _history(run_dir)
     assert hist["train"] == single_node["train"] and hist["val"] == single_node["val"]
-    assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
-                if l.startswith(prefix)]
+    assert not netns.left_behind(prefix)

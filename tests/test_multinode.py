@@ -7,7 +7,6 @@ and the namespaces are always deleted.
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,37 +14,21 @@ from pathlib import Path
 
 import pytest
 
+import netns
+
 ROOT = Path(__file__).resolve().parents[1]
 NETNS = str(ROOT / "launch" / "multinode_netns.sh")
 JOB = ["launch/train.py", "--steps", "3", "--ep-size", "4", "--micro-batch", "4", "--seq-len", "32",
        "--eval-every", "3", "--eval-batches", "1", "--ckpt-every", "100", "--log-every", "1"]
 
 
-def _can_make_namespaces():
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if shutil.which("ip") is None:
-        return "needs iproute2 (`ip`)"
-    probe = subprocess.run(["ip", "netns", "add", "dmprobe"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return f"cannot create network namespaces here: {probe.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", "dmprobe"], capture_output=True)
-    return None
-
-
-def _env(prefix):
-    venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, "DM_NETNS_PREFIX": prefix, "OMP_NUM_THREADS": "1",
-            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
-
-
 @pytest.mark.distributed
 def test_two_nodes_in_network_namespaces_equal_single_node(tmp_path):
-    reason = _can_make_namespaces()
+    reason = netns.can_make_namespaces()
     if reason:
         pytest.skip(reason)
     prefix = f"dm{os.getpid() % 10000}"
-    env = _env(prefix)
+    env = netns.env(prefix)
     procs = []
     try:
         subprocess.run(["bash", NETNS, "up"], env=env, check=True, timeout=30)
@@ -63,8 +46,7 @@ def test_two_nodes_in_network_namespaces_equal_single_node(tmp_path):
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
         subprocess.run(["bash", NETNS, "down"], env=env, timeout=30)
-    assert not [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
-                if l.startswith(prefix)]
+    assert not netns.left_behind(prefix)
 
     one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
                           *JOB, "--run-dir", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True,

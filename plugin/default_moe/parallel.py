@@ -127,7 +127,11 @@ def _elastic_store(restart: str, timeout) -> "dist.Store":
     torchrun (torch >= 2.4) shares one TCPStore across restart rounds and hands it to the workers
     unprefixed, so a restarted worker can read a dead worker's gloo/NCCL address from the previous
     round and fail with "connectFullMesh ... Connection refused" (or hang), depending on who starts
-    first. Prefixing the keys with the round number makes every round start from a clean slate.
+    first. Prefixing the keys with the round makes every round start from a clean slate. The round
+    is counted in the store (how many times this rank has started), not taken from
+    TORCHELASTIC_RESTART_COUNT: with several nodes that count is per agent, and an agent that
+    restarts because another node re-joined (not because its own workers failed) does not raise
+    it, so the nodes would use different prefixes and hang (seen on the SLURM test cluster).
     """
     import os
 
@@ -136,7 +140,9 @@ def _elastic_store(restart: str, timeout) -> "dist.Store":
         os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
         is_master=not agent_store and int(os.environ["RANK"]) == 0, timeout=timeout, multi_tenant=True,
     )
-    return dist.PrefixStore(f"default_moe/restart_{restart}", store)
+    # Every round starts every rank once, so each rank's start count is the round number.
+    round_ = store.add(f"default_moe/starts/rank{os.environ['RANK']}", 1)
+    return dist.PrefixStore(f"default_moe/round_{round_}", store)
 
 
 def check_same_config(config, group: Optional[dist.ProcessGroup] = None) -> None:
