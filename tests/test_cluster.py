@@ -123,14 +123,15 @@ def test_slurm_sbatch_two_nodes_and_a_killed_rank(tmp_path, single_node):
             killed = []
 
             def kill_after_checkpoint():
-                # After the step-3 checkpoint is whole, SIGKILL one training process of the job.
+                # After the step-3 checkpoint is whole, SIGKILL one training process of the job
+                # (a worker: train.py with this run's folder, not a torchrun agent or srun).
                 if name == "faulty" and not killed and _complete(run_dir / "ckpt", "step3"):
-                    workers = [p for p in psutil.process_iter(["cmdline"])
-                               if "launch/train.py" in " ".join(p.info["cmdline"] or []) and str(run_dir) in
-                               " ".join(p.info["cmdline"] or []) and "torch.distributed.run" not in " ".join(p.info["cmdline"] or [])]
+                    cmdlines = {p.pid: " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])}
+                    workers = [pid for pid, c in cmdlines.items()
+                               if "launch/train.py" in c and str(run_dir) in c and "torch.distributed.run" not in c]
                     if len(workers) == 4:
-                        os.kill(workers[-1].pid, signal.SIGKILL)
-                        killed.append(workers[-1].pid)
+                        os.kill(workers[-1], signal.SIGKILL)
+                        killed.append(workers[-1])
 
             final = _wait_job(state, env, jobs[name], on_poll=kill_after_checkpoint)
             outs = list(tmp_path.glob(f"{name}-*.out"))
