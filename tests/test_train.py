@@ -90,6 +90,12 @@ def test_main_job_smoke_and_resume(tmp_path):
     assert [s for s, _ in m2["history"]["train"]] == [1, 2, 3, 4, 5, 6]
     assert m2["history"]["train"][:4] == m["history"]["train"]
 
+    # Resumed at its final step (torchrun restarting workers that had already finished, seen on the
+    # SLURM test cluster): nothing left to train, it still evaluates and writes its outputs.
+    out = _train(tmp_path, "--steps", "6", "--resume")
+    assert "resumed at step 6" in out and "---- summary ----" in out
+    assert json.loads((tmp_path / "metrics.json").read_text())["history"]["train"] == m2["history"]["train"]
+
 
 @pytest.mark.distributed
 def test_main_job_under_the_deepspeed_launcher(tmp_path):

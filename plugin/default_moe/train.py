@@ -197,7 +197,12 @@ def _expert_load(model) -> Tuple[List[float], float]:
     the worst layer's max/mean tokens over EP ranks (what sets an expert-parallel step's time)."""
     per_layer, rank_load = [], 1.0
     for layer in model.moe_layers:
-        counts = layer.tokens_per_expert.to(torch.float64).clone()
+        # None when no forward ran: a run resumed at its final step (e.g. torchrun restarted the
+        # workers after they had finished) only evaluates and writes its outputs.
+        if layer.tokens_per_expert is None:
+            counts = torch.zeros(layer.config.num_experts, dtype=torch.float64, device=next(layer.parameters()).device)
+        else:
+            counts = layer.tokens_per_expert.to(torch.float64).clone()
         dist.all_reduce(counts)
         per_layer.append((counts.max() / counts.mean().clamp_min(1e-9)).item())
         per_rank = counts.view(layer.config.ep_size, -1).sum(1)
@@ -399,7 +404,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     # Per-expert share of token slots of the last forward (the final diagnostics' probe batch).
     expert_share = []
     for layer in model.moe_layers:
-        counts = layer.tokens_per_expert.to(torch.float64).clone()
+        # None when no forward ran: a run resumed at its final step (e.g. torchrun restarted the
+        # workers after they had finished) only evaluates and writes its outputs.
+        if layer.tokens_per_expert is None:
+            counts = torch.zeros(layer.config.num_experts, dtype=torch.float64, device=next(layer.parameters()).device)
+        else:
+            counts = layer.tokens_per_expert.to(torch.float64).clone()
         dist.all_reduce(counts)
         expert_share.append((counts / counts.sum().clamp_min(1)).tolist())
     # How much the trained model leans on its defaults: validation loss with D zeroed.
