@@ -251,10 +251,13 @@ def _install_common_hooks(engine) -> None:
         return out
 
     def load_checkpoint(load_dir, tag=None, **kw):
+        # DeepSpeed unpickles its files without restriction: check them first (nothing unpickled).
+        named = tag if tag is not None else latest_tag(load_dir)
+        if named is not None and os.path.isdir(os.path.join(load_dir, str(named))):
+            check_deepspeed_files(os.path.join(load_dir, str(named)))
         load_path, client_state = load(load_dir, tag=tag, **kw)
         if load_path is None:
             return load_path, client_state
-        named = tag if tag is not None else latest_tag(load_dir)
         path = os.path.join(load_dir, str(named), DEFAULTS_FILE)
         if os.path.exists(path):
             saved = torch.load(path, map_location="cpu", weights_only=True)
@@ -305,10 +308,6 @@ def _install_engine_hooks(engine) -> None:
         return out
 
     def load_checkpoint(load_dir, tag=None, **kw):
-        # DeepSpeed unpickles its files without restriction: check them first (nothing unpickled).
-        named = tag if tag is not None else latest_tag(load_dir)
-        if named is not None and os.path.isdir(os.path.join(load_dir, str(named))):
-            check_deepspeed_files(os.path.join(load_dir, str(named)))
         load_path, client_state = load(load_dir, tag=tag, **kw)
         if load_path is None:
             return load_path, client_state
