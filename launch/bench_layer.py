@@ -1,4 +1,4 @@
-"""Benchmark: MoE layer forward+backward, TopK vs Default (sync and async EMA), one run.
+"""Benchmark: MoE layer forward+backward (+ the EMA commit of an optimizer step), TopK vs Default, one run.
 
 Run on all local ranks with `bash launch/bench_layer.sh` (EP = world size). The routers are timed
 in interleaved rounds (same process, same data) so the ratio is not skewed by drift; each figure is
@@ -15,10 +15,10 @@ import time
 import torch
 import torch.distributed as dist
 
-from default_moe import MoEConfig, MoELayer, count_collectives
+from default_moe import MoEConfig, MoELayer, commit_defaults, count_collectives
 from default_moe.parallel import init_distributed_from_env
 
-VARIANTS = [("topk", "sync"), ("default", "sync"), ("default", "async")]
+VARIANTS = ["topk", "default"]
 
 
 def main() -> None:
@@ -36,17 +36,18 @@ def main() -> None:
     rank, world, device = init_distributed_from_env()
     dtype = getattr(torch, args.dtype)
     layers, counts = {}, {}
-    for router, sync in VARIANTS:
+    for router in VARIANTS:
         torch.manual_seed(0)
         cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, ffn_hidden_size=args.ffn,
-                        top_k=args.top_k, router=router, ema_sync=sync, ep_size=world)
-        layers[(router, sync)] = MoELayer(cfg).to(device=device, dtype=dtype)
+                        top_k=args.top_k, router=router, ep_size=world)
+        layers[router] = MoELayer(cfg).to(device=device, dtype=dtype)
     x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, generator=None)
     g = torch.randn_like(x)
 
     def step(layer):
         xi = x.detach().requires_grad_(True)
         (layer(xi) * g).sum().backward()
+        commit_defaults(layer)  # what the optimizer step does (Default: one all-reduce)
 
     def sync_all():
         if device.type == "cuda":
@@ -73,8 +74,8 @@ def main() -> None:
     if rank == 0:
         print(f"world={world} ep={world} device={device} dtype={args.dtype} tokens/rank={args.tokens} "
               f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters}")
-        print("| router | ema_sync | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | all-to-all calls, KiB | all-reduce calls, KiB |")
-        print("|---|---|---|---|---|---|---|")
+        print("| router | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | all-to-all calls, KiB | all-reduce calls, KiB |")
+        print("|---|---|---|---|---|---|")
         for key in VARIANTS:
             t = statistics.median(times[key])
             c = counts[key]
@@ -83,7 +84,7 @@ def main() -> None:
             # Paired per-round ratios: both variants ran back to back, so drift cancels.
             ratios = sorted(a / b for a, b in zip(times[key], times[VARIANTS[0]]))
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-            print(f"| {key[0]} | {key[1] if key[0] == 'default' else '-'} | {t*1e3:.1f} | {args.tokens*world/t:,.0f} | "
+            print(f"| {key} | {t*1e3:.1f} | {args.tokens*world/t:,.0f} | "
                   f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f}) | {a2a[0]}, {a2a[1]/1024:.1f} | {ar[0]}, {ar[1]/1024:.2f} |")
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -7,7 +7,8 @@ Assumptions (stated so they can be changed): pure data + expert parallelism (no 
 inside the DP group as in DeepSpeed/Megatron; ring collectives (an all-reduce of S bytes moves
 2 (N-1)/N S per rank); all-to-all moves (P-1)/P of its payload off the rank, four times per layer and
 micro-batch (dispatch and combine, forward and backward); activations and gradients in bf16; the
-EMA statistics are one E x (D+1) all-reduce per MoE layer per training forward (fp32 by default).
+EMA statistics of all MoE layers are one bucketed all-reduce of layers x E x (D+1) per optimizer
+step (fp32 by default; the step contract of `default_moe.defaults`).
 Parameter counts come from the published shapes (experts: 3 x D x F per SwiGLU expert).
 """
 
@@ -54,10 +55,8 @@ def model(shape: Shape, tokens: int, gas: int, grad_bytes: int = 2) -> dict:
     # bf16 mode: the sums in bf16, the counts beside them in fp32 (exact).
     ema_bf16 = shape.moe_layers * shape.experts * (shape.hidden * 2 + 4)
     variants = {
-        "fp32, every micro-batch (default)": ring(N, ema_payload) * gas,
-        "bf16 statistics": ring(N, ema_bf16) * gas,
-        f"fp32, every {gas} micro-batches (once per step)": ring(N, ema_payload),
-        f"bf16, every {gas} micro-batches": ring(N, ema_bf16),
+        "fp32, once per step (default)": ring(N, ema_payload),
+        "bf16 statistics, once per step": ring(N, ema_bf16),
     }
     return {"a2a": a2a, "grads": grads, "ema_payload": ema_payload, "ema": variants}
 
@@ -75,7 +74,7 @@ def main(argv=None) -> None:
         print(f"## {s.name}: {s.moe_layers} MoE layers, E={s.experts}, k={s.top_k}, D={s.hidden}, "
               f"{s.total_params / 1e9:.0f}B params ({s.expert_params / 1e9:.0f}B in experts); {s.gpus} GPUs, EP={s.ep}\n")
         print(f"EMA statistics payload: {s.moe_layers} x {s.experts} x ({s.hidden}+1) x 4 B = {gb(m['ema_payload'])} "
-              "per training forward\n")
+              "per optimizer step\n")
         print("| traffic | bytes / rank / step | vs gradient sync |")
         print("|---|---|---|")
         print(f"| MoE all-to-alls | {gb(m['a2a'])} | {m['a2a'] / m['grads']:.2f}x |")
@@ -84,9 +83,8 @@ def main(argv=None) -> None:
             flag = "" if b / m["grads"] < 0.01 else "  (over 1%)"
             print(f"| EMA sync, {name} | {gb(b)} | {100 * b / m['grads']:.3f}%{flag} |")
         print()
-    print("Options (MoEConfig): ema_stats_dtype=\"bfloat16\" about halves the EMA bytes (counts stay fp32); ema_sync_every=N (N = gradient "
-          "accumulation steps) syncs once per optimizer step; ema_sync=\"async\" overlaps the all-reduce with the rest "
-          "of the step (bytes unchanged, latency hidden).")
+    print("Options (MoEConfig): ema_stats_dtype=\"bfloat16\" about halves the EMA bytes (counts stay fp32). The "
+          "statistics of every micro-batch of the step are summed locally and all-reduced once, at the optimizer step.")
 
 
 if __name__ == "__main__":

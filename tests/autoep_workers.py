@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import default_moe.integrations.deepspeed as dm_ds
+from default_moe import commit_defaults
 
 H, E, K, V = 64, 4, 2, 256
 
@@ -77,11 +78,14 @@ def dense_check(engine, rank, world, beta):
         dist.all_gather(parts, local)
         w[name] = torch.cat(parts)  # global expert order: rank-major
     D_before = layer.defaults.defaults_ED.clone()
-    x = torch.randn(1, 30, H, generator=torch.Generator().manual_seed(7 + rank))
+    x = torch.randn(1, 30, H, generator=torch.Generator().manual_seed(7 + rank), requires_grad=True)
     out = layer(x)
     out = out[0] if isinstance(out, tuple) else out
+    torch.autograd.backward(out.sum(), inputs=[x])  # reaches the layer; leaves the engine's gradients alone
+    assert torch.equal(layer.defaults.defaults_ED, D_before)  # D changes only at the step
+    commit_defaults(layer)
     with torch.no_grad():
-        xt = x[0]
+        xt = x[0].detach()
         probs = torch.softmax(xt @ layer.router.gate.weight.t(), -1)
         sel = torch.topk(probs, K, dim=-1).indices
         chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(1, sel, True)
@@ -91,7 +95,7 @@ def dense_check(engine, rank, world, beta):
         dist.all_reduce(sums), dist.all_reduce(counts)
         mean = sums / counts.clamp_min(1)[:, None]
         D_ref = torch.where(counts[:, None] > 0, beta * D_before + (1 - beta) * mean, D_before)
-        ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D_ref
+        ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D_before
     torch.testing.assert_close(layer.defaults.defaults_ED, D_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.reshape(30, H), ref, rtol=1e-4, atol=1e-5)
     from default_moe.defaults import ExpertDefaults

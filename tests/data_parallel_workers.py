@@ -31,7 +31,10 @@ def _expert_grads_global(layer, grads, groups):
     return out
 
 
-def check_way(rank: int, world: int, ep: int, way: str) -> None:
+def check_way(rank: int, world: int, ep: int, way: str, gas: int = 1, no_sync: bool = False) -> None:
+    """`gas` micro-batches per optimizer step (each rank's T tokens split between them), the first
+    gas-1 under DDP's `no_sync()` / FSDP2's `set_requires_gradient_sync(False)` when `no_sync`;
+    `reduce_gradients` once per optimizer step, after the last backward."""
     torch.manual_seed(0)
     cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=2, router="default", ep_size=ep,
                     aux_loss_coeff=0.0, beta=0.5)
@@ -54,7 +57,16 @@ def check_way(rank: int, world: int, ep: int, way: str) -> None:
         x, g_out = torch.randn(world * T, D, generator=g), torch.randn(world * T, D, generator=g)
         mine = slice(rank * T, (rank + 1) * T)
         opt.zero_grad(set_to_none=True)
-        (wrapped(x[mine]) * g_out[mine]).sum().backward()
+        xs, gs = x[mine].chunk(gas), g_out[mine].chunk(gas)
+        for i, (xi, gi) in enumerate(zip(xs, gs)):
+            last = i == gas - 1
+            if way == "ddp" and no_sync and not last:
+                with wrapped.no_sync():
+                    (wrapped(xi) * gi).sum().backward()
+            else:
+                if way == "fsdp2" and no_sync:
+                    wrapped.set_requires_gradient_sync(last)
+                (wrapped(xi) * gi).sum().backward()
         if way == "helper":
             dp_mod.reduce_gradients(model)
         # The reference: the union batch, loss = mean over ranks of each rank's sum.
@@ -62,7 +74,7 @@ def check_way(rank: int, world: int, ep: int, way: str) -> None:
             t.grad = None
         res = reference_moe(x.double(), wd, top_k=2, use_defaults=True, defaults_ED=D_prev, beta=0.5)
         ((res.out_TD * g_out.double()).sum() / world).backward()
-        tag = f"{way} ep{ep} world{world} step {step}"
+        tag = f"{way} ep{ep} world{world} gas{gas}{' no_sync' if no_sync else ''} step {step}"
         close = lambda a, b, what: torch.testing.assert_close(  # noqa: E731
             a.double(), b.double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{tag} {what}: {m}")
         close(_full(layer.router.weight.grad), wd.router_ED.grad, "router grad")
@@ -72,12 +84,13 @@ def check_way(rank: int, world: int, ep: int, way: str) -> None:
         close(glob["w1"], wd.w1_EDF.grad, "w1 grad")
         close(glob["w3"], wd.w3_EDF.grad, "w3 grad")
         close(glob["w2"], wd.w2_EFD.grad, "w2 grad")
+        assert layer.defaults.pending == gas, f"{tag}: {layer.defaults.pending} micro-batches pending"
+        opt.step()  # commits D (the step contract: the optimizer holds the layer's parameters)
         close(layer.defaults.defaults_ED, res.defaults_after_ED, "D")
         gathered = [torch.empty_like(layer.defaults.defaults_ED) for _ in range(world)]
         dist.all_gather(gathered, layer.defaults.defaults_ED)
         assert all(torch.equal(gathered[0], t) for t in gathered), f"{tag}: D differs across ranks"
         D_prev = res.defaults_after_ED.detach().float()
-        opt.step()
         with torch.no_grad():
             for t in (wd.router_ED, wd.w1_EDF, wd.w3_EDF, wd.w2_EFD):
                 t -= LR * t.grad
@@ -104,4 +117,7 @@ def plain_ddp_is_refused(rank: int, world: int, ep: int) -> None:
 def all_ways(rank: int, world: int, ep: int) -> None:
     for way in ("helper", "ddp", "fsdp2"):
         check_way(rank, world, ep, way)
+        check_way(rank, world, ep, way, gas=2)
+        if way != "helper":
+            check_way(rank, world, ep, way, gas=2, no_sync=True)
     plain_ddp_is_refused(rank, world, ep)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import default_moe.integrations.deepspeed as dm_ds
+from default_moe import commit_defaults
 from default_moe.integrations import deepspeed_moe
 from ds_workers import assert_losses, ds_config, train_engine
 
@@ -53,7 +54,12 @@ def dense_reference_check(rank, world):
         layer = moe.deepspeed_moe
         layer.train()
         x = torch.randn(40, D, generator=torch.Generator().manual_seed(rank + 10 * k))
+        D0 = torch.randn(E, D, generator=torch.Generator().manual_seed(5))  # the same on both ranks
+        with torch.no_grad():
+            layer.defaults.defaults_ED.copy_(D0)
         out = layer(x)
+        out.sum().backward()
+        commit_defaults(layer)  # the optimizer step (the engine's, under DeepSpeed)
         with torch.no_grad():
             logits = x @ moe.deepspeed_moe.gate.wg.weight.t()
             probs = torch.softmax(logits, -1)
@@ -72,8 +78,8 @@ def dense_reference_check(rank, world):
                         sums[e] += all_out[e, s]
                         counts[e] += 1
             dist.all_reduce(sums), dist.all_reduce(counts)
-            D_ref = torch.where(counts[:, None] > 0, 0.3 * sums / counts.clamp_min(1)[:, None], torch.zeros(E, D))
-            ref = ((probs * ran).t()[:, :, None] * all_out).sum(0) + (probs * ~ran) @ D_ref
+            D_ref = torch.where(counts[:, None] > 0, 0.7 * D0 + 0.3 * sums / counts.clamp_min(1)[:, None], D0)
+            ref = ((probs * ran).t()[:, :, None] * all_out).sum(0) + (probs * ~ran) @ D0
         torch.testing.assert_close(layer.defaults.defaults_ED, D_ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
         assert (~ran).any() and ran.any()
@@ -105,10 +111,13 @@ def recompute_check(rank, world):
             layer.zero_grad(set_to_none=True)
             (out * g_out).sum().backward()
             got.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
-        grads[recompute] = got
-        assert len(layer.defaults._snapshots) == 0 and layer.defaults.num_updates == 3
-    for a, b in zip(grads[False], grads[True]):
+        assert layer.defaults.pending == 3
+        commit_defaults(layer)
+        assert layer.defaults.num_updates == 1
+        grads[recompute] = (got, layer.defaults.defaults_ED.clone())
+    for a, b in zip(grads[False][0], grads[True][0]):
         assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b)), "recompute changed the gradients"
+    assert torch.equal(grads[False][1], grads[True][1]), "recompute changed D"
 
 
 def all_checks(rank: int, world: int, tmpdir: str) -> None:

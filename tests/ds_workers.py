@@ -13,7 +13,7 @@ import default_moe.integrations.deepspeed as dm_ds
 from default_moe import AuxLossAutoScaler, MoEConfig, MoELayer, count_collectives
 
 D_IN, D, E, D_OUT = 8, 16, 4, 4
-SECTION = {"enabled": True, "router": "default", "ep_size": 2, "top_k": 2, "beta": 0.8, "ema_sync": "sync"}
+SECTION = {"enabled": True, "router": "default", "ep_size": 2, "top_k": 2, "beta": 0.8}
 
 
 class ToyMoEModel(nn.Module):

@@ -1,4 +1,4 @@
-"""Per-rank bodies of the fault, hang and EMA-sync-option tests (one spawn runs them all)."""
+"""Per-rank bodies of the fault, hang and EMA-statistics tests (one spawn runs them all)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from default_moe import MoEConfig, MoELayer, ParallelGroups, build_groups, count_collectives
+from default_moe import commit_defaults, MoEConfig, MoELayer, ParallelGroups, build_groups, count_collectives
 from reference import Weights, load_into_layer, reference_moe
 
 E, D, F_ = 8, 12, 16
@@ -33,6 +33,7 @@ def empty_and_one_expert(rank: int, world: int) -> None:
     # Both ranks empty: the all-to-alls carry zero rows, nothing is averaged into D.
     out = layer(torch.zeros(0, D, requires_grad=True))
     out.sum().backward()
+    commit_defaults(layer)
     assert out.shape == (0, D) and torch.count_nonzero(layer.defaults.defaults_ED) == 0
     # Every token to expert 0 (top-1): one rank gets all of them, the other none.
     w.router_ED.zero_()
@@ -44,6 +45,7 @@ def empty_and_one_expert(rank: int, world: int) -> None:
     mine = x[rank * 16:(rank + 1) * 16]
     out = layer2(mine.clone().requires_grad_(True))
     out.sum().backward()
+    commit_defaults(layer2)
     res = reference_moe(x.double(), w.double(), top_k=1, use_defaults=True, defaults_ED=torch.zeros(E, D))
     torch.testing.assert_close(out.double(), res.out_TD[rank * 16:(rank + 1) * 16], rtol=3e-5, atol=3e-6)
     counts = layer2.tokens_per_expert.clone()
@@ -62,6 +64,7 @@ def nonfinite_modes(rank: int, world: int) -> None:
         layer.layer_name = "blocks.3.moe"
         x = _batch(1, 8 * world)[rank * 8:(rank + 1) * 8]
         layer(x).sum().backward()  # a finite first step: every seen expert's D moves
+        commit_defaults(layer)
         D_before = layer.defaults.defaults_ED.clone()
         seen = D_before.abs().sum(1) > 0
         with torch.no_grad():  # expert 0's weights blow up on the rank that holds it
@@ -69,10 +72,11 @@ def nonfinite_modes(rank: int, world: int) -> None:
                 layer.experts.w2_LFD[0].fill_(float("nan"))
         try:
             layer(x).sum().backward()
+            commit_defaults(layer)  # the statistics are all-reduced: every rank sees the NaN
         except FloatingPointError as e:
             assert mode == "raise", f"skip mode raised: {e}"
             msg = str(e)
-            assert "blocks.3.moe" in msg and "expert(s) [0]" in msg and "EMA update 2" in msg, msg
+            assert "blocks.3.moe" in msg and "expert(s) [0]" in msg and "EMA commit 2" in msg, msg
         else:
             assert mode == "skip", "nonfinite='raise' did not raise"
             D_after = layer.defaults.defaults_ED
@@ -93,20 +97,23 @@ def nonfinite_modes(rank: int, world: int) -> None:
         raise AssertionError("NaN router input was not reported")
 
 
-def ema_sync_options(rank: int, world: int) -> None:
-    """bf16 statistics: half the all-reduce bytes for the sums (counts fp32), defaults within bf16 rounding of fp32.
-    sync_every=2: no all-reduce on the first forward, D unchanged, then D equals the dense
-    reference's EMA step over both micro-batches' tokens."""
+def ema_statistics_options(rank: int, world: int) -> None:
+    """bf16 statistics: half the all-reduce bytes for the sums (counts fp32), defaults within bf16
+    rounding of fp32. Gradient accumulation: no collective in either micro-batch's forward or
+    backward, D unchanged until the commit, then the dense reference's EMA step over both
+    micro-batches' tokens, in one all-reduce."""
     per = 12
     x0, x1 = _batch(3, per * world), _batch(4, per * world)
     mine = slice(rank * per, (rank + 1) * per)
     # bf16 statistics
     ref_layer, w = _layer(world)
     bf_layer, _ = _layer(world, ema_stats_dtype="bfloat16")
+    for layer in (ref_layer, bf_layer):
+        layer(x0[mine]).sum().backward()
     with count_collectives() as c32:
-        ref_layer(x0[mine])
+        commit_defaults(ref_layer)
     with count_collectives() as c16:
-        bf_layer(x0[mine])
+        commit_defaults(bf_layer)
     ar32 = [r for r in c32.records if r.op == "all_reduce"]
     ar16 = [r for r in c16.records if r.op == "all_reduce"]
     # bf16 sums (half the bytes) and the E counts beside them in fp32 (exact).
@@ -116,13 +123,15 @@ def ema_sync_options(rank: int, world: int) -> None:
     a, b = ref_layer.defaults.defaults_ED, bf_layer.defaults.defaults_ED
     torch.testing.assert_close(b, a, rtol=2e-2, atol=2e-3)
     assert not torch.equal(a, b), "bf16 statistics left no rounding: were they really bf16?"
-    # sync every 2 forwards
-    layer, w = _layer(world, ema_sync_every=2, beta=0.7)
+    # Two micro-batches, one optimizer step
+    layer, w = _layer(world, beta=0.7)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
     with count_collectives() as c:
-        layer(x0[mine])
+        layer(x0[mine]).sum().backward()
+        layer(x1[mine]).sum().backward()
     assert not [r for r in c.records if r.op == "all_reduce"] and torch.count_nonzero(layer.defaults.defaults_ED) == 0
     with count_collectives() as c:
-        layer(x1[mine])
+        opt.step()  # the torch optimizer's step commits
     assert len([r for r in c.records if r.op == "all_reduce"]) == 1
     both = torch.cat([torch.cat([x0[r * per:(r + 1) * per], x1[r * per:(r + 1) * per]]) for r in range(world)])
     res = reference_moe(both.double(), w.double(), top_k=2, use_defaults=True, defaults_ED=torch.zeros(E, D), beta=0.7)
@@ -153,5 +162,5 @@ def all_faults(rank: int, world: int) -> None:
     torch.manual_seed(0)
     empty_and_one_expert(rank, world)
     nonfinite_modes(rank, world)
-    ema_sync_options(rank, world)
+    ema_statistics_options(rank, world)
     collective_timeout(rank, world)

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from default_moe import commit_defaults
 from default_moe.integrations import hf
 
 KINDS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -60,9 +61,10 @@ def block_reference(block, X, D0, beta, renorm: bool, normalize_topk: bool):
     return pi, C, Y
 
 
-def check_block_against_reference(kind: str, rank: int, normalize_topk: bool) -> None:
+def check_block_against_reference(kind: str, rank: int, normalize_topk) -> None:
     """One converted block's experts output and D equal a float64 dense reference built from the
-    block's own weights, the EMA over both ranks' tokens."""
+    block's own weights, the EMA over both ranks' tokens (committed at the step: the forward used
+    the D committed before). normalize_topk None: as the model's own block."""
     model = tiny(kind)
     model.train()
     hf.convert(model, router="default", beta=0.5, normalize_topk=normalize_topk)
@@ -75,7 +77,10 @@ def check_block_against_reference(kind: str, rank: int, normalize_topk: bool) ->
     D0 = block.defaults.defaults_ED.clone()
     ids = batch(rank, 0)
     model(ids, labels=ids).loss.backward()
+    commit_defaults(model)
     renorm = kind == "mixtral" or bool(getattr(model.config, "norm_topk_prob", False))
+    if normalize_topk is None:
+        normalize_topk = renorm
     xs = [x.double() for x in gather(cap["x"])]
     mine = None
     sums, counts = torch.zeros(E, 16, dtype=torch.float64), torch.zeros(E, dtype=torch.float64)
@@ -90,7 +95,7 @@ def check_block_against_reference(kind: str, rank: int, normalize_topk: bool) ->
     gates = pi * C
     if normalize_topk and renorm:
         gates = gates / gates.sum(-1, keepdim=True)
-    out_ref = torch.einsum("te,eth->th", gates, Y) + (pi * ~C) @ D_ref
+    out_ref = torch.einsum("te,eth->th", gates, Y) + (pi * ~C) @ D0.double()
     what = f"{kind} (normalize_topk={normalize_topk})"
     torch.testing.assert_close(block.defaults.defaults_ED.double(), D_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: D {m}")
     torch.testing.assert_close(cap["out"].double(), out_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: output {m}")
@@ -134,13 +139,21 @@ def ddp_checks(rank, world, tmpdir):
         ids = batch(rank, 0)
         a, b = plain(ids, labels=ids), conv(ids, labels=ids)
         assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss), kind
-        for normalize_topk in (False, True):
+        for normalize_topk in (None, False, True):
             check_block_against_reference(kind, rank, normalize_topk)
+        # Converting a pretrained model keeps its function at D = 0 (the model's own renormalisation).
+        plain, conv = tiny(kind), hf.convert(tiny(kind), router="default")
+        plain.train(), conv.train()
+        torch.testing.assert_close(conv(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"{kind} converted at D=0: {m}")
         model = hf.convert(tiny(kind), router="default", beta=0.9)
         ddp, losses = train_ddp(model, rank, steps=3, gas=2)
         same_on_ranks(model, f"{kind} DDP")
-        assert all(b.defaults.num_updates == 6 for _, b in hf.moe_blocks(model)), kind  # 3 steps x 2 micro-batches
+        # The torch optimizer's step commits (3 steps, each with 2 micro-batches of statistics).
+        assert all(b.defaults.num_updates == 3 and b.defaults.pending == 0 for _, b in hf.moe_blocks(model)), kind
         assert all(torch.isfinite(torch.tensor(losses))), losses
+    loops_as_users_run_them(rank)
+    padding_is_masked(rank)
     # Qwen2-MoE with norm_topk_prob (renormalised) also matches with normalize_topk.
     # Activation checkpointing (HF's): once per forward, same D and router gradients as without.
     runs = {}
@@ -152,6 +165,7 @@ def ddp_checks(rank, world, tmpdir):
         for step in range(2):
             ids = batch(rank, step)
             model(ids, labels=ids).loss.backward()
+            commit_defaults(model)
         runs[gc] = model
     for (_, b0), (_, b1) in zip(hf.moe_blocks(runs[False]), hf.moe_blocks(runs[True])):
         assert b1.defaults.num_updates == b0.defaults.num_updates == 2
@@ -182,11 +196,67 @@ def ddp_checks(rank, world, tmpdir):
         raise AssertionError("a checkpoint without D was accepted silently")
 
 
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def loops_as_users_run_them(rank) -> None:
+    """HF gradient checkpointing (reentrant and not) vs none, bit for bit, in the loops of the
+    correctness issue: two forwards in one backward, a forward whose backward is skipped, and
+    generate() in train mode (different lengths per rank: no collective, no hang) before a step."""
+    results = {}
+    for mode in (None, "reentrant", "non_reentrant"):
+        model = hf.convert(tiny("mixtral"), router="default", beta=0.5)
+        if mode:
+            model.gradient_checkpointing_enable({"use_reentrant": mode == "reentrant"})
+        model.train()
+        out = []
+        for step in range(2):
+            with torch.no_grad():  # RL rollout with the policy in train mode
+                model.generate(batch(rank, 50 + step)[:1, :3], max_new_tokens=4 + 3 * rank, do_sample=False,
+                               pad_token_id=0)
+            skipped = batch(rank, 60 + step)
+            model(skipped, labels=skipped).loss  # non-finite loss, say: no backward
+            a, b = batch(rank, 70 + step), batch(rank, 80 + step)
+            (model(a, labels=a).loss + model(b, labels=b).loss).backward()
+            out.append(_grads(model))
+            assert all(blk.defaults.pending == 2 for _, blk in hf.moe_blocks(model)), mode
+            model.zero_grad()
+            commit_defaults(model)
+        results[mode] = (out, [blk.defaults.defaults_ED.clone() for _, blk in hf.moe_blocks(model)])
+    ref_grads, ref_D = results[None]
+    for mode in ("reentrant", "non_reentrant"):
+        grads, D = results[mode]
+        for step, (a, b) in enumerate(zip(ref_grads, grads)):
+            for n in a:
+                torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m: f"{mode} step {step} {n}: {m}")
+        for a, b in zip(ref_D, D):
+            assert torch.equal(a, b), mode
+
+
+def padding_is_masked(rank) -> None:
+    """A right-padded batch with its attention_mask gives the D of its real tokens alone."""
+    padded, alone = (hf.convert(tiny("qwen3_moe"), router="default", beta=0.5) for _ in range(2))
+    ids = batch(rank, 90)
+    mask = torch.ones_like(ids)
+    mask[0, 5:] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    padded(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    for row, n in ((0, 5), (1, 8)):
+        alone(ids[row:row + 1, :n], labels=ids[row:row + 1, :n]).loss.backward()
+    commit_defaults([padded, alone])
+    for (name, a), (_, b) in zip(hf.moe_blocks(padded), hf.moe_blocks(alone)):
+        assert a.defaults.defaults_ED.abs().sum() > 0
+        torch.testing.assert_close(a.defaults.defaults_ED, b.defaults.defaults_ED, rtol=1e-5, atol=1e-6,
+                                   msg=lambda m: f"padded vs real tokens, {name}: {m}")
+
+
 def deepspeed_checks(rank, world, tmpdir):
     """The "default_moe" section of a DeepSpeed config on an HF model without expert parallelism:
     converted in place at ZeRO 2 and 3; under ZeRO-3 (parameters partitioned) the EMA sees the full
-    expert outputs: D after the first forward equals that of an unpartitioned copy; D identical on
-    both ranks after training with gradient accumulation 2 (two updates per step)."""
+    expert outputs: the statistics of the first micro-batch equal those of an unpartitioned copy;
+    D identical on both ranks after training with gradient accumulation 2, committed once per
+    optimizer step by the engine."""
     import deepspeed
 
     import default_moe.deepspeed  # noqa: F401  (the one added line)
@@ -200,21 +270,20 @@ def deepspeed_checks(rank, world, tmpdir):
                   "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         assert all(getattr(b, "_default_moe", None) is not None for _, b in hf.moe_blocks(engine.module))
-        ids = batch(rank, 0)
-        engine(ids, labels=ids)
         reference.train()
-        reference(ids, labels=ids)
-        for (name, b), (_, r) in zip(hf.moe_blocks(engine.module), hf.moe_blocks(reference)):
-            torch.testing.assert_close(b.defaults.defaults_ED, r.defaults.defaults_ED, rtol=1e-5, atol=1e-6,
-                                       msg=lambda m: f"ZeRO-{stage} {name}: {m}")
         losses = []
         for step in range(3):
             for mb in range(2):
                 ids = batch(rank, 10 * step + mb + 1)
                 loss = engine(ids, labels=ids).loss
                 engine.backward(loss)
+                if step == mb == 0:
+                    reference(ids, labels=ids).loss.backward()
+                    for (name, b), (_, r) in zip(hf.moe_blocks(engine.module), hf.moe_blocks(reference)):
+                        torch.testing.assert_close(b.defaults.stats_ED1, r.defaults.stats_ED1, rtol=1e-5, atol=1e-5,
+                                                   msg=lambda m: f"ZeRO-{stage} {name}: {m}")
                 engine.step()
                 losses.append(float(loss))
         same_on_ranks(engine.module, f"ZeRO-{stage}")
-        assert all(b.defaults.num_updates == 7 for _, b in hf.moe_blocks(engine.module))
+        assert all(b.defaults.num_updates == 3 and b.defaults.pending == 0 for _, b in hf.moe_blocks(engine.module))
         assert all(torch.isfinite(torch.tensor(losses)))

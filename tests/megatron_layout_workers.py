@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import megatron_cpu
+from default_moe import commit_defaults
 
 H, E, K, FFN, S, B, BETA = 16, 4, 2, 32, 8, 2, 0.6
 
@@ -78,6 +79,9 @@ def check_layout(layout, weighting):
         D0 = torch.randn(E, H, generator=torch.Generator().manual_seed(7)) * 0.5
         layer.defaults.defaults_ED.copy_(D0)
     out, _ = layer(x)
+    out.sum().backward()  # statistics count when the backward reaches the layer
+    assert torch.equal(layer.defaults.defaults_ED, D0)
+    commit_defaults(layer)  # the step: one all-reduce over the stage
     etp_rank = layer.token_dispatcher.tp_rank
     experts = {int(e): (etp_rank, m.linear_fc1.weight.detach().clone(), m.linear_fc2.weight.detach().clone())
                for e, m in zip(layer.local_expert_indices, layer.experts.local_experts)}
@@ -108,7 +112,7 @@ def check_layout(layout, weighting):
     D_ref = torch.where(w.sum(0)[:, None] > 0, BETA * D0.double() + (1 - BETA) * mean, D0.double())
     me = dist.get_rank(stage)
     p, c, y = probs[me], chosen[me], raw[me]
-    out_ref = ((p * c).t()[:, :, None] * y).sum(0) + (p * ~c) @ D_ref
+    out_ref = ((p * c).t()[:, :, None] * y).sum(0) + (p * ~c) @ D0.double()  # the committed D
 
     what = f"{layout['name']} (weighting {weighting})"
     torch.testing.assert_close(layer.defaults.defaults_ED.double(), D_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: D {m}")

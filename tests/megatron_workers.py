@@ -5,10 +5,12 @@ from __future__ import annotations
 import functools
 
 import torch
+
 import torch.distributed as dist
 import torch.nn.functional as F
 
 import megatron_cpu
+from default_moe import commit_defaults
 from default_moe.integrations import megatron_compat as compat
 
 H, E, K, FFN = 16, 4, 2, 32
@@ -85,11 +87,13 @@ def layer_vs_reference(rank, world):
         counts = chosen.sum(0).double()
         mean = torch.stack([experts[e][chosen[:, e]].sum(0) for e in range(E)]) / counts.clamp_min(1)[:, None]
         D_ref = torch.where(counts[:, None] > 0, 0.6 * D0.double() + 0.4 * mean, D0.double())
-    ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D_ref
+    ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D0.double()  # committed D
     (ref * G).sum().backward()
     T = x.shape[0] * x.shape[1]
     mine = slice(rank * T, (rank + 1) * T)
     close = functools.partial(torch.testing.assert_close, rtol=1e-4, atol=1e-5)  # fp32 vs float64
+    assert torch.equal(layer.defaults.defaults_ED, D0)  # D changes only at the step
+    commit_defaults(layer)
     close(layer.defaults.defaults_ED.double(), D_ref)
     close(out.detach().reshape(-1, H).double(), ref[mine].detach())
     from default_moe.defaults import ExpertDefaults
@@ -105,7 +109,7 @@ def layer_vs_reference(rank, world):
     # d L / d pi_j for unselected j is <dL/dy, D_j>.
     pg = layer.router.dense_probs.grad
     unsel = ~layer.router.routing_map
-    close(pg[unsel].double(), (G[mine] @ D_ref.t())[unsel])
+    close(pg[unsel].double(), (G[mine] @ D0.double().t())[unsel])
     Dm = layer.defaults.defaults_ED
     assert torch.equal(gather_cat(Dm)[:E], gather_cat(Dm)[E:])
 
@@ -359,9 +363,9 @@ def token_routers(rank, world):
 
 
 def recompute_check(rank, world):
-    """The recompute contract in the megatron adapter (EP 2): three forwards under activation
-    checkpointing, then their backwards oldest first, give exactly the gradients and D of the same
-    run without recompute, though each forward updated D."""
+    """The step contract in the megatron adapter (EP 2): three forwards under activation
+    checkpointing, then their backwards oldest first, give exactly the gradients and D (committed
+    after them) of the same run without recompute."""
     import torch.utils.checkpoint
 
     results = {}
@@ -381,16 +385,69 @@ def recompute_check(rank, world):
             layer.zero_grad(set_to_none=True)
             (out * g_out).sum().backward()
             got.append([x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.grad is not None])
+        assert layer.defaults.pending == 3
+        commit_defaults(layer)
         results[recompute] = (got, layer.defaults.defaults_ED.clone())
-        assert len(layer.defaults._snapshots) == 0
+        assert layer.defaults.defaults_ED.abs().sum() > 0
     for a, b in zip(results[False][0], results[True][0]):
         assert len(a) == len(b) and all(torch.equal(u, v) for u, v in zip(a, b)), "recompute changed the gradients"
     assert torch.equal(results[False][1], results[True][1])
 
 
+def settings_and_padding(rank, world):
+    """Megatron settings that change what the gates mean are refused by name, or made consistent
+    (topk scaling); padding_mask keeps padded tokens out of the EMA without changing outputs."""
+    from default_moe.integrations import megatron as dm
+
+    for attr, value, words in (("moe_router_load_balancing_type", "sinkhorn", "sinkhorn"),
+                               ("moe_router_padding_for_quantization", True, "moe_router_padding_for_quantization"),
+                               ("moe_router_padding_for_fp8", True, "moe_router_padding_for_fp8"),
+                               ("cuda_graph_impl", "local", "CUDA graphs over the router")):
+        cfg = tconfig()
+        setattr(cfg, attr, value)  # past TransformerConfig's own checks: our refusal is what is tested
+        try:
+            dm.check_megatron_config(cfg)
+        except ValueError as e:
+            assert words in str(e), str(e)
+        else:
+            raise AssertionError(f"{attr}={value!r} was accepted")
+    cfg = tconfig()
+    cfg.cuda_graph_impl, cfg.cuda_graph_scope = "local", ["attn"]
+    dm.check_megatron_config(cfg)  # an attention-only graph scope is fine
+
+    def pair(**kw):
+        torch.manual_seed(0)
+        layer = build_layer("default", **kw)
+        with torch.no_grad():
+            layer.defaults.defaults_ED.copy_(torch.randn(E, H, generator=torch.Generator().manual_seed(3)))
+        return layer
+
+    x = torch.randn(6, 2, H, generator=torch.Generator().manual_seed(70 + rank))
+    plain, scaled = pair(), pair(moe_router_topk_scaling_factor=2.0)
+    torch.testing.assert_close(scaled(x)[0], 2.0 * plain(x)[0], rtol=1e-6, atol=1e-6)  # routed and default term alike
+
+    padded, unpadded, alone = pair(), pair(), pair()
+    pad = torch.zeros(2, 6, dtype=torch.bool)  # [B, S]; megatron's router reads True as padding
+    pad[0, 4:] = True
+    xg = x.clone().requires_grad_(True)
+    out_p = padded(xg, padding_mask=pad)[0]
+    out_p.sum().backward()
+    xu = x.clone().requires_grad_(True)
+    out_u = unpadded(xu)[0]
+    out_u.sum().backward()
+    assert torch.equal(out_p, out_u) and torch.equal(xg.grad, xu.grad), "the padding mask changed outputs or gradients"
+    assert torch.equal(padded.router.weight.grad, unpadded.router.weight.grad)
+    for part in (x[:4, 0:1], x[:, 1:2]):  # the real tokens alone, as two forwards
+        alone(part)[0].sum().backward()
+    commit_defaults([padded, unpadded, alone])
+    torch.testing.assert_close(padded.defaults.defaults_ED, alone.defaults.defaults_ED, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(unpadded.defaults.defaults_ED, alone.defaults.defaults_ED)
+
+
 def all_checks(rank, world, tmpdir):
     setup()
     layer_vs_reference(rank, world)
+    settings_and_padding(rank, world)
     recompute_check(rank, world)
     sparsemixer_layer_check(rank, world)
     specs_and_install(rank, world)

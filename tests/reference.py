@@ -83,8 +83,8 @@ def reference_moe(
     defaults_ED: torch.Tensor,
     beta: float = 0.9,
     weighting: str = "mean",
-    ema_sync: str = "sync",
     training: bool = True,
+    stats_mask_T: Optional[torch.Tensor] = None,
     normalize_topk: bool = False,
     chunks: Optional[List[int]] = None,
     aux_coeff: float = 0.0,
@@ -96,7 +96,8 @@ def reference_moe(
 
     `chunks` gives the token counts of each data-parallel rank (the batch is their concatenation):
     capacity and the per-rank aux losses are computed per chunk, exactly as each rank would.
-    Returns the output and the sum over ranks of the aux losses.
+    Returns the output and the sum over ranks of the aux losses. `stats_mask_T`: tokens that enter
+    the EMA statistics (False: padding).
     """
     T, D = x_TD.shape
     E = w.router_ED.shape[0]
@@ -133,12 +134,14 @@ def reference_moe(
     defaults_after = defaults_ED.double().clone()
     if use_defaults and training:
         for e in range(E):
-            toks = kept_TE[:, e]
+            toks = kept_TE[:, e] if stats_mask_T is None else kept_TE[:, e] & stats_mask_T
             if toks.any():
                 wt = probs_TE[toks, e].detach() if weighting == "prob" else torch.ones(int(toks.sum()), dtype=torch.float64)
                 m = (all_ETD[e, toks].detach() * wt[:, None]).sum(0) / wt.sum()
                 defaults_after[e] = beta * defaults_after[e] + (1 - beta) * m
-    used = defaults_after if ema_sync == "sync" else defaults_ED.double()
+    # The step contract: this step's forwards use the committed D; the commit at the optimizer
+    # step produces defaults_after.
+    used = defaults_ED.double()
 
     out_TD = torch.zeros(T, D, dtype=torch.float64)
     for e in range(E):

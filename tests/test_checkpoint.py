@@ -43,8 +43,8 @@ def test_checkpoint_errors_and_atomic_write(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"ema_weighting='mean' \(model: 'prob'\)"):
         checkpoint.load(torch.nn.Sequential(_layer(ema_weighting="prob")), path)
     # Settings that do not change what the saved state is load, and are reported.
-    other = torch.nn.Sequential(_layer(beta=0.5, ema_sync="async", nonfinite="raise", init_std=0.1, aux_loss_coeff=0.0))
-    with pytest.warns(UserWarning, match=r"0: aux_loss_coeff=0.01 -> 0.0; 0: beta=0.9 -> 0.5; 0: ema_sync='sync' -> 'async'"):
+    other = torch.nn.Sequential(_layer(beta=0.5, ema_stats_dtype="bfloat16", nonfinite="raise", init_std=0.1, aux_loss_coeff=0.0))
+    with pytest.warns(UserWarning, match=r"0: aux_loss_coeff=0.01 -> 0.0; 0: beta=0.9 -> 0.5; 0: ema_stats_dtype='float32' -> 'bfloat16'"):
         assert checkpoint.load(other, path) == {"step": 1}
     assert torch.equal(other[0].defaults.defaults_ED, model[0].defaults.defaults_ED)
     with pytest.raises(ValueError, match="MoE layers"):
@@ -80,19 +80,17 @@ def test_checkpoint_errors_and_atomic_write(tmp_path, monkeypatch):
 
 
 def test_load_resets_pending_accumulation_and_says_when_d_is_missing():
-    """A load replaces any statistics accumulated toward an ema_sync_every sync; a state without
-    D loads zeros and says so (pre-flag checkpoint, or D filtered out on the way)."""
-    layer = _layer(ema_sync_every=3)
+    """A load replaces the statistics accumulated since the last commit; a state without D loads
+    zeros and says so (pre-flag checkpoint, or D filtered out on the way)."""
+    layer = _layer()
     layer.train()
     x = torch.randn(6, 8)
-    layer(x)
-    assert layer.defaults._accum_count == 1
-    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    layer(x).sum().backward()
+    assert layer.defaults.pending == 1
+    with pytest.warns(UserWarning, match="1 micro-batches since the last optimizer step are not in this state dict"):
+        state = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.load_state_dict(state)
-    assert layer.defaults._accum is None and layer.defaults._accum_count == 0
-    for _ in range(3):
-        layer(x)
-    assert layer.defaults.num_updates == 1  # 3 forwards after the load, not 4
+    assert layer.defaults.pending == 0 and layer.defaults.stats_ED1.abs().sum() == 0
     del state["defaults.defaults_ED"]
     with pytest.warns(UserWarning, match="defaults.defaults_ED is not in the loaded state: Default MoE starts from zero"):
         layer.load_state_dict(state)

@@ -23,7 +23,6 @@ BASE = dict(hidden_size=16, num_experts=8, ffn_hidden_size=32)
         ({"beta": float("nan")}, "beta", "[0.0, 1.0)"),
         ({"router": "expert_choice"}, "router", "'default'"),
         ({"activation": "relu"}, "activation", "'swiglu'"),
-        ({"ema_sync": "later"}, "ema_sync", "'async'"),
         ({"ema_weighting": "median"}, "ema_weighting", "'prob'"),
         ({"capacity_factor": 0.0}, "capacity_factor", "> 0"),
         ({"drop_policy": "random"}, "drop_policy", "'probs'"),
@@ -78,9 +77,9 @@ def test_cli_check_config(tmp_path):
     )
     assert out.returncode == 2 and "unknown key(s) ['ffn_hidden_size', 'hidden_size', 'num_experts']" in out.stderr
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({**BASE, "ema_sync": "eventually"}))
+    bad.write_text(json.dumps({**BASE, "ema_weighting": "eventually"}))
     out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(bad)], capture_output=True, text=True)
-    assert out.returncode == 2 and "MoEConfig.ema_sync must be one of ['sync', 'async']" in out.stderr
+    assert out.returncode == 2 and "MoEConfig.ema_weighting must be one of ['mean', 'prob']" in out.stderr
     out = subprocess.run([sys.executable, "-m", "default_moe.cli", "routers"], capture_output=True, text=True)
     assert out.returncode == 0 and "default" in out.stdout and "topk" in out.stdout
 
@@ -116,3 +115,15 @@ def test_readme_section_table_lists_every_section_key():
     row = next(line for line in readme.splitlines() if line.startswith("| `router`, `top_k`"))
     missing = [k for k in SECTION_FIELDS if f"`{k}`" not in row]
     assert not missing, f"README's \"default_moe\" key table lacks {missing}"
+
+
+def test_removed_ema_sync_fields_still_load_with_a_warning():
+    """ema_sync / ema_sync_every (D is now committed once per optimizer step) are accepted from old
+    configs, sections and checkpoints, and said to be ignored."""
+    from default_moe import MoEConfig
+
+    with pytest.warns(FutureWarning, match="MoEConfig.ema_sync was removed and is ignored"):
+        cfg = MoEConfig(hidden_size=4, num_experts=2, ffn_hidden_size=4, ema_sync="async")
+    assert not hasattr(cfg, "ema_sync")
+    with pytest.warns(FutureWarning, match="ema_sync_every was removed"):
+        MoEConfig.from_dict({"hidden_size": 4, "num_experts": 2, "ffn_hidden_size": 4, "ema_sync_every": 4})

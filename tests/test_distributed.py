@@ -25,7 +25,7 @@ WORLD2 = [
     case("ep2 uneven token counts", [31, 9], ep_size=2, aux_loss_coeff=0.0, ema_weighting="prob"),
     case("ep2 capacity probs", [32, 32], ep_size=2, capacity_factor=0.6, skew=True),
     case("ep2 capacity position gelu", [32, 32], ep_size=2, capacity_factor=1.0, drop_policy="position", activation="gelu"),
-    case("ep2 async", [24, 24], ep_size=2, ema_sync="async"),
+    case("ep2 bf16 stats", [24, 24], ep_size=2, ema_stats_dtype="bfloat16"),
 ]
 
 WORLD4 = [

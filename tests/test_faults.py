@@ -66,9 +66,10 @@ def test_killed_rank_restarts_from_checkpoint(tmp_path):
     assert faulty["train"] == ref["train"] and faulty["val"] == ref["val"]
 
 
-def test_faults_hangs_and_ema_sync_options():
-    """Empty micro-batches, all tokens to one expert, non-finite skip/raise, bf16 / every-N EMA
-    statistics against the dense reference, and a missing peer failing at the group timeout."""
+def test_faults_hangs_and_ema_statistics():
+    """Empty micro-batches, all tokens to one expert, non-finite skip/raise, bf16 statistics and
+    gradient accumulation (one commit) against the dense reference, and a missing peer failing at
+    the group timeout."""
     import fault_workers
     from dist import run_distributed
 

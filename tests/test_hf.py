@@ -41,6 +41,14 @@ def test_hf_refusals():
                               q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4)
     with pytest.raises(ValueError, match="DeepseekV3MoE.*sigmoid"):
         hf.convert(tr.DeepseekV3ForCausalLM(cfg), router="default")
+    # Models HF itself shards (its tensor / expert parallel plans, set by from_pretrained(distributed_config=...)).
+    from transformers.distributed import DistributedConfig
+
+    for dc in (DistributedConfig(tp_size=2, tp_plan="auto"), DistributedConfig(ep_size=2, fsdp_size=2)):
+        sharded = hf_workers.tiny("olmoe")
+        sharded.config.distributed_config = dc
+        with pytest.raises(ValueError, match="sharded by HF's own parallel plans"):
+            hf.convert(sharded, router="default")
     model = hf.convert(hf_workers.tiny("olmoe"), router="default")
     with pytest.raises(ValueError, match="already converted"):
         hf.convert(model, router="default")

@@ -21,11 +21,14 @@ def test_megatron_lm_arguments():
     from default_moe.integrations import megatron as dm
 
     parser = dm.extra_args_provider(argparse.ArgumentParser())
-    args = parser.parse_args(["--moe-router-type", "default", "--moe-default-beta", "0.95", "--moe-default-ema-sync", "async",
-                              "--moe-default-ema-stats-dtype", "bfloat16", "--moe-default-ema-sync-every", "4",
-                              "--moe-nonfinite", "raise"])
-    assert dm.settings_from_args(args) == {"router": "default", "beta": 0.95, "ema_sync": "async", "ema_weighting": "mean",
-                                           "ema_stats_dtype": "bfloat16", "ema_sync_every": 4, "nonfinite": "raise"}
+    args = parser.parse_args(["--moe-router-type", "default", "--moe-default-beta", "0.95",
+                              "--moe-default-ema-stats-dtype", "bfloat16", "--moe-nonfinite", "raise"])
+    assert dm.settings_from_args(args) == {"router": "default", "beta": 0.95, "ema_weighting": "mean",
+                                           "ema_stats_dtype": "bfloat16", "nonfinite": "raise"}
+    # The removed EMA-sync flags still parse (old launch scripts) and warn that they are ignored.
+    with pytest.warns(FutureWarning, match="ema_sync was removed and is ignored"):
+        old = dm.settings_from_args(parser.parse_args(["--moe-router-type", "default", "--moe-default-ema-sync", "async"]))
+        assert "ema_sync" not in dm.validate_settings(old)
     assert dm.settings_from_args(parser.parse_args([]))["router"] == "topk"
     sm = parser.parse_args(["--moe-router-type", "stablemoe", "--moe-stablemoe-stage2-step", "100"])
     sm.padded_vocab_size = 512  # Megatron-LM sets it from the tokenizer

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from default_moe import MoEConfig, MoELayer, diagnostics
+from default_moe import commit_defaults, MoEConfig, MoELayer, diagnostics
 from default_moe.parallel import ParallelGroups
 from default_moe.routing.hash import hash_experts
 from default_moe.routing.sparsemixer import jitter_mask
@@ -229,7 +229,8 @@ def test_fluctuation_load_and_defaults_report():
         layer.router.weight.neg_()  # flips the argmax of every token
     frac, _ = diagnostics.routing_fluctuation(layer, x, None, snap2)
     assert frac == 1.0
-    layer(x)
+    layer(x).sum().backward()
+    commit_defaults(layer)
     load = diagnostics.expert_load(layer)
     assert sum(load["tokens_per_expert"]) == 20 and load["dropped_slots"] == 0
     assert load["max_over_mean"] == pytest.approx(max(load["tokens_per_expert"]) / 5)

@@ -2,6 +2,7 @@
 
 from default_moe.config import MoEConfig
 from default_moe.comm import count_collectives
+from default_moe.defaults import commit_defaults
 from default_moe.layer import MoELayer
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, build_groups
@@ -15,6 +16,7 @@ __all__ = [
     "ParallelGroups",
     "build_groups",
     "count_collectives",
+    "commit_defaults",
     "AuxLossAutoScaler",
     "Router",
     "RouterOutput",

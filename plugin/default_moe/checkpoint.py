@@ -45,7 +45,7 @@ FORMAT = "default-moe-checkpoint-v1"
 # Config fields that change how the layer runs or trains from here on, not the shapes or the meaning
 # of its saved state (a difference is reported, not refused). Every other field (sizes, activation,
 # router and its settings, top_k, normalize_topk, ema_weighting: what D averages) is refused.
-_RUNTIME_ONLY = ("ep_size", "experts_backend", "beta", "ema_sync", "ema_stats_dtype", "ema_sync_every", "nonfinite",
+_RUNTIME_ONLY = ("ep_size", "experts_backend", "beta", "ema_stats_dtype", "nonfinite",
                  "default_in_forward", "init_std", "aux_loss_coeff", "z_loss_coeff", "capacity_factor", "drop_policy")
 
 

@@ -12,11 +12,11 @@ import dataclasses
 import difflib
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
 ACTIVATIONS = ("swiglu", "gelu")
-EMA_SYNC_MODES = ("sync", "async")
 EMA_WEIGHTINGS = ("mean", "prob")
 EMA_STATS_DTYPES = ("float32", "bfloat16")
 NONFINITE_MODES = ("skip", "raise")
@@ -147,13 +147,10 @@ class MoEConfig:
         z_loss_coeff: router z-loss coefficient.
         beta: EMA decay of the expert default vectors, in [0, 1).
         ema_weighting: "mean" (plain mean of raw expert outputs) or "prob" (pi-weighted mean).
-        ema_sync: "sync" (all-reduce statistics, update, then use in this step: the paper's
-            order) or "async" (launch the all-reduce, use the previous step's defaults, finish the
-            update at the next forward).
         ema_stats_dtype: dtype of the all-reduced EMA statistics, "float32" or "bfloat16" (half
-            the bytes; D itself stays fp32).
-        ema_sync_every: sync the EMA statistics (and update D) every N training forwards, summing
-            them locally in between (N = gradient accumulation steps: once per optimizer step).
+            the bytes; D itself stays fp32). D is committed once per optimizer step (see
+            `default_moe.defaults`); the removed `ema_sync`/`ema_sync_every` are accepted with a
+            warning and ignored.
         default_in_forward: add the default term to the forward output (the paper). False keeps
             the exact TopK forward and only adds the term's gradient (d y / d pi_j = D_j for
             unselected j): an ablation separating the dense router gradient from D acting as a
@@ -181,9 +178,7 @@ class MoEConfig:
     z_loss_coeff: float = 0.0
     beta: float = 0.9
     ema_weighting: str = "mean"
-    ema_sync: str = "sync"
     ema_stats_dtype: str = "float32"
-    ema_sync_every: int = 1
     nonfinite: str = "skip"
     default_in_forward: bool = True
     init_std: float = 0.02
@@ -227,9 +222,7 @@ class MoEConfig:
         _check_float("z_loss_coeff", self.z_loss_coeff, 0.0, math.inf, hi_open=True)
         _check_float("beta", self.beta, 0.0, 1.0, hi_open=True)
         _check_choice("ema_weighting", self.ema_weighting, EMA_WEIGHTINGS)
-        _check_choice("ema_sync", self.ema_sync, EMA_SYNC_MODES)
         _check_choice("ema_stats_dtype", self.ema_stats_dtype, EMA_STATS_DTYPES)
-        _check_int("ema_sync_every", self.ema_sync_every, 1)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_MODES)
         if not isinstance(self.default_in_forward, bool):
             raise ValueError(f"MoEConfig.default_in_forward must be true or false, got {self.default_in_forward!r}")
@@ -265,7 +258,7 @@ class MoEConfig:
         """Builds a config from a mapping (e.g. a JSON section), rejecting unknown keys."""
         if not isinstance(values, Mapping):
             raise ValueError(f"MoE config must be a mapping of field names to values, got {type(values).__name__}")
-        merged = {**values, **overrides}
+        merged = drop_legacy({**values, **overrides})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(merged) - known)
         if unknown:
@@ -287,6 +280,23 @@ class MoEConfig:
         return self.router in ("stablemoe", "hash")
 
 
+# Fields that no longer exist, still accepted (old checkpoints, configs, sections) with a warning.
+LEGACY_FIELDS = {
+    "ema_sync": "D is committed once per optimizer step with one bucketed all-reduce for all layers",
+    "ema_sync_every": "D is committed once per optimizer step (every micro-batch of the step counts)",
+}
+
+
+def drop_legacy(values: Mapping[str, Any], where: str = "MoEConfig") -> dict:
+    """`values` without the removed fields, warning once per call for each one present."""
+    out = dict(values)
+    for name, why in LEGACY_FIELDS.items():
+        if name in out:
+            out.pop(name)
+            warnings.warn(f"{where}.{name} was removed and is ignored: {why}", FutureWarning, stacklevel=3)
+    return out
+
+
 def _named_fields_only(cls):
     """Unknown keyword arguments fail like bad values do (ValueError naming them, allowed fields,
     a close match), not with dataclass's bare TypeError."""
@@ -294,6 +304,7 @@ def _named_fields_only(cls):
 
     @functools.wraps(init)
     def checked_init(self, *args, **kwargs):
+        kwargs = drop_legacy(kwargs, cls.__name__)
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(known))
         if unknown:

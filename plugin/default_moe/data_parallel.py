@@ -7,10 +7,14 @@ over the data-parallel group. Plain `torch.nn.parallel.DistributedDataParallel` 
 silently (it broadcasts rank 0's experts over the others at construction and averages different
 experts' gradients). Three supported ways:
 
-- `reduce_gradients(model)` after `loss.backward()` in a hand-written loop;
+- `reduce_gradients(model)` once per optimizer step, after the step's last `loss.backward()`,
+  in a hand-written loop (it reduces the accumulated gradients: calling it after every
+  micro-batch of gradient accumulation would reduce the earlier ones again);
 - `wrap_ddp(model, **ddp_kwargs)`: DDP over the dense parameters only; expert parameters (and
-  the MoE layers' buffers, kept identical by the EMA all-reduce) are excluded from DDP's buckets
-  and broadcasts and reduced over the expert-data-parallel group as their gradients accumulate;
+  the MoE layers' buffers, kept identical by the EMA commit) are excluded from DDP's buckets and
+  broadcasts; each backward reduces the incoming expert gradients over the expert-data-parallel
+  group before they accumulate, and under DDP's `no_sync()` they accumulate locally and are
+  reduced together at the next synchronising backward, as DDP does with the dense ones;
 - `fully_shard_moe(model)`: FSDP2 (`fully_shard`) with every `MoELayer`'s experts sharded over
   the expert-data-parallel group (gradients summed there, divided by the data-parallel size) and
   the rest over the data-parallel group, as torchtitan does for EP.
@@ -20,6 +24,7 @@ Every way equals the float64 reference of the union batch (tests/test_data_paral
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -98,16 +103,31 @@ def wrap_ddp(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDataParal
         ignore += [prefix + b for b, _ in layer.named_buffers()]  # D is kept identical by its all-reduce
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     dp, expert_dp = groups.dp_size, groups.expert_dp_group
+    wrapped: List[nn.parallel.DistributedDataParallel] = []
+    # Gradients accumulated under no_sync(), not reduced yet (what DDP's buckets hold for the dense).
+    unreduced: Dict[int, torch.Tensor] = {}
 
-    def reduce_expert_grad(p: torch.Tensor) -> None:
+    def reduce_incoming(p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        # On the incoming gradient, before it accumulates into p.grad: reducing the accumulated
+        # p.grad would reduce (and scale) every earlier micro-batch again.
         with torch.no_grad():
+            local = unreduced.pop(id(p), None)
+            if wrapped and not wrapped[0].require_backward_grad_sync:  # inside no_sync()
+                unreduced[id(p)] = grad.clone() if local is None else local + grad
+                return grad
+            total = grad if local is None else local + grad
+            reduced = total.clone()
             if comm.group_size(expert_dp) > 1:
-                comm.all_reduce(p.grad, expert_dp)
-            p.grad /= dp
+                comm.all_reduce(reduced, expert_dp)
+            reduced /= dp
+            # p.grad already holds `local`: add what makes it the reduced sum.
+            return reduced if local is None else reduced - local
 
     for p in experts.values():
-        p.register_post_accumulate_grad_hook(reduce_expert_grad)
-    return nn.parallel.DistributedDataParallel(model, process_group=groups.dp_group, **ddp_kwargs)
+        p.register_hook(functools.partial(reduce_incoming, p))
+    ddp = nn.parallel.DistributedDataParallel(model, process_group=groups.dp_group, **ddp_kwargs)
+    wrapped.append(ddp)
+    return ddp
 
 
 _SINGLETONS: Dict[int, dist.ProcessGroup] = {}

@@ -5,7 +5,9 @@ defaults meet.
     out_TD = sum_k gates_TK * y_TKD                                            (TopK)
 
 The default term uses only local tensors (the replicated D), so Default MoE's dense router
-gradient adds no communication; the EMA statistics are one E x (D+1) all-reduce per step.
+gradient adds no communication and no forward runs a collective for D: training forwards
+accumulate statistics locally, and D is committed at the optimizer step with one bucketed
+all-reduce for all layers (`default_moe.defaults`; the step contract).
 
 Legend: T tokens, K top-k, E experts, D hidden.
 """
@@ -101,7 +103,7 @@ class MoELayer(nn.Module):
         mark_expert_params(self.experts)
         self.defaults: Optional[ExpertDefaults] = None
         if self.router.uses_defaults:
-            self.defaults = ExpertDefaults.from_config(config)
+            self.defaults = ExpertDefaults.from_config(config).bind(self, groups.dp_group)
         # Named in errors (non-finite values); models set it, e.g. "layers.3.moe".
         self.layer_name = ""
         self.num_training_forwards = 0
@@ -161,6 +163,7 @@ class MoELayer(nn.Module):
                 self.defaults = ExpertDefaults.from_config(config, name=self.layer_name).to(device)
             else:
                 self.defaults.configure(config)
+            self.defaults.bind(self, groups.dp_group)
         else:
             self.defaults = None
 
@@ -194,12 +197,15 @@ class MoELayer(nn.Module):
                 "reduce_gradients(model) after backward, or fully_shard_moe(model) for FSDP2)"
             )
 
-    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Routes, dispatches, runs experts, combines (and adds the default term).
 
         Args:
             x: [..., D] hidden states.
             token_ids: optional [...] input token ids, for routers that route by token.
+            mask: optional [...] bool (or 0/1), False for tokens that must not enter the EMA
+                statistics (padding); they are still routed and computed.
 
         Returns:
             [..., D], same dtype as `x`. The aux losses are attached to it for backward.
@@ -212,7 +218,16 @@ class MoELayer(nn.Module):
         # A recompute or a frozen (diagnostic) forward changes no state: it neither applies a
         # pending update nor makes one, and records no counters.
         record = updates_state(True)
-        fwd = self.defaults.begin_forward(self.training, "MoELayer") if self.defaults is not None else None
+        fwd = None
+        if self.defaults is not None:
+            if self.defaults.layer() is None:  # a copy of a layer (deepcopy) binds on first use
+                self.defaults.bind(self, self.groups.dp_group)
+            mask_T = None
+            if mask is not None:
+                if mask.shape != x.shape[:-1]:
+                    raise ValueError(f"MoELayer mask must have the token shape {tuple(x.shape[:-1])}, got {tuple(mask.shape)}")
+                mask_T = mask.reshape(-1).bool()
+            fwd = self.defaults.begin_forward(self.training, "MoELayer", mask_T=mask_T)
 
         route = self.router(x_TD, self.groups, token_ids_T)
         if self.training and record:
@@ -233,7 +248,7 @@ class MoELayer(nn.Module):
         if route.output_scale_D is not None:
             out_TD = out_TD * route.output_scale_D.to(out_TD.dtype)
         if self.defaults is not None:
-            self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, self.groups.dp_group)
+            self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, anchor=route.probs_TE)
             # Experts that did not process the token: not in the top-k, or dropped over capacity.
             default_TD = self.defaults.default_term(fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK))
             out_TD = out_TD + default_TD.to(out_TD.dtype)

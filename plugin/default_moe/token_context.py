@@ -30,8 +30,10 @@ def current(what: str = "this router") -> torch.Tensor:
     ids = _IDS[0]
     if ids is None:
         raise ValueError(
-            f"{what} routes by token id, but no token ids were recorded: call "
-            "default_moe.token_context.capture_token_ids(model) on the model's root module once"
+            f"{what} routes by token id, but this forward's model input had no token ids (call "
+            "default_moe.token_context.capture_token_ids(model) on the model's root module once; under pipeline "
+            "parallelism every stage's model chunk must be given the input ids — Megatron-LM's get_batch loads them "
+            "on the first and last stages only, so hash/StableMoE routing needs a data path that passes them on)"
         )
     return ids
 
@@ -61,9 +63,11 @@ def capture_token_ids(model: nn.Module):
         return model._default_moe_token_hook
 
     def hook(module, args, kwargs):
+        # Every forward replaces the ids, also with None: a forward without ids (a middle pipeline
+        # stage under Megatron-LM, whose get_batch loads tokens on the first stage only; inputs_embeds)
+        # must fail by name, never route with another micro-batch's ids.
         ids = _find_ids(args, kwargs)
-        if ids is not None:
-            set_current(ids.detach())
+        set_current(ids.detach() if ids is not None else None)
 
     handle = model.register_forward_pre_hook(hook, with_kwargs=True)
     model._default_moe_token_hook = handle

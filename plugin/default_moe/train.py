@@ -5,7 +5,7 @@
 
 Every `RunConfig` field is a command-line flag (`--micro-batch 8`); the run config file sets the
 defaults and names the DeepSpeed JSON, whose "default_moe" section `--router`, `--beta`,
-`--ep-size` and `--ema-sync` override. Writes to `--run-dir`: checkpoints (ckpt/), TensorBoard
+and `--ep-size` override. Writes to `--run-dir`: checkpoints (ckpt/), TensorBoard
 events (tb/), `metrics.json`, and `loss.png`.
 """
 
@@ -57,10 +57,8 @@ class RunConfig:
     router: Optional[str] = None
     beta: Optional[float] = None
     ep_size: Optional[int] = None
-    ema_sync: Optional[str] = None
     ema_weighting: Optional[str] = None
     ema_stats_dtype: Optional[str] = None
-    ema_sync_every: Optional[int] = None
     default_in_forward: Optional[bool] = None
     model: Dict[str, Any] = field(default_factory=dict)
 
@@ -137,8 +135,7 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
         with open(run.deepspeed_config) as fh:
             ds_config = json.load(fh)
         section = dict(ds_config.get("default_moe", {"enabled": True}))
-        for key in ("router", "beta", "ep_size", "ema_sync", "ema_weighting", "ema_stats_dtype", "ema_sync_every",
-                    "default_in_forward"):
+        for key in ("router", "beta", "ep_size", "ema_weighting", "ema_stats_dtype", "default_in_forward"):
             if getattr(run, key) is not None:
                 section[key] = getattr(run, key)
         if section.get("router") == "stablemoe" and "stablemoe" not in section:
@@ -337,7 +334,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None
     if rank == 0:
         print(f"[train] world={world} device={engine.device} router={moe_cfg.router} ep_size={moe_cfg.ep_size} "
-              f"experts={moe_cfg.num_experts} top_k={moe_cfg.top_k} beta={moe_cfg.beta} ema_sync={moe_cfg.ema_sync} "
+              f"experts={moe_cfg.num_experts} top_k={moe_cfg.top_k} beta={moe_cfg.beta} "
               f"zero={engine.zero_optimization_stage()} gas={gas}")
         print(f"[train] model: d={gpt.d_model} layers={gpt.n_layers} vocab={gpt.vocab_size} seq={gpt.seq_len}; "
               f"params {total_params/1e6:.2f}M total, {active/1e6:.2f}M active per token; "

@@ -39,8 +39,9 @@ from default_moe.defaults import ExpertDefaults, check_score_function, dense_sof
 from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
-SECTION_KEYS = ("router", "beta", "ema_sync", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe",
-                "ema_stats_dtype", "ema_sync_every", "nonfinite", "default_in_forward")
+SECTION_KEYS = ("router", "beta", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe",
+                "ema_stats_dtype", "nonfinite", "default_in_forward",
+                "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
 AUTOEP_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -99,9 +100,11 @@ def layer_class(settings: Dict):
                 self._install_token_router()
             if registered_routers()[self.moe_config.router].uses_defaults:
                 check_score_function(self.router.score_func, "this AutoEP layer (router score_func)")
+                from deepspeed.utils import groups
+
                 self.defaults = ExpertDefaults.from_config(
                     self.moe_config, self.num_experts, self.hidden_size
-                ).to(self.router.gate.weight.device)
+                ).to(self.router.gate.weight.device).bind(self, groups._get_data_parallel_group)
 
         def _install_sparsemixer(self) -> None:
             """AutoEP's router, re-routed by SparseMixer on the same gate weights: its forward
@@ -224,14 +227,12 @@ def layer_class(settings: Dict):
                 y_TKH = expert_output.new_zeros(T * top_k, H).index_copy(0, token_indices_sorted, expert_output)
                 y_TKH = y_TKH.view(T, top_k, H)
                 idx_TK = captured["selected_TK"].long()
-                from deepspeed.utils import groups
-
                 with torch.autocast(device_type=x_TH.device.type, enabled=False):
                     logits_TE = self.router.gate(x_TH).float()
                 probs_TE = dense_softmax(logits_TE)
                 probs_TK = probs_TE.gather(1, idx_TK)
                 gates_TK = top_scores.float() if self.moe_config.normalize_topk else probs_TK
-                self.defaults.observe(fwd, y_TKH, idx_TK, probs_TK, None, groups._get_data_parallel_group())
+                self.defaults.observe(fwd, y_TKH, idx_TK, probs_TK, None, anchor=probs_TE)
                 out = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1) + self.defaults.default_term(
                     fwd, probs_TE, ran_mask(self.num_experts, idx_TK))
                 return out.to(expert_output.dtype).reshape(bsz, seqlen, H)

@@ -6,7 +6,7 @@ or, for scripts that should change by one line, `import default_moe.deepspeed` b
 `deepspeed.initialize` (importing registers the hook; `register()` does it explicitly).
 
 With `"default_moe": {"enabled": true, ...}` every `default_moe.MoELayer` of the model is
-reconfigured from the section (router, top_k, beta, ema_sync, ep_size, ...), its experts are
+reconfigured from the section (router, top_k, beta, ep_size, ...), its experts are
 sharded over DeepSpeed's expert-parallel group `ep_size_N`, its expert parameters get DeepSpeed's
 MoE tags (reduced over the expert-data-parallel group, MoE optimizer param groups), and the
 engine is made aware that the model has MoE layers. Without the section, or with
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from default_moe.config import MoEConfig, check_overrides
+from default_moe.defaults import commit_defaults, defaults_in
 from default_moe.checkpoint import check_deepspeed_files, latest_tag
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
@@ -238,7 +239,12 @@ def _install_common_hooks(engine) -> None:
     tells the two cases apart on load: the file present = written with Default MoE (D restored
     from it, a missing layer refused by name); absent = written before Default MoE was switched
     on (zeros, warned by each layer)."""
-    save, load, backward = engine.save_checkpoint, engine.load_checkpoint, engine.backward
+    save, load, backward, step = engine.save_checkpoint, engine.load_checkpoint, engine.backward, engine.step
+    # The step contract: D is committed at the engine's optimizer step (the accumulation
+    # boundary), over each layer's group; the process-wide torch-optimizer hook leaves these
+    # layers alone (DeepSpeed's optimizer holds flat copies of the parameters, or none of ours).
+    for d in defaults_in(engine.module):
+        d.committed_by = "deepspeed"
 
     def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
         tag = tag if tag is not None else f"global_step{engine.global_steps}"
@@ -280,9 +286,15 @@ def _install_common_hooks(engine) -> None:
         AuxLossAutoScaler.set_loss_scale(scale)
         return backward(loss, *args, **kw)
 
+    def step_committing_defaults(*args, **kw):
+        if engine.is_gradient_accumulation_boundary():
+            commit_defaults(engine.module)
+        return step(*args, **kw)
+
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     engine.backward = backward_with_aux_scale
+    engine.step = step_committing_defaults
 
 
 def _install_engine_hooks(engine) -> None:

@@ -124,7 +124,10 @@ class DefaultMOELayer(_moe_layer_base()):
         if not uses_defaults:
             self.defaults = None
         elif self.defaults is None:
+            from deepspeed.utils import groups
+
             self.defaults = ExpertDefaults.from_config(config).to(self.gate.wg.weight.device)
+            self.defaults.bind(self, groups._get_data_parallel_group)
         else:
             self.defaults.configure(config)
 
@@ -245,11 +248,8 @@ class DefaultMOELayer(_moe_layer_base()):
         out_SM = (routed_KSM * gates_KS.unsqueeze(-1)).sum(0).to(expert_out.dtype)
 
         if self.defaults is not None:
-            from deepspeed.utils import groups
-
             keep_SK = kept_KS.t()
-            self.defaults.observe(fwd, routed_KSM.transpose(0, 1), idx_SK, probs_SK, keep_SK,
-                                  groups._get_data_parallel_group())
+            self.defaults.observe(fwd, routed_KSM.transpose(0, 1), idx_SK, probs_SK, keep_SK, anchor=probs_SE)
             out_SM = out_SM + self.defaults.default_term(fwd, probs_SE, ran_mask(E, idx_SK, keep_SK)).to(out_SM.dtype)
         self._records.release_after_backward(entry, out_SM)
         self._record = {}  # a route outside a forward starts afresh

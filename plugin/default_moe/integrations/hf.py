@@ -16,16 +16,27 @@ computations as HF's, one row per slot — so their raw outputs feed the EMA; th
 
     sum_{k} g_k E_{i_k}(x) + sum_{i not selected} pi_i D_i,     pi = softmax(router logits) in fp32
 
-with g = pi at the selected experts (the paper: no top-k renormalisation), or HF's own top-k
-weights with `normalize_topk=True` (Mixtral and `norm_topk_prob` models renormalise). The EMA
-statistics are all-reduced over the data-parallel group (`group`, default: the whole world when
-torch.distributed is initialised at the forward), so every replica holds the same D. Shared experts (Qwen2-MoE)
+with g = the model's own top-k weights by default (`normalize_topk=None`: Mixtral renormalises
+over the selected experts, Qwen2/Qwen3-MoE and OLMoE follow `norm_topk_prob`), so a pretrained
+model converted at D = 0 computes exactly what it did; `normalize_topk=False` is the paper's raw
+pi (changes a renormalising model's function at step 0), `True` forces renormalisation.
+
+The step contract (`default_moe.defaults`): D changes only at optimizer steps; training forwards
+accumulate statistics (tokens whose `attention_mask` is 0 do not count: the model's
+`attention_mask` is recorded at its forward), and the step of any torch optimizer holding the
+block's parameters commits them over the data-parallel group (`group`, default: the whole world
+when torch.distributed is initialised), so every replica holds the same D; under DeepSpeed the
+engine's step does. Limit: with reentrant activation checkpointing (not transformers' default)
+the statistics are taken in the recompute, which sees the mask of the latest model forward: two
+forwards of differently padded batches before one backward need non-reentrant checkpointing. Shared experts (Qwen2-MoE)
 and HF's router aux loss are untouched. Router "topk" converts nothing (HF's outputs exactly).
 
 Under ZeRO-3 the experts' parameters are gathered by DeepSpeed's own module hooks around the
 experts' forward, which is where the raw outputs are computed, so the EMA sees full outputs.
 Refused by name: other MoE blocks (e.g. DeepSeek-V3's sigmoid router: the default term would add
-~0.5 D_i for every unselected expert), routers other than default/topk.
+~0.5 D_i for every unselected expert), routers other than default/topk, and models HF itself
+shards with tensor or expert parallelism (`distributed_config`: tp/ep plans; the hooks would see
+local expert ids and partial outputs).
 
 Legend: T tokens, K top-k, E experts, H hidden.
 """
@@ -33,6 +44,7 @@ Legend: T tokens, K top-k, E experts, H hidden.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -40,19 +52,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from default_moe.config import MoEConfig, check_overrides
+from default_moe.config import MoEConfig, check_overrides, drop_legacy
 from default_moe.defaults import DefaultsForward, ExpertDefaults, dense_softmax, ran_mask
 
-# HF block class -> its config's (experts, top-k) attribute names. All four route with a softmax.
+# HF block class -> its config's (experts, top-k, renormalise-top-k) attributes (True: always
+# renormalises). All four route with a softmax.
 SUPPORTED = {
-    "MixtralSparseMoeBlock": ("num_local_experts", "num_experts_per_tok"),
-    "Qwen2MoeSparseMoeBlock": ("num_experts", "num_experts_per_tok"),
-    "Qwen3MoeSparseMoeBlock": ("num_experts", "num_experts_per_tok"),
-    "OlmoeSparseMoeBlock": ("num_experts", "num_experts_per_tok"),
+    "MixtralSparseMoeBlock": ("num_local_experts", "num_experts_per_tok", True),
+    "Qwen2MoeSparseMoeBlock": ("num_experts", "num_experts_per_tok", "norm_topk_prob"),
+    "Qwen3MoeSparseMoeBlock": ("num_experts", "num_experts_per_tok", "norm_topk_prob"),
+    "OlmoeSparseMoeBlock": ("num_experts", "num_experts_per_tok", "norm_topk_prob"),
 }
 HF_ROUTERS = ("default", "topk")
-SETTINGS = ("router", "beta", "ema_sync", "ema_weighting", "ema_stats_dtype", "ema_sync_every", "nonfinite",
-            "default_in_forward", "normalize_topk")
+SETTINGS = ("router", "beta", "ema_weighting", "ema_stats_dtype", "nonfinite", "default_in_forward", "normalize_topk",
+            "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
 
 
 def check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
@@ -63,8 +76,12 @@ def check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     if router not in HF_ROUTERS:
         raise ValueError(f"router {router!r} is not available for in-place HF conversion (supported: {list(HF_ROUTERS)}; "
                          "the others run through AutoEP, DeepSpeed-MoE, Megatron or default_moe.MoELayer)")
-    check_overrides(settings)
-    return dict(settings)
+    settings = drop_legacy(settings, "default_moe.integrations.hf")
+    if settings.get("normalize_topk") not in (None, True, False):
+        raise ValueError(f"default_moe.integrations.hf: normalize_topk must be None (as the model), true or false, "
+                         f"got {settings['normalize_topk']!r}")
+    check_overrides({k: v for k, v in settings.items() if not (k == "normalize_topk" and v is None)})
+    return settings
 
 
 @dataclasses.dataclass
@@ -77,11 +94,29 @@ class _Call:
     weights_TK: Optional[torch.Tensor] = None
 
 
+class _MaskSlot:
+    """The model's latest `attention_mask` (recorded by a pre-hook on the model's forward)."""
+
+    def __init__(self) -> None:
+        self.mask: Optional[torch.Tensor] = None
+
+    def hook(self, module, args, kwargs) -> None:
+        mask = kwargs.get("attention_mask")
+        self.mask = mask.detach() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+
+    def tokens(self, T: int) -> Optional[torch.Tensor]:
+        """[T] bool of the tokens that count, when the recorded mask covers T tokens."""
+        if self.mask is None or self.mask.numel() != T:
+            return None
+        return self.mask.reshape(-1) != 0
+
+
 class _BlockHooks:
     """The hooks of one converted block (kept on the block as `_default_moe`)."""
 
-    def __init__(self, block: nn.Module, normalize_topk: bool, group, name: str) -> None:
+    def __init__(self, block: nn.Module, normalize_topk: bool, group, name: str, masks: Optional[_MaskSlot] = None) -> None:
         self.block, self.normalize_topk, self.group, self.name = block, normalize_topk, group, name
+        self.masks = masks
         self.call = _Call()
         self.handles = [
             block.gate.register_forward_hook(self._router_out),
@@ -100,9 +135,10 @@ class _BlockHooks:
         if self.call.logits_TE is None:
             raise RuntimeError(f"{self.name}: the experts ran without the router's logits (default-moe expects the "
                                "block to call its gate, then its experts, as HF's Mixtral/Qwen/OLMoE blocks do)")
-        self.call.fwd = self.block.defaults.begin_forward(self.block.training, "hf convert")
-        self.call.idx_TK, self.call.weights_TK = idx_TK, weights_TK
         T, K = idx_TK.shape
+        mask_T = self.masks.tokens(T) if self.masks is not None else None
+        self.call.fwd = self.block.defaults.begin_forward(self.block.training, "hf convert", mask_T=mask_T)
+        self.call.idx_TK, self.call.weights_TK = idx_TK, weights_TK
         # One row per (token, slot), unit weight: the experts return each slot's raw output.
         x_NH = x_TH.unsqueeze(1).expand(T, K, x_TH.shape[-1]).reshape(T * K, -1)
         return (x_NH, idx_TK.reshape(T * K, 1), torch.ones(T * K, 1, dtype=weights_TK.dtype, device=weights_TK.device))
@@ -116,7 +152,7 @@ class _BlockHooks:
         probs_TE = dense_softmax(call.logits_TE.reshape(T, -1))
         probs_TK = probs_TE.gather(1, idx_TK)
         gates_TK = call.weights_TK.float() if self.normalize_topk else probs_TK
-        defaults.observe(call.fwd, y_TKH, idx_TK, probs_TK, None, _data_parallel_group(self.group))
+        defaults.observe(call.fwd, y_TKH, idx_TK, probs_TK, None, anchor=probs_TE)
         with torch.autocast(device_type=y_TKH.device.type, enabled=False):
             out_TH = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1)
         out_TH = out_TH + defaults.default_term(call.fwd, probs_TE, ran_mask(probs_TE.shape[1], idx_TK))
@@ -131,6 +167,21 @@ def _data_parallel_group(group):
     if group is not None:
         return group
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+
+
+def check_not_sharded_by_hf(model: nn.Module) -> None:
+    """Refuses models HF's own tensor/expert parallel plans shard (local ids, partial outputs)."""
+    config = getattr(model, "config", None)
+    dc = getattr(config, "distributed_config", None)
+    if dc is None:
+        return
+    tp, ep = getattr(dc, "tp_size", None) or 1, getattr(dc, "ep_size", None) or 1
+    if tp > 1 or ep > 1 or getattr(dc, "enable_expert_parallel", False) or getattr(dc, "tp_plan", None):
+        raise ValueError(
+            f"default-moe cannot convert a model sharded by HF's own parallel plans (distributed_config: tp_size={tp}, "
+            f"ep_size={ep}, enable_expert_parallel={getattr(dc, 'enable_expert_parallel', False)}, "
+            f"tp_plan={getattr(dc, 'tp_plan', None)!r}): the hooks would see local expert ids and partial outputs. "
+            "Load it unsharded and use DeepSpeed (AutoEP for expert parallelism) or DDP/FSDP2")
 
 
 def moe_blocks(model: nn.Module) -> List[tuple]:
@@ -159,26 +210,37 @@ def convert(model: nn.Module, router: str = "default", group=None, state_from: O
             world, looked up at each forward, so converting before init_process_group is fine).
         state_from: a `save_pretrained` folder (or a .safetensors / .bin file) to restore the
             blocks' `defaults_ED` from (`from_pretrained` drops keys the HF model does not have).
-        settings: beta, ema_sync, ema_weighting, ema_stats_dtype, ema_sync_every, nonfinite,
-            default_in_forward, normalize_topk (see the README's configuration reference).
+        settings: beta, ema_weighting, ema_stats_dtype, nonfinite, default_in_forward,
+            normalize_topk (None, the default: as the model's own block; see the module docstring).
     """
     settings = check_settings({"router": router, **settings})
+    check_not_sharded_by_hf(model)
     blocks = moe_blocks(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no supported sparse MoE block ({sorted(SUPPORTED)})")
     if router == "topk":
         return model
-    normalize_topk = bool(settings.pop("normalize_topk", False))
+    normalize_setting = settings.pop("normalize_topk", None)
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    masks = getattr(model, "_default_moe_masks", None)
+    if masks is None:
+        masks = _MaskSlot()
+        model._default_moe_masks = masks
+        model._default_moe_mask_hook = model.register_forward_pre_hook(masks.hook, with_kwargs=True)
     for name, block in blocks:
         if getattr(block, "_default_moe", None) is not None:
             raise ValueError(f"{name} is already converted")
-        experts_attr, topk_attr = SUPPORTED[type(block).__name__]
+        experts_attr, topk_attr, renorm = SUPPORTED[type(block).__name__]
         E, K, H = getattr(config, experts_attr), getattr(config, topk_attr), config.hidden_size
-        moe_config = MoEConfig(hidden_size=H, num_experts=E, ffn_hidden_size=1, top_k=K, aux_loss_coeff=0.0, **settings)
+        normalize_topk = normalize_setting
+        if normalize_topk is None:  # as the model's own block: converted at D = 0 == unconverted
+            normalize_topk = renorm if isinstance(renorm, bool) else bool(getattr(config, renorm, False))
+        moe_config = MoEConfig(hidden_size=H, num_experts=E, ffn_hidden_size=1, top_k=K, aux_loss_coeff=0.0,
+                               normalize_topk=bool(normalize_topk), **settings)
         device = block.gate.weight.device
         block.defaults = ExpertDefaults.from_config(moe_config, E, H, name=name).to(device)
-        block._default_moe = _BlockHooks(block, normalize_topk, group, name)
+        block.defaults.bind(block, functools.partial(_data_parallel_group, group))
+        block._default_moe = _BlockHooks(block, bool(normalize_topk), group, name, masks)
     if state_from is not None:
         load_defaults(model, state_from)
     return model
@@ -228,4 +290,8 @@ def unconvert(model: nn.Module) -> nn.Module:
             hooks.remove()
             del block._default_moe
             del block.defaults
+    handle = getattr(model, "_default_moe_mask_hook", None)
+    if handle is not None:
+        handle.remove()
+        del model._default_moe_mask_hook, model._default_moe_masks
     return model

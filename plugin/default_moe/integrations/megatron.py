@@ -8,7 +8,7 @@ Two ways in:
     dm.install(router="default", beta=0.9)                        # 2. every GPT spec builder emits ours
 
 and for Megatron-LM scripts, `extra_args_provider=dm.extra_args_provider` adds
-`--moe-router-type`, `--moe-default-beta`, `--moe-default-ema-sync`, `--moe-default-ema-weighting`;
+`--moe-router-type`, `--moe-default-beta`, `--moe-default-ema-weighting`, ...;
 `dm.install_from_args(args)` applies them (see patches/megatron-lm-core_r0.19.0.diff and
 patches/megatron-lm-core_v0.16.1.diff). Version differences live in `megatron_compat`.
 
@@ -35,8 +35,16 @@ Refused with a clear error (they make no sense with a dense softmax over all exp
 raw expert outputs): `moe_router_score_function="sigmoid"`, `moe_router_pre_softmax=False` with
 top-k > 1, `moe_apply_probs_on_input`, `moe_pad_expert_input_to_capacity`. Allowed: expert bias
 (it only changes selection; pi stays the unbiased softmax), capacity/token dropping, z-loss, aux
-losses, group-limited routing, `moe_router_topk_scaling_factor` (scales the selected experts'
-gates only; the default term uses raw pi).
+losses, group-limited routing, `moe_router_topk_scaling_factor` s (megatron scales the selected
+gates to s * pi_i; the default term is scaled alike, s * pi_i D_i, so it stands in for the same
+dense output s * sum_i pi_i E_i(x)). Also refused: sinkhorn balancing (its gate is a sigmoid),
+the fp8/fp4 routing-map padding (padded pairs would lose their default term and enter the counts)
+and CUDA graphs whose scope covers the router (the dense probabilities would leave the graph).
+
+The step contract (`default_moe.defaults`): training forwards accumulate statistics (tokens
+marked padding in `padding_mask` do not count), D is committed in `finalize_model_grads` —
+every megatron-core schedule calls it after the step's last backward, where megatron-core
+updates its own router expert bias — over the pipeline stage, with one all-reduce for all layers.
 
 Tested on CPU with megatron-core 0.16.1 and 0.19.2 through the local spec (`SequentialMLP`), in
 layer, GPT-model, pipeline-schedule and real Megatron-LM `pretrain_gpt.py` runs. Also refused:
@@ -57,8 +65,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from default_moe.config import MoEConfig, check_overrides
-from default_moe.defaults import ExpertDefaults, check_score_function, dense_softmax
+from default_moe.config import MoEConfig, check_overrides, drop_legacy
+from default_moe.defaults import ExpertDefaults, check_score_function, commit_defaults, dense_softmax
 from default_moe.integrations import megatron_compat as compat
 from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
@@ -67,13 +75,13 @@ from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-SETTINGS = ("router", "beta", "ema_sync", "ema_weighting", "sparsemixer", "stablemoe", "ema_stats_dtype",
-            "ema_sync_every", "nonfinite")
+SETTINGS = ("router", "beta", "ema_weighting", "sparsemixer", "stablemoe", "ema_stats_dtype", "nonfinite",
+            "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
 MEGATRON_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
 def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """Checks the Default MoE settings (router, beta, ema_sync, ema_weighting)."""
+    """Checks the Default MoE settings (router, beta, ema_weighting, ...)."""
     settings = dict(settings or {})
     unknown = sorted(set(settings) - set(SETTINGS))
     if unknown:
@@ -84,6 +92,7 @@ def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
             f"router {router!r} is not available in the megatron-core integration yet "
             f"(supported: {list(MEGATRON_ROUTERS)}; the others run in default_moe.MoELayer models)"
         )
+    settings = drop_legacy(settings, "default_moe (megatron)")
     check_overrides(settings)  # the real top-k comes from the TransformerConfig
     return settings
 
@@ -102,6 +111,14 @@ def check_megatron_config(config) -> None:
         problems.append("moe_apply_probs_on_input=True (the raw expert outputs are needed)")
     if config.moe_pad_expert_input_to_capacity:
         problems.append("moe_pad_expert_input_to_capacity=True (padding rows would enter the EMA)")
+    balancing = config.moe_router_load_balancing_type
+    if "sinkhorn" in (balancing if isinstance(balancing, (list, tuple)) else [balancing]):
+        problems.append("moe_router_load_balancing_type='sinkhorn' (its top-1 gate is sigmoid(logit), not the "
+                        "softmax pi the default term weights unselected experts with)")
+    if getattr(config, "moe_router_padding_for_quantization", False) or getattr(config, "moe_router_padding_for_fp8", False):
+        problems.append("moe_router_padding_for_quantization / moe_router_padding_for_fp8 (the padded routing map "
+                        "adds (token, expert) pairs that lose their default term and enter the counts)")
+    problems += compat.cuda_graph_problems(config)
     problems += compat.unsupported_features(config)
     if problems:
         raise ValueError("Default MoE cannot run with megatron-core " + "; ".join(problems))
@@ -118,6 +135,12 @@ class DefaultTopKRouter(TopKRouter):
         self.dense_probs = dense_softmax(logits.reshape(-1, self.config.num_moe_experts))
         probs, routing_map = super().routing(logits, padding_mask)
         self.routing_map = routing_map
+        if padding_mask is not None:
+            # Padding must not enter the EMA, and the dispatched rows do not say which token they
+            # came from: the padded tokens' gates travel negated (megatron's router code reads
+            # padding_mask True as padding), `DefaultMoELayer.routed_experts_compute` reads the
+            # sign bit back and restores the gate, so outputs and gradients are unchanged.
+            probs = torch.where(padding_mask.reshape(-1, 1).to(probs.device), -probs, probs)
         return probs, routing_map
 
 
@@ -251,7 +274,7 @@ def capture_token_ids(model: torch.nn.Module):
 class DefaultMoELayer(McoreMoELayer):
     """megatron-core MoELayer with the Default MoE term and EMA defaults.
 
-    Args: as `MoELayer`, plus `default_moe`: the settings dict (router, beta, ema_sync,
+    Args: as `MoELayer`, plus `default_moe`: the settings dict (router, beta,
         ema_weighting, sparsemixer).
     """
 
@@ -285,13 +308,16 @@ class DefaultMoELayer(McoreMoELayer):
                 raise ValueError(f"Default MoE needs DefaultTopKRouter (a TopKRouter), got {type(self.router).__name__}")
             self.defaults = ExpertDefaults.from_config(
                 self.moe_config, config.num_moe_experts, config.hidden_size, name=f"layer {self.layer_number}"
-            ).to(self.router.weight.device)
+            ).to(self.router.weight.device).bind(self, compat.stage_group)
 
     def route(self, hidden_states, *args, **kwargs):
-        # The first step inside megatron's (possibly checkpointed) MoE forward: a recompute of it
-        # (selective "moe" recompute, or a full-layer recompute) gets a non-updating forward.
+        # The first step inside megatron's (possibly checkpointed) MoE forward, so a recompute
+        # (selective "moe" or full-layer) decides for itself; only the forward whose backward
+        # reaches the layer counts (the step contract).
         if self.defaults is not None:
             self._fwd = self.defaults.begin_forward(self.training, "megatron DefaultMoELayer")
+            if self.training:
+                commit_at_finalize(self.config, self.defaults)
         return super().route(hidden_states, *args, **kwargs)
 
     def routed_experts_compute(self, hidden_states: torch.Tensor, probs: torch.Tensor):
@@ -305,12 +331,15 @@ class DefaultMoELayer(McoreMoELayer):
         )
         raw_NH, mlp_bias = self.experts(dispatched_N, tokens_per_expert, torch.ones_like(permuted_probs_N))
         assert mlp_bias is None, f"mlp_bias is not supported for {type(self.token_dispatcher)}"
-        if self._fwd.update:
-            self._update_defaults(raw_NH, tokens_per_expert, permuted_probs_N)
-        expert_out_NH = raw_NH * permuted_probs_N.unsqueeze(-1).to(raw_NH.dtype)
+        # Padded tokens' gates arrive negated (DefaultTopKRouter.routing): mask and true gate.
+        keep_N = ~torch.signbit(permuted_probs_N)
+        gates_N = torch.where(keep_N, permuted_probs_N, -permuted_probs_N)
+        if self._fwd.collect:
+            self._update_defaults(raw_NH, tokens_per_expert, gates_N, keep_N)
+        expert_out_NH = raw_NH * gates_N.unsqueeze(-1).to(raw_NH.dtype)
         return self.token_dispatcher.combine_preprocess(expert_out_NH), mlp_bias
 
-    def _update_defaults(self, raw_NH, tokens_per_expert, probs_N) -> None:
+    def _update_defaults(self, raw_NH, tokens_per_expert, probs_N, keep_N) -> None:
         counts = torch.as_tensor(tokens_per_expert, dtype=torch.long).reshape(-1).to(raw_NH.device)
         local_ids = torch.tensor(self.local_expert_indices, device=raw_NH.device)
         n = int(counts.sum())
@@ -319,8 +348,9 @@ class DefaultMoELayer(McoreMoELayer):
         # token of the stage is routed from exactly one rank, and under expert tensor parallelism
         # each expert-TP rank holds the same rows as partial sums (they add up; the counts are
         # contributed by expert-TP rank 0 alone).
-        self.defaults.observe_rows(self._fwd, raw_NH[:n], expert_N, probs_N[:n], compat.stage_group(),
-                                   count_weights=self.token_dispatcher.tp_rank == 0)
+        self.defaults.observe_rows(self._fwd, raw_NH[:n], expert_N, probs_N[:n],
+                                   count_weights=self.token_dispatcher.tp_rank == 0, keep_N=keep_N[:n],
+                                   anchor=raw_NH if raw_NH.requires_grad else self.router.dense_probs)
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
         omega = getattr(self.router, "omega", None)
@@ -330,7 +360,33 @@ class DefaultMoELayer(McoreMoELayer):
         if self.defaults is None:
             return output
         default_TH = self.defaults.default_term(self._fwd, self.router.dense_probs, self.router.routing_map)
+        scale = self.config.moe_router_topk_scaling_factor
+        if scale is not None:
+            # Megatron scales the selected gates: s * pi_i E_i(x). The dense output the default term
+            # stands in for is s * sum_i pi_i E_i(x), so the unselected experts get s * pi_i D_i.
+            default_TH = default_TH * scale
         return output + default_TH.view(output.shape).to(output.dtype)
+
+
+def commit_at_finalize(config, defaults: ExpertDefaults) -> None:
+    """The step contract in megatron: D is committed in `finalize_model_grads` (called by every
+    megatron-core schedule after the last backward of the step, where megatron-core updates its
+    router expert bias), for every Default MoE layer of the model chunks it is given. Wraps
+    `config.finalize_model_grads_func` once (Megatron-LM sets it before training); without one
+    (a hand-written loop) the torch optimizer's step or `commit_defaults(model)` commits."""
+    fn = getattr(config, "finalize_model_grads_func", None)
+    if fn is None:
+        return
+    if not getattr(fn, "_default_moe_commit", False):
+        @functools.wraps(fn)
+        def finalize_and_commit(model, *args, _original=fn, **kwargs):
+            out = _original(model, *args, **kwargs)
+            commit_defaults(model if isinstance(model, (list, tuple)) else [model])
+            return out
+
+        finalize_and_commit._default_moe_commit = True
+        config.finalize_model_grads_func = finalize_and_commit
+    defaults.committed_by = "megatron"
 
 
 def _patch(spec: Any, settings: Dict[str, Any]) -> Any:
@@ -464,12 +520,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--moe-router-type", default="topk", choices=sorted(registered_routers()),
                        help="router training method (default-moe)")
     group.add_argument("--moe-default-beta", type=_beta, default=0.9, help="EMA decay of the default vectors")
-    group.add_argument("--moe-default-ema-sync", default="sync", choices=["sync", "async"])
+    # Removed (D is committed once per optimizer step); accepted with a warning, hidden.
+    group.add_argument("--moe-default-ema-sync", default=None, choices=["sync", "async"], help=argparse.SUPPRESS)
+    group.add_argument("--moe-default-ema-sync-every", type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument("--moe-default-ema-weighting", default="mean", choices=["mean", "prob"])
     group.add_argument("--moe-default-ema-stats-dtype", default="float32", choices=["float32", "bfloat16"],
                        help="dtype of the all-reduced EMA statistics (bfloat16: half the bytes)")
-    group.add_argument("--moe-default-ema-sync-every", type=int, default=1,
-                       help="sync the EMA statistics every N micro-batches (e.g. N = gradient accumulation steps)")
     group.add_argument("--moe-nonfinite", default="skip", choices=["skip", "raise"],
                        help="non-finite expert outputs: keep the defaults (skip) or raise naming layer and step")
     group.add_argument("--moe-sparsemixer-version", default="auto", choices=["auto", "v1", "v2"])
@@ -483,10 +539,12 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     settings = {
         "router": args.moe_router_type, "beta": args.moe_default_beta,
-        "ema_sync": args.moe_default_ema_sync, "ema_weighting": args.moe_default_ema_weighting,
-        "ema_stats_dtype": args.moe_default_ema_stats_dtype, "ema_sync_every": args.moe_default_ema_sync_every,
+        "ema_weighting": args.moe_default_ema_weighting, "ema_stats_dtype": args.moe_default_ema_stats_dtype,
         "nonfinite": args.moe_nonfinite,
     }
+    for legacy in ("ema_sync", "ema_sync_every"):
+        if getattr(args, f"moe_default_{legacy}", None) is not None:
+            settings[legacy] = getattr(args, f"moe_default_{legacy}")
     if args.moe_router_type == "sparsemixer":
         settings["sparsemixer"] = {"version": args.moe_sparsemixer_version, "jitter_eps": args.moe_sparsemixer_jitter_eps}
     if args.moe_router_type == "stablemoe":

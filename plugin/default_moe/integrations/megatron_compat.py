@@ -124,6 +124,23 @@ def unsupported_features(config) -> List[str]:
     return problems
 
 
+def cuda_graph_problems(config) -> List[str]:
+    """CUDA-graph settings whose captured region includes the MoE router (0.16: enable_cuda_graph,
+    external_cuda_graph, cuda_graph_impl; 0.19 adds 'full_iteration'): the router's dense softmax
+    would be a graph output without autograd. Attention-only scopes are fine."""
+    impl = getattr(config, "cuda_graph_impl", "none")
+    on = impl not in (None, "none") or getattr(config, "enable_cuda_graph", False) or getattr(config, "external_cuda_graph", False)
+    if not on:
+        return []
+    scope = getattr(config, "cuda_graph_scope", None)
+    scopes = [getattr(s, "name", s) for s in (scope if isinstance(scope, (list, tuple)) else [scope])]
+    scopes = [str(s).lower() for s in scopes if s is not None]
+    if impl != "full_iteration" and scopes and all(s in ("attn",) for s in scopes):
+        return []
+    return [f"CUDA graphs over the router (cuda_graph_impl={impl!r}, cuda_graph_scope={scope!r}; an 'attn'-only "
+            "scope is allowed)"]
+
+
 def expert_buffers(token_dispatcher) -> bool:
     """Whether the dispatcher hands the experts zero-copy output buffers (0.19 NCCL-EP)."""
     get = getattr(token_dispatcher, "get_expert_zero_copy_buffers", None)
