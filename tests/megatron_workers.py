@@ -444,8 +444,48 @@ def settings_and_padding(rank, world):
     assert not torch.allclose(unpadded.defaults.defaults_ED, alone.defaults.defaults_ED)
 
 
+def deepseek_v3_routing_equals_megatron(rank, world):
+    """Our router with DeepSeek-V3's settings (sigmoid, expert bias, 4 groups / 2 per token,
+    renormalised top-4 gates x 2.5) equals megatron-core's TopKRouter on the same weights: gates,
+    selected experts, and the expert bias over 3 steps (counts over both ranks)."""
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection, get_updated_expert_bias
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from default_moe import MoEConfig, MoELayer
+
+    E8, K4, rate = 8, 4, 0.01
+    cfg = tconfig(num_moe_experts=E8, moe_router_topk=K4, moe_router_score_function="sigmoid",
+                  moe_router_enable_expert_bias=True, moe_router_bias_update_rate=rate, moe_router_num_groups=4,
+                  moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5, moe_router_load_balancing_type="none",
+                  moe_router_pre_softmax=False, expert_model_parallel_size=1)
+    torch.manual_seed(0)
+    theirs = TopKRouter(config=cfg, pg_collection=get_default_pg_collection(), **compat.router_kwargs(False))
+    ours = MoELayer(MoEConfig(hidden_size=H, num_experts=E8, ffn_hidden_size=FFN, top_k=K4, router="topk",
+                              score_function="sigmoid", normalize_topk=True, route_scale=2.5, expert_bias=True,
+                              expert_bias_update_rate=rate, num_expert_groups=4, group_topk=2, aux_loss_coeff=0.0))
+    with torch.no_grad():
+        ours.router.weight.copy_(theirs.weight)
+    opt = torch.optim.SGD(ours.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(90 + rank)
+    for step in range(3):
+        x = torch.randn(6, 2, H, generator=g)
+        probs, routing_map = theirs(x)
+        route = ours.router(x.reshape(-1, H), ours.groups)
+        got = torch.zeros(12, E8).scatter(1, route.idx_TK, route.gates_TK)
+        assert torch.equal(torch.zeros(12, E8, dtype=torch.bool).scatter(1, route.idx_TK, True), routing_map), step
+        torch.testing.assert_close(got, probs.float(), rtol=1e-6, atol=1e-7)
+        ours(x.reshape(-1, H)).sum().backward()  # the counts land when the backward reaches the router
+        with torch.no_grad():  # what megatron's finalize_model_grads does once per step
+            theirs.expert_bias.copy_(get_updated_expert_bias(theirs.local_tokens_per_expert, theirs.expert_bias, rate))
+            theirs.local_tokens_per_expert.zero_()
+        opt.step()
+        torch.testing.assert_close(ours.router.expert_bias.expert_bias_E, theirs.expert_bias.float(), rtol=0, atol=0)
+    assert ours.router.expert_bias.expert_bias_E.abs().sum() > 0
+
+
 def all_checks(rank, world, tmpdir):
     setup()
+    deepseek_v3_routing_equals_megatron(rank, world)
     layer_vs_reference(rank, world)
     settings_and_padding(rank, world)
     recompute_check(rank, world)

@@ -22,6 +22,9 @@ EMA_STATS_DTYPES = ("float32", "bfloat16")
 NONFINITE_MODES = ("skip", "raise")
 DROP_POLICIES = ("probs", "position")
 EXPERTS_BACKENDS = ("auto", "loop", "grouped_mm")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+# Routers that pick experts from the linear router's scores (the modern-routing options apply).
+SCORE_ROUTERS = ("topk", "default")
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
@@ -158,6 +161,21 @@ class MoEConfig:
         nonfinite: what a non-finite router probability or expert output does: "skip" (that
             expert's D keeps its value this step, counted) or "raise" (FloatingPointError naming
             the layer and step; costs a host sync per forward).
+        score_function: router scores, "softmax" over all experts or "sigmoid" per expert
+            (DeepSeek-V3, GLM-4.5). Default MoE needs softmax (sigmoid is refused until its
+            normalised/sigmoid variant exists).
+        route_scale: multiplies the selected gates (after `normalize_topk`), megatron-core's
+            `moe_router_topk_scaling_factor`, torchtitan's `route_scale`.
+        expert_bias: aux-loss-free load balancing: a per-expert bias added to the scores for
+            selection only, updated once per optimizer step from the load over the data-parallel
+            group (`routing.expert_bias`).
+        expert_bias_update_rate: its step (megatron-core's `moe_router_bias_update_rate`).
+        num_expert_groups / group_topk: group-limited routing (DeepSeek-V3's node-limited routing):
+            experts in `num_expert_groups` equal groups; each token picks `group_topk` groups by the
+            sum of its top-(top_k / group_topk) scores in each group, then its top-k inside them.
+        shared_expert_ffn_hidden_size: width of a dense shared expert beside the routed ones (0:
+            none), added to every token's output; `shared_expert_gate` scales it by
+            sigmoid(w . x) per token (Qwen2-MoE, megatron-core's `moe_shared_expert_gate`).
         init_std: std of the normal initialisation of router and expert weights.
         experts_backend: how the local experts' GEMMs run: "loop" (one GEMM per expert),
             "grouped_mm" (`torch._grouped_mm`, one grouped GEMM for all local experts) or "auto"
@@ -181,6 +199,14 @@ class MoEConfig:
     ema_stats_dtype: str = "float32"
     nonfinite: str = "skip"
     default_in_forward: bool = True
+    score_function: str = "softmax"
+    route_scale: float = 1.0
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+    num_expert_groups: Optional[int] = None
+    group_topk: Optional[int] = None
+    shared_expert_ffn_hidden_size: int = 0
+    shared_expert_gate: bool = False
     init_std: float = 0.02
     experts_backend: str = "auto"
     sparsemixer: SparseMixerConfig = dataclasses.field(default_factory=SparseMixerConfig)
@@ -226,6 +252,7 @@ class MoEConfig:
         _check_choice("nonfinite", self.nonfinite, NONFINITE_MODES)
         if not isinstance(self.default_in_forward, bool):
             raise ValueError(f"MoEConfig.default_in_forward must be true or false, got {self.default_in_forward!r}")
+        self._check_modern_routing()
         _check_float("init_std", self.init_std, 0.0, math.inf, hi_open=True)
         _check_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
         if self.experts_backend == "grouped_mm":
@@ -248,6 +275,43 @@ class MoEConfig:
             if self.top_k != 1:
                 raise ValueError(f"MoEConfig.top_k must be 1 for router 'stablemoe' (top-1 routing), got {self.top_k}")
             self.stablemoe.check()
+
+    def _check_modern_routing(self) -> None:
+        _check_choice("score_function", self.score_function, SCORE_FUNCTIONS)
+        _check_float("route_scale", self.route_scale, 0.0, math.inf, hi_open=True)
+        if self.route_scale <= 0:
+            raise ValueError(f"MoEConfig.route_scale must be > 0, got {self.route_scale!r}")
+        for name in ("expert_bias", "shared_expert_gate"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"MoEConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        _check_float("expert_bias_update_rate", self.expert_bias_update_rate, 0.0, math.inf, hi_open=True)
+        _check_int("shared_expert_ffn_hidden_size", self.shared_expert_ffn_hidden_size, 0)
+        if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
+            raise ValueError("MoEConfig.shared_expert_gate needs shared_expert_ffn_hidden_size > 0")
+        if (self.num_expert_groups is None) != (self.group_topk is None):
+            raise ValueError("MoEConfig.num_expert_groups and MoEConfig.group_topk are set together (group-limited "
+                             f"routing), got {self.num_expert_groups!r} and {self.group_topk!r}")
+        if self.num_expert_groups is not None:
+            _check_int("num_expert_groups", self.num_expert_groups, 1)
+            _check_int("group_topk", self.group_topk, 1)
+            if self.num_experts % self.num_expert_groups:
+                raise ValueError(f"MoEConfig.num_experts ({self.num_experts}) must be divisible by "
+                                 f"MoEConfig.num_expert_groups ({self.num_expert_groups})")
+            if self.group_topk > self.num_expert_groups or self.top_k % self.group_topk:
+                raise ValueError(f"MoEConfig.group_topk must be <= num_expert_groups ({self.num_expert_groups}) and "
+                                 f"divide top_k ({self.top_k}), got {self.group_topk}")
+            if self.top_k // self.group_topk > self.num_experts // self.num_expert_groups:
+                raise ValueError(f"MoEConfig.top_k / group_topk ({self.top_k // self.group_topk}) must be <= the experts "
+                                 f"per group ({self.num_experts // self.num_expert_groups})")
+        modern = (self.score_function != "softmax" or self.route_scale != 1.0 or self.expert_bias
+                  or self.num_expert_groups is not None)
+        if modern and self.router not in SCORE_ROUTERS:
+            raise ValueError(f"MoEConfig.router {self.router!r} chooses experts itself: score_function, route_scale, "
+                             f"expert_bias and expert groups apply to routers {list(SCORE_ROUTERS)}")
+        if self.router == "default" and self.score_function != "softmax":
+            from default_moe.defaults import check_score_function
+
+            check_score_function(self.score_function, "MoEConfig.score_function")
 
     @property
     def num_local_experts(self) -> int:

@@ -53,23 +53,19 @@ Legend: T tokens, K top-k, E experts, D hidden, S token slots.
 
 from __future__ import annotations
 
-import threading
 import warnings
-import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Iterable, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from default_moe import comm
-from default_moe.layer_utils import state_frozen
+from default_moe import step_state
+from default_moe.step_state import Groups, StepState, commit_step_state, step_states_in
 
-Groups = Union[None, dist.ProcessGroup, Sequence[Optional[dist.ProcessGroup]]]
-# Micro-batches of statistics without a commit before `ExpertDefaults` warns once.
-PENDING_WARN_AFTER = 1024
+# Kept here for callers (and tests) that tune the forgotten-commit warning.
+PENDING_WARN_AFTER = step_state.PENDING_WARN_AFTER
 
 
 def check_score_function(score_function: str, where: str) -> None:
@@ -107,19 +103,7 @@ class DefaultsForward:
     mask_T: Optional[torch.Tensor] = None
 
 
-def _as_groups(groups: Groups) -> List[Optional[dist.ProcessGroup]]:
-    if groups is None or isinstance(groups, dist.ProcessGroup):
-        return [groups]
-    return list(groups)
-
-
-# Every ExpertDefaults ever built, in construction order (the same order on every rank, so the
-# process-wide optimizer hook commits them in the same order everywhere).
-_LIVE: List["weakref.ref[ExpertDefaults]"] = []
-_LIVE_LOCK = threading.Lock()
-
-
-class ExpertDefaults(nn.Module):
+class ExpertDefaults(StepState):
     """Holds `defaults_ED` (committed D) and the statistics accumulated toward the next commit.
 
     Args:
@@ -142,8 +126,8 @@ class ExpertDefaults(nn.Module):
         nonfinite: str = "skip",
         name: str = "",
     ) -> None:
-        super().__init__()
-        self.beta, self.weighting, self.stats_dtype, self.nonfinite, self.name = beta, weighting, stats_dtype, nonfinite, name
+        super().__init__(name)
+        self.beta, self.weighting, self.stats_dtype, self.nonfinite = beta, weighting, stats_dtype, nonfinite
         self.default_in_forward = True
         self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
         # Per-expert (sum of raw outputs, weight) since the last commit: local, on the device.
@@ -152,18 +136,6 @@ class ExpertDefaults(nn.Module):
         # The last commit's batch means and which experts it saw (diagnostics only).
         self.register_buffer("last_batch_mean_ED", None, persistent=False)
         self.register_buffer("last_seen_E", None, persistent=False)
-        self.num_updates = 0  # commits that applied statistics
-        self.pending = 0  # micro-batches accumulated since the last commit (counted in backward)
-        self._warned_pending = False
-        self._lock = threading.Lock()
-        # Set by the adapter (`bind`): the layer (trainable check, optimizer matching), the
-        # reduction group(s) or a function returning them, and who commits ("optimizer": any torch
-        # optimizer holding the layer's parameters; an engine name: that engine's hook).
-        self._layer: Optional[Callable[[], Optional[nn.Module]]] = None
-        self._reduce_over: Union[Groups, Callable[[], Groups]] = None
-        self.committed_by = "optimizer"
-        with _LIVE_LOCK:
-            _LIVE.append(weakref.ref(self))
 
     @classmethod
     def from_config(cls, config, num_experts: Optional[int] = None, hidden_size: Optional[int] = None,
@@ -180,28 +152,6 @@ class ExpertDefaults(nn.Module):
         self.stats_dtype, self.nonfinite = config.ema_stats_dtype, config.nonfinite
         self.default_in_forward = config.default_in_forward
 
-    def bind(self, layer: Optional[nn.Module] = None, reduce_over: Union[Groups, Callable[[], Groups]] = None) -> "ExpertDefaults":
-        """Tells the mechanism its layer and the group(s) its statistics are summed over.
-
-        Args:
-            layer: the MoE layer (its parameters decide whether it trains, and which optimizer's
-                step commits it). Held weakly.
-            reduce_over: a process group, a sequence of groups (summed over each in turn: the
-                sum over their product), or a function returning either, called at each commit.
-        """
-        if layer is not None:
-            self._layer = weakref.ref(layer)
-        self._reduce_over = reduce_over
-        return self
-
-    def layer(self) -> Optional[nn.Module]:
-        return self._layer() if self._layer is not None else None
-
-    def reduction_groups(self) -> List[Optional[dist.ProcessGroup]]:
-        """The groups with more than one rank the statistics are summed over, in order."""
-        groups = self._reduce_over() if callable(self._reduce_over) else self._reduce_over
-        return [g for g in _as_groups(groups) if comm.group_size(g) > 1]
-
     # ---- the mechanism every adapter calls ----
 
     # Which adapters went through the mechanism (class names), for the test that each one does.
@@ -217,11 +167,7 @@ class ExpertDefaults(nn.Module):
         """
         if caller:
             ExpertDefaults.callers.add(caller)
-        collect = training and torch.is_grad_enabled() and not state_frozen()
-        if collect:
-            layer = self.layer()
-            collect = layer is None or any(p.requires_grad for p in layer.parameters())
-        return DefaultsForward(collect=collect, mask_T=mask_T)
+        return DefaultsForward(collect=self.collects(training), mask_T=mask_T)
 
     def observe(self, fwd: DefaultsForward, y_TKD: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
                 keep_TK: Optional[torch.Tensor], groups: Groups = None, anchor: Optional[torch.Tensor] = None) -> None:
@@ -239,7 +185,7 @@ class ExpertDefaults(nn.Module):
         if fwd.mask_T is not None:
             mask_TK = fwd.mask_T.reshape(-1, 1).to(idx_TK.device).expand_as(idx_TK)
             keep_TK = mask_TK if keep_TK is None else keep_TK & mask_TK
-        self._collect_on_backward(self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK), y_TKD, anchor)
+        self.collect_on_backward(self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK), anchor, y_TKD)
 
     def observe_rows(self, fwd: DefaultsForward, y_ND: torch.Tensor, expert_N: torch.Tensor,
                      probs_N: torch.Tensor, groups: Groups = None, count_weights: bool = True,
@@ -261,7 +207,7 @@ class ExpertDefaults(nn.Module):
         stats_E_D1 = self.local_statistics(y_ND[:, None], expert_N[:, None], probs_N[:, None], keep)
         if not count_weights:
             stats_E_D1[:, -1] = 0
-        self._collect_on_backward(stats_E_D1, y_ND, anchor)
+        self.collect_on_backward(stats_E_D1, anchor, y_ND)
 
     def default_term(self, fwd: Optional[DefaultsForward], probs_TE: torch.Tensor, ran_TE: torch.Tensor) -> torch.Tensor:
         """sum over experts that did not process the token of pi_i * D_i: [T, D] fp32, with the
@@ -310,36 +256,23 @@ class ExpertDefaults(nn.Module):
             rows_SD1 = torch.cat([y_SD * w_S[:, None], w_S[:, None]], dim=1)
         return torch.zeros(E, D + 1, dtype=torch.float32, device=y_TKD.device).index_add_(0, idx_S, rows_SD1)
 
-    def _collect_on_backward(self, stats_E_D1: torch.Tensor, y: torch.Tensor, anchor: Optional[torch.Tensor]) -> None:
-        # The anchor first: it must be a tensor the layer's output depends on (a slice of the
-        # outputs taken for the statistics is not, and its hook would never fire).
-        target = next((t for t in (anchor, y) if t is not None and t.requires_grad), None)
-        if target is None:
-            return  # no backward can reach this forward: nothing trains through it
-        fired = [False]
+    def accumulator(self) -> torch.Tensor:
+        return self.stats_ED1
 
-        def hook(grad):
-            # Once per forward, also when a graph is backpropagated twice (retain_graph).
-            if not fired[0]:
-                fired[0] = True
-                self._accumulate(stats_E_D1)
+    def reduce_parts(self) -> List[torch.Tensor]:
+        if self.stats_dtype == "bfloat16":
+            # Sums rounded even without a group, so the setting means the same thing at every
+            # world size; the counts stay fp32 (bf16 is exact only up to 256).
+            return [self.stats_ED1[:, :-1].reshape(-1).to(torch.bfloat16), self.stats_ED1[:, -1].clone()]
+        return [self.stats_ED1.reshape(-1).clone()]
 
-        target.register_hook(hook)
-
-    @torch.no_grad()
-    def _accumulate(self, stats_E_D1: torch.Tensor) -> None:
-        # Autograd may run this on its device threads (CUDA): one writer at a time.
-        with self._lock:
-            self.stats_ED1.add_(stats_E_D1.to(self.stats_ED1.device))
-            self.pending += 1
-            warn = self.pending >= PENDING_WARN_AFTER and not self._warned_pending
-            self._warned_pending |= warn
-        if warn:
-            warnings.warn(
-                f"Default MoE layer {self.name or '(unnamed)'}: statistics of {self.pending} micro-batches are pending "
-                "without a commit. D changes only at optimizer steps: step a torch optimizer that holds the layer's "
-                "parameters, use an engine adapter (DeepSpeed initialize, megatron finalize_model_grads), or call "
-                "default_moe.commit_defaults(model) once per optimizer step", stacklevel=2)
+    def commit_parts(self, parts: List[torch.Tensor]) -> None:
+        E, D1 = self.stats_ED1.shape
+        if len(parts) == 2:
+            stats = torch.cat([parts[0].float().view(E, D1 - 1), parts[1].view(E, 1)], dim=1)
+        else:
+            stats = parts[0].view(E, D1)
+        self.commit(stats)
 
     @torch.no_grad()
     def commit(self, stats_E_D1: torch.Tensor) -> None:
@@ -368,11 +301,6 @@ class ExpertDefaults(nn.Module):
         self.last_batch_mean_ED, self.last_seen_E = mean_ED, seen_E
         self._clear()
 
-    def _clear(self) -> None:
-        with self._lock:
-            self.stats_ED1.zero_()
-            self.pending, self._warned_pending = 0, False
-
     def _apply(self, fn, *args, **kwargs):
         # Follow device moves but stay fp32: a bf16 EMA would lose the small (1 - beta) updates.
         # The fp32 originals are moved, never converted and back (that would round D).
@@ -383,43 +311,6 @@ class ExpertDefaults(nn.Module):
             if moved.dtype != torch.float32:
                 self._buffers[n] = b.to(device=moved.device)
         return self
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_lock"], state["_layer"], state["_reduce_over"] = None, None, None  # process-local
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-        with _LIVE_LOCK:
-            _LIVE.append(weakref.ref(self))
-
-    def __deepcopy__(self, memo) -> "ExpertDefaults":
-        # A copy of a whole layer (an EMA or reference model, a policy copy in RL) is bound to the
-        # copied layer (deepcopy registers the new parent in `memo` before copying its children)
-        # and shares the reduction group(s); a copy of the module alone is bound to no layer.
-        import copy
-
-        cls = type(self)
-        new = cls.__new__(cls)
-        memo[id(self)] = new
-        skip = ("_lock", "_layer", "_reduce_over")
-        state = {k: (copy.deepcopy(v, memo) if k not in skip else None) for k, v in self.__dict__.items()}
-        new.__setstate__(state)
-        old_layer = self.layer()
-        new_layer = memo.get(id(old_layer)) if old_layer is not None else None
-        new._layer = weakref.ref(new_layer) if isinstance(new_layer, nn.Module) else None
-        new._reduce_over = self._reduce_over
-        return new
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        if self.pending:
-            warnings.warn(
-                f"Default MoE layer {self.name or prefix or '(unnamed)'}: the statistics of {self.pending} micro-batches "
-                "since the last optimizer step are not in this state dict (D is committed at the step; save after it)",
-                stacklevel=3)
-        super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         key = prefix + "defaults_ED"
@@ -432,8 +323,6 @@ class ExpertDefaults(nn.Module):
                 "written before Default MoE was switched on; if it was written with Default MoE, D was filtered out on "
                 "the way (DeepSpeed engines restore it from default_moe_defaults.pt)", stacklevel=3)
             state_dict[key] = torch.zeros_like(self.defaults_ED)
-        # Statistics accumulated since the last commit belong to the replaced state.
-        self._clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -447,88 +336,15 @@ class ExpertDefaults(nn.Module):
 
 def defaults_in(modules: Union[nn.Module, Iterable[nn.Module]]) -> List[ExpertDefaults]:
     """The `ExpertDefaults` of `modules` (a module, or several: pipeline chunks), in module order."""
-    if isinstance(modules, nn.Module):
-        modules = [modules]
-    found: Dict[int, ExpertDefaults] = {}
-    for module in modules:
-        for m in module.modules():
-            if isinstance(m, ExpertDefaults):
-                found.setdefault(id(m), m)
-    return list(found.values())
+    return step_states_in(modules, ExpertDefaults)
 
 
-@torch.no_grad()
 def commit_defaults(modules: Union[nn.Module, Iterable[nn.Module]]) -> int:
-    """Commits the EMA of every Default MoE layer in `modules`: call once per optimizer step, on
-    every rank of the layers' reduction groups (a collective), or let a step hook call it.
+    """Commits the EMA of every Default MoE layer in `modules` — and every other step state there
+    (the aux-loss-free expert bias): call once per optimizer step, on every rank of the layers'
+    reduction groups (a collective), or let a step hook call it (see the module docstring).
 
     The statistics of all layers sharing a reduction group travel in one all-reduce (fp32), or
-    two with `ema_stats_dtype="bfloat16"` (bf16 sums, fp32 counts). Returns the number of layers.
+    two with `ema_stats_dtype="bfloat16"` (bf16 sums, fp32 counts). Returns the number of states.
     """
-    return _commit(defaults_in(modules))
-
-
-def _commit(members: Sequence[ExpertDefaults]) -> int:
-    buckets: Dict[tuple, tuple] = {}
-    for d in members:
-        groups = d.reduction_groups()
-        key = (tuple(id(g) for g in groups), d.stats_dtype, d.stats_ED1.device)
-        buckets.setdefault(key, (groups, []))[1].append(d)
-    for (_, stats_dtype, _), (groups, bucket) in buckets.items():
-        with torch.no_grad():
-            if stats_dtype == "bfloat16":
-                # Sums rounded even without a group, so the setting means the same thing at every
-                # world size; the counts stay fp32 (bf16 is exact only up to 256).
-                parts = [torch.cat([d.stats_ED1[:, :-1].reshape(-1) for d in bucket]).to(torch.bfloat16),
-                         torch.cat([d.stats_ED1[:, -1] for d in bucket])]
-            else:
-                parts = [torch.cat([d.stats_ED1.reshape(-1) for d in bucket])]
-            # Over each group in turn: sums over orthogonal groups = the sum over their product.
-            for g in groups:
-                for t in parts:
-                    comm.all_reduce(t, g)
-            sums, counts = (parts[0].float(), parts[1]) if len(parts) == 2 else (parts[0], None)
-            so, co = 0, 0
-            errors = []
-            for d in bucket:
-                E, D1 = d.stats_ED1.shape
-                if counts is None:
-                    stats = sums[so:so + E * D1].view(E, D1)
-                    so += E * D1
-                else:
-                    stats = torch.cat([sums[so:so + E * (D1 - 1)].view(E, D1 - 1), counts[co:co + E, None]], dim=1)
-                    so, co = so + E * (D1 - 1), co + E
-                try:
-                    d.commit(stats)
-                except FloatingPointError as e:  # every layer commits before the first error is raised
-                    errors.append(e)
-            if errors:
-                raise errors[0]
-    return len(members)
-
-
-def _optimizer_step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Commits the Default MoE layers this optimizer trains (committed_by="optimizer")."""
-    if not _LIVE:
-        return
-    with _LIVE_LOCK:
-        _LIVE[:] = [r for r in _LIVE if r() is not None]
-        live = [r() for r in _LIVE]
-    candidates = [(d, d.layer()) for d in live if d is not None and d.committed_by == "optimizer"]
-    candidates = [(d, layer) for d, layer in candidates if layer is not None]
-    if not candidates:
-        return
-    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    mine = [d for d, layer in candidates if any(id(p) in ids for p in layer.parameters())]
-    if mine:
-        _commit(mine)
-
-
-def attach_to_optimizers() -> None:
-    """Installs the process-wide optimizer step pre-hook (idempotent; done at import)."""
-    if not _HOOK[0]:
-        _HOOK[0] = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
-
-
-_HOOK: list = [None]
-attach_to_optimizers()
+    return commit_step_state(modules)

@@ -197,3 +197,36 @@ class GroupedExperts(nn.Module):
             a, b = h.chunk(2, dim=-1)
             return F.silu(a) * b
         return F.gelu(h)
+
+
+class SharedExpert(nn.Module):
+    """A dense expert every token passes through, beside the routed ones (DeepSeek-V3, Qwen2-MoE,
+    megatron-core's shared experts), optionally scaled per token by sigmoid(w . x).
+
+    Args:
+        hidden_size: D.
+        ffn_hidden_size: F of the shared expert.
+        activation: "swiglu" (fused `w13_D2F`) or "gelu".
+        gated: add the per-token sigmoid gate.
+        init_std: normal init std.
+    """
+
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, activation: str, gated: bool, init_std: float) -> None:
+        super().__init__()
+        self.activation = activation
+        width = 2 * ffn_hidden_size if activation == "swiglu" else ffn_hidden_size
+        self.w13_D2F = nn.Parameter(torch.empty(hidden_size, width).normal_(std=init_std))
+        self.w2_FD = nn.Parameter(torch.empty(ffn_hidden_size, hidden_size).normal_(std=init_std))
+        self.gate_D = nn.Parameter(torch.empty(hidden_size).normal_(std=init_std)) if gated else None
+
+    def forward(self, x_TD: torch.Tensor) -> torch.Tensor:
+        h = x_TD @ self.w13_D2F.to(x_TD.dtype)
+        if self.activation == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        else:
+            h = F.gelu(h)
+        y_TD = h @ self.w2_FD.to(x_TD.dtype)
+        if self.gate_D is not None:
+            y_TD = y_TD * torch.sigmoid(x_TD @ self.gate_D.to(x_TD.dtype))[:, None]
+        return y_TD

@@ -23,11 +23,12 @@ from torch import nn
 from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults, ran_mask
 from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask, expert_counts
-from default_moe.experts import GroupedExperts, mark_expert_params
+from default_moe.experts import GroupedExperts, SharedExpert, mark_expert_params
 from default_moe.layer_utils import updates_state
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, build_groups, check_same_config
 from default_moe.routing import build_router, registered_routers
+from default_moe.step_state import step_states_in
 
 
 def check_finite(t: torch.Tensor, what: str, layer_name: str, step: int) -> None:
@@ -101,9 +102,16 @@ class MoELayer(nn.Module):
             first_expert=groups.ep_rank * config.num_local_experts, backend=config.experts_backend,
         )
         mark_expert_params(self.experts)
+        # Dense, replicated like the router: every token, not part of the default term.
+        self.shared_experts = (
+            SharedExpert(config.hidden_size, config.shared_expert_ffn_hidden_size, config.activation,
+                         config.shared_expert_gate, config.init_std)
+            if config.shared_expert_ffn_hidden_size else None
+        )
         self.defaults: Optional[ExpertDefaults] = None
         if self.router.uses_defaults:
-            self.defaults = ExpertDefaults.from_config(config).bind(self, groups.dp_group)
+            self.defaults = ExpertDefaults.from_config(config)
+        self._bind_step_state()
         # Named in errors (non-finite values); models set it, e.g. "layers.3.moe".
         self.layer_name = ""
         self.num_training_forwards = 0
@@ -111,6 +119,11 @@ class MoELayer(nn.Module):
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.register_buffer("tokens_per_expert", None, persistent=False)
         self.register_buffer("dropped_slots", torch.zeros((), dtype=torch.long), persistent=False)
+
+    def _bind_step_state(self) -> None:
+        """D and the expert bias change at optimizer steps, summed over the data-parallel group."""
+        for state in step_states_in(self):
+            state.bind(self, self.groups.dp_group)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -131,10 +144,11 @@ class MoELayer(nn.Module):
         Router kind, top-k, beta, sync mode, capacity and loss coefficients may change freely.
         `ep_size` may go from 1 to P: each rank keeps its slice of the experts. Parameters keep
         their identity (only `.data` is sliced), so an optimizer built before this call stays valid.
-        Shapes (hidden, ffn, experts, activation) cannot change.
+        Shapes (hidden, ffn, experts, activation, shared experts) cannot change.
         """
         old = self.config
-        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "activation"):
+        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "activation", "shared_expert_ffn_hidden_size",
+                     "shared_expert_gate"):
             if getattr(config, name) != getattr(old, name):
                 raise ValueError(
                     f"MoEConfig.{name} cannot change on a built layer ({getattr(old, name)!r} -> {getattr(config, name)!r})"
@@ -163,9 +177,9 @@ class MoELayer(nn.Module):
                 self.defaults = ExpertDefaults.from_config(config, name=self.layer_name).to(device)
             else:
                 self.defaults.configure(config)
-            self.defaults.bind(self, groups.dp_group)
         else:
             self.defaults = None
+        self._bind_step_state()
 
     @property
     def local_expert_ids(self) -> range:
@@ -220,8 +234,8 @@ class MoELayer(nn.Module):
         record = updates_state(True)
         fwd = None
         if self.defaults is not None:
-            if self.defaults.layer() is None:  # a copy of a layer (deepcopy) binds on first use
-                self.defaults.bind(self, self.groups.dp_group)
+            if self.defaults.layer() is None:  # an unpickled layer binds on first use
+                self._bind_step_state()
             mask_T = None
             if mask is not None:
                 if mask.shape != x.shape[:-1]:
@@ -251,7 +265,11 @@ class MoELayer(nn.Module):
             self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, anchor=route.probs_TE)
             # Experts that did not process the token: not in the top-k, or dropped over capacity.
             default_TD = self.defaults.default_term(fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK))
+            if cfg.route_scale != 1.0:  # scaled like the selected gates: s * pi_i D_i
+                default_TD = default_TD * cfg.route_scale
             out_TD = out_TD + default_TD.to(out_TD.dtype)
+        if self.shared_experts is not None:
+            out_TD = out_TD + self.shared_experts(x_TD).to(out_TD.dtype)
 
         if record:
             # On the device: logging costs no host sync.

@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from default_moe.config import MoEConfig, check_overrides
+from default_moe.config import LEGACY_FIELDS, MoEConfig, check_overrides
 from default_moe.defaults import commit_defaults, defaults_in
 from default_moe.checkpoint import check_deepspeed_files, latest_tag
 from default_moe.experts import upgrade_expert_state_dict
@@ -37,9 +37,9 @@ from default_moe.parallel import ParallelGroups, check_ep_size
 SECTION = "default_moe"
 # Section keys that set MoEConfig fields; structural fields (sizes, activation) come from the model.
 SECTION_FIELDS = (
-    "router", "top_k", "beta", "ema_sync", "ema_weighting", "normalize_topk", "ep_size",
+    "router", "top_k", "beta", "ema_weighting", "normalize_topk", "ep_size",
     "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe",
-    "ema_stats_dtype", "ema_sync_every", "nonfinite", "default_in_forward", "experts_backend",
+    "ema_stats_dtype", "nonfinite", "default_in_forward", "experts_backend",
 )
 EXPERT_FILE = "default_moe_experts_ep{ep_size}_rank{ep_rank}.pt"
 
@@ -60,7 +60,7 @@ class DeepSpeedMoESection:
             return cls(enabled=False)
         if not isinstance(section, dict):
             raise ValueError(f'DeepSpeed config "{SECTION}" must be an object, got {type(section).__name__}')
-        allowed = ("enabled",) + SECTION_FIELDS
+        allowed = ("enabled",) + SECTION_FIELDS + tuple(LEGACY_FIELDS)  # removed fields: warned, ignored
         unknown = sorted(set(section) - set(allowed))
         if unknown:
             raise ValueError(f'unknown key(s) {unknown} in DeepSpeed config "{SECTION}"; allowed keys: {list(allowed)}')
