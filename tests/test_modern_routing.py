@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from default_moe import MoEConfig, MoELayer, commit_defaults
+from default_moe import MoEConfig, MoELayer
 from reference import Weights, expert_mlp, load_into_layer
 
 E, D, F_, T, FS = 8, 12, 16, 20, 10

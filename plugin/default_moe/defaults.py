@@ -58,7 +58,6 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from default_moe import step_state
