@@ -30,6 +30,12 @@ def test_megatron_lm_arguments():
         old = dm.settings_from_args(parser.parse_args(["--moe-router-type", "default", "--moe-default-ema-sync", "async"]))
         assert "ema_sync" not in dm.validate_settings(old)
     assert dm.settings_from_args(parser.parse_args([]))["router"] == "topk"
+    # Megatron-LM's pipeline stages get no token ids past the first: token-id routers refused by name.
+    hashed = parser.parse_args(["--moe-router-type", "hash"])
+    hashed.pipeline_model_parallel_size = 2
+    with pytest.raises(ValueError, match="--moe-router-type hash routes by token id.*pipeline-model-parallel-size 2"):
+        dm.install_from_args(hashed)
+    assert not dm.installed()
     sm = parser.parse_args(["--moe-router-type", "stablemoe", "--moe-stablemoe-stage2-step", "100"])
     sm.padded_vocab_size = 512  # Megatron-LM sets it from the tokenizer
     assert dm.settings_from_args(sm)["stablemoe"] == {"vocab_size": 512, "stage2_step": 100, "router_dim": 50}

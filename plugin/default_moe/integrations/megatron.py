@@ -556,8 +556,20 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def install_from_args(args: argparse.Namespace) -> None:
-    """`install(...)` with the settings of the parsed Megatron-LM arguments."""
-    install(**settings_from_args(args))
+    """`install(...)` with the settings of the parsed Megatron-LM arguments.
+
+    Refuses the token-id routers under pipeline parallelism: Megatron-LM's `get_batch` loads the
+    tokens on the first and last stages only, so a middle stage has no ids to route by (a
+    megatron-core model code that passes the ids to every stage can use `install` directly)."""
+    settings = settings_from_args(args)
+    pp = getattr(args, "pipeline_model_parallel_size", 1) or 1
+    if settings.get("router") in ("hash", "stablemoe") and pp > 1:
+        raise ValueError(
+            f"--moe-router-type {settings['router']} routes by token id, but with --pipeline-model-parallel-size {pp} "
+            "Megatron-LM's get_batch gives the token ids to the first and last pipeline stages only: the middle "
+            "stages' MoE layers could not route. Use --pipeline-model-parallel-size 1 with this router, or a "
+            "score-based router (default, topk, sparsemixer)")
+    install(**settings)
 
 
 def chain_extra_args_providers(*others):
