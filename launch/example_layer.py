@@ -23,7 +23,7 @@ for step in range(20):
     loss = torch.nn.functional.mse_loss(ddp(x), y)  # the MoE aux losses are already in the graph
     opt.zero_grad()
     loss.backward()
-    opt.step()
+    opt.step()  # also commits D (the step contract): no extra call in a torch-optimizer loop
     if rank == 0 and step % 5 == 4:
         print(f"step {step + 1} loss {loss.item():.4f} load {model[1].tokens_per_expert.tolist()}")
 dist.destroy_process_group()

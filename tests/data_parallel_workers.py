@@ -31,7 +31,7 @@ def _expert_grads_global(layer, grads, groups):
     return out
 
 
-def check_way(rank: int, world: int, ep: int, way: str, gas: int = 1, no_sync: bool = False) -> None:
+def check_way(rank: int, world: int, ep: int, way: str, gas: int = 1, no_sync: bool = False, steps: int = STEPS) -> None:
     """`gas` micro-batches per optimizer step (each rank's T tokens split between them), the first
     gas-1 under DDP's `no_sync()` / FSDP2's `set_requires_gradient_sync(False)` when `no_sync`;
     `reduce_gradients` once per optimizer step, after the last backward."""
@@ -52,7 +52,7 @@ def check_way(rank: int, world: int, ep: int, way: str, gas: int = 1, no_sync: b
     opt = torch.optim.SGD(model.parameters(), lr=LR)
     wd = w.double()
     D_prev = torch.zeros(E, D)
-    for step in range(STEPS):
+    for step in range(steps):
         g = torch.Generator().manual_seed(100 + step)
         x, g_out = torch.randn(world * T, D, generator=g), torch.randn(world * T, D, generator=g)
         mine = slice(rank * T, (rank + 1) * T)
@@ -117,7 +117,7 @@ def plain_ddp_is_refused(rank: int, world: int, ep: int) -> None:
 def all_ways(rank: int, world: int, ep: int) -> None:
     for way in ("helper", "ddp", "fsdp2"):
         check_way(rank, world, ep, way)
-        check_way(rank, world, ep, way, gas=2)
+        check_way(rank, world, ep, way, gas=2, steps=2)
         if way != "helper":
-            check_way(rank, world, ep, way, gas=2, no_sync=True)
+            check_way(rank, world, ep, way, gas=2, no_sync=True, steps=2)
     plain_ddp_is_refused(rank, world, ep)

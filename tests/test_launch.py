@@ -72,8 +72,8 @@ def test_engine_benchmark_and_comm_model_run(tmp_path):
 
     m = comm_model.model(comm_model.SHAPES[0], tokens=4096, gas=8)
     assert m["ema_payload"] == 32 * 8 * 4097 * 4
-    ema = list(m["ema"].values())
-    assert ema[1] == pytest.approx(ema[0] * (2 * 4096 + 4) / (4097 * 4)) and ema[2] * 8 == ema[0]
+    ema = list(m["ema"].values())  # once per optimizer step: fp32, bf16 sums + fp32 counts
+    assert len(ema) == 2 and ema[1] == pytest.approx(ema[0] * (2 * 4096 + 4) / (4097 * 4))
 
 
 def test_device_check_dry_run(tmp_path):
