@@ -226,12 +226,12 @@ def test_padding_mask_keeps_padded_tokens_out_of_the_statistics():
         padded(x, mask=mask[:, :4])
 
 
-def test_commit_is_one_bucketed_all_reduce_for_all_layers():
-    """Counted at world 1 through the same path (the group filter is the only difference)."""
+def test_commit_clears_every_layer_of_mixed_settings():
+    """fp32 and bf16-statistics layers in one commit: each commits once and is cleared (the one
+    all-reduce itself is counted at world 2 in workers.collective_counts)."""
     layers = torch.nn.ModuleList([make(), make(), make(ema_stats_dtype="bfloat16")])
     for layer in layers:
         layer(torch.randn(T, D)).sum().backward()
-    # Bucketing, observed on the parts the commit builds: the fp32 layers share one tensor.
     members = defaults_mod.defaults_in(layers)
     assert len(members) == 3 and commit_defaults(layers) == 3
     assert all(m.pending == 0 and m.num_updates == 1 for m in members)
