@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 from default_moe.config import LEGACY_FIELDS, MoEConfig, check_overrides
-from default_moe.defaults import commit_defaults, defaults_in
+from default_moe.defaults import commit_defaults
+from default_moe.step_state import step_states_in
 from default_moe.checkpoint import check_deepspeed_files, latest_tag
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
@@ -243,8 +244,8 @@ def _install_common_hooks(engine) -> None:
     # The step contract: D is committed at the engine's optimizer step (the accumulation
     # boundary), over each layer's group; the process-wide torch-optimizer hook leaves these
     # layers alone (DeepSpeed's optimizer holds flat copies of the parameters, or none of ours).
-    for d in defaults_in(engine.module):
-        d.committed_by = "deepspeed"
+    for state in step_states_in(engine.module):  # D and the expert bias
+        state.committed_by = "deepspeed"
 
     def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
         tag = tag if tag is not None else f"global_step{engine.global_steps}"
