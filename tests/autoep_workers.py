@@ -103,6 +103,58 @@ def dense_check(engine, rank, world, beta):
     assert "DefaultAutoEPMoELayer" in ExpertDefaults.callers  # through the one mechanism
 
 
+def deepseek_v3_check(rank, world):
+    """DeepSpeed's DeepSeek-V3 preset (sigmoid scores, route_norm, routed_scaling_factor, shared
+    expert) under Default MoE: trains, D identical on both ranks, and with the term in the forward
+    one layer's routed output equals the dense mixture over all experts, sum_i w_i E^_i times the
+    route scale (w = sigmoid normalised over all experts, E^_i = D_i where expert i did not run;
+    docs/method.md), computed here with every expert."""
+    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+    from default_moe.defaults import GateForm
+
+    torch.manual_seed(0)
+    ds3 = DeepseekV3ForCausalLM(DeepseekV3Config(
+        vocab_size=V, hidden_size=H, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=E, num_experts_per_tok=K,
+        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+        n_shared_experts=1, routed_scaling_factor=2.5))
+    section = {"enabled": True, "router": "default", "normalize_topk": True, "default_in_forward": True, "beta": 0.5}
+    e, *_ = dm_ds.initialize(model=ds3, config=config(1, section, preset="deepseek_v3"))
+    layer = moe_layers(ds3)[0]
+    assert layer.defaults.gate == GateForm("sigmoid", True, 2.5), layer.defaults.gate
+    losses = train(e, 2)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    D = layer.defaults.defaults_ED
+    parts = [torch.empty_like(D) for _ in range(world)]
+    dist.all_gather(parts, D)
+    assert D.ne(0).any(dim=1).all() and torch.equal(parts[0], parts[1])  # every expert has its D
+    w = {}
+    for name in ("w1", "w2", "w3"):
+        local = getattr(layer.experts, name).detach()
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local)
+        w[name] = torch.cat(gathered)
+    captured = {}
+    hook = layer.router.register_forward_hook(lambda mod, a, o: captured.update(idx=o[1]))
+    x = torch.randn(1, 20, H, generator=torch.Generator().manual_seed(11 + rank))
+    layer.train()
+    with torch.no_grad():
+        out = layer(x)
+    hook.remove()
+    out = out[0] if isinstance(out, tuple) else out
+    with torch.no_grad():
+        xt = x[0].double()
+        scores = torch.sigmoid(xt @ layer.router.gate.weight.double().t())
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, captured["idx"].long(), True)
+        experts = torch.stack([(F.silu(xt @ w["w1"][e].double().t()) * (xt @ w["w3"][e].double().t()))
+                               @ w["w2"][e].double().t() for e in range(E)])
+        wts = scores / scores.sum(-1, keepdim=True)
+        E_hat = torch.where(chosen.t()[:, :, None], experts, D.double()[:, None, :])
+        ref = 2.5 * (wts.t()[:, :, None] * E_hat).sum(0) + layer.shared_experts(x[0]).double()
+    torch.testing.assert_close(out.reshape(20, H).double(), ref, rtol=1e-4, atol=1e-5)
+
+
 def all_checks(rank: int, world: int, tmpdir: str) -> None:
     import deepspeed
 
@@ -187,22 +239,7 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     assert layer.distill.emb.weight.shape == (V, 50)
     assert not torch.equal(layer.distill.emb.weight, w0)  # stage 1 trained the distilled router
 
-    # A sigmoid router (DeepSpeed's DeepSeek-V3 preset) is refused by name: the default term would
-    # add ~0.5 D_i for every unselected expert.
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(0)
-    ds3 = DeepseekV3ForCausalLM(DeepseekV3Config(
-        vocab_size=V, hidden_size=H, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=E, num_experts_per_tok=K,
-        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        n_shared_experts=1))
-    try:
-        dm_ds.initialize(model=ds3, config=config(1, {"enabled": True, "router": "default"}, preset="deepseek_v3"))
-    except ValueError as err:
-        assert "sigmoid" in str(err) and "AutoEP" in str(err), str(err)
-    else:
-        raise AssertionError("AutoEP with a sigmoid router was accepted for Default MoE")
+    deepseek_v3_check(rank, world)
 
     # StableMoE's stage-1 losses reach backward through AuxLossAutoScaler: with gradient
     # accumulation 2 they get the engine's 1/2 like the main loss (the distilled router's

@@ -93,9 +93,13 @@ def check_block_against_reference(kind: str, rank: int, normalize_topk) -> None:
     D_ref = torch.where(counts[:, None] > 0, 0.5 * D0.double() + 0.5 * sums / counts.clamp_min(1)[:, None], D0.double())
     pi, C, Y = mine
     gates = pi * C
-    if normalize_topk and renorm:
+    if normalize_topk:
         gates = gates / gates.sum(-1, keepdim=True)
-    out_ref = torch.einsum("te,eth->th", gates, Y) + (pi * ~C) @ D0.double()
+        # Renormalised gates (docs/method.md): the dense mixture over all experts with D_i where
+        # expert i did not run: sum_i pi_i E^_i (D0 has no zero row here).
+        out_ref = torch.einsum("te,eth->th", pi * C, Y) + (pi * ~C) @ D0.double()
+    else:
+        out_ref = torch.einsum("te,eth->th", gates, Y) + (pi * ~C) @ D0.double()
     what = f"{kind} (normalize_topk={normalize_topk})"
     torch.testing.assert_close(block.defaults.defaults_ED.double(), D_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: D {m}")
     torch.testing.assert_close(cap["out"].double(), out_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}: output {m}")

@@ -54,13 +54,43 @@ def gather_cat(t):
     return torch.cat(parts)
 
 
-def layer_vs_reference(rank, world):
-    """EP=2: output, gradients and D equal a dense float64 reference with gathered weights."""
+# Megatron's gate forms (docs/method.md): pre-softmax (the paper), softmax over the top-k logits
+# (renormalised), DeepSeek-V3's sigmoid + expert bias + renormalised x 2.5 with the term in the
+# backward only (auto) and in the forward.
+GATE_FORMS = {
+    "pre_softmax": dict(),
+    "topk_softmax": dict(moe_router_pre_softmax=False),
+    "deepseek_v3": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                        moe_router_topk_scaling_factor=2.5, moe_router_pre_softmax=False,
+                        moe_router_load_balancing_type="none"),
+    "deepseek_v3_in_forward": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                                   moe_router_topk_scaling_factor=2.5, moe_router_pre_softmax=False,
+                                   moe_router_load_balancing_type="none"),
+}
+
+
+def layer_vs_reference(rank, world, form="pre_softmax"):
+    """EP=2: output, gradients and D equal a dense float64 reference with gathered weights, for
+    each of megatron's gate forms."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
     from default_moe.integrations import megatron as dm
 
     torch.manual_seed(0)
-    layer = build_layer("default")
+    kw = GATE_FORMS[form]
+    settings = {"default_in_forward": True} if form.endswith("in_forward") else {}
+    spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False), router="default", beta=0.6,
+                         **settings)
+    layer = compat.build_moe_layer(spec.submodules.mlp, tconfig(**kw))
     layer.train()
+    sigmoid = kw.get("moe_router_score_function") == "sigmoid"
+    renorm = not kw.get("moe_router_pre_softmax", True)
+    scale = kw.get("moe_router_topk_scaling_factor") or 1.0
+    in_forward = not sigmoid or form.endswith("in_forward")
+    bias = torch.zeros(E)
+    if kw.get("moe_router_enable_expert_bias"):  # a bias that changes selections, same on both ranks
+        bias = torch.tensor([0.3, -0.2, 0.0, 0.25])
+        layer.router.expert_bias.copy_(bias)
     assert isinstance(layer.router, dm.DefaultTopKRouter)
     layer.router.register_forward_hook(lambda m, a, o: m.dense_probs.retain_grad())
     g = torch.Generator().manual_seed(50 + rank)
@@ -79,15 +109,30 @@ def layer_vs_reference(rank, world):
     fc2 = gather_cat(torch.stack([e.linear_fc2.weight.detach() for e in layer.experts.local_experts])).double().requires_grad_(True)
     X = gather_cat(x.detach().reshape(-1, H)).double().requires_grad_(True)
     G = gather_cat(g_out.reshape(-1, H)).double()
-    probs = torch.softmax(X @ W.t(), -1)
-    top = torch.topk(probs, K, -1).indices
+    logits = X @ W.t()
+    probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
+    top = torch.topk(probs + bias.double(), K, -1).indices
     chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)
     experts = torch.stack([F.gelu(X @ fc1[e].t()) @ fc2[e].t() for e in range(E)])  # [E, T, H]
     with torch.no_grad():
         counts = chosen.sum(0).double()
         mean = torch.stack([experts[e][chosen[:, e]].sum(0) for e in range(E)]) / counts.clamp_min(1)[:, None]
         D_ref = torch.where(counts[:, None] > 0, 0.6 * D0.double() + 0.4 * mean, D0.double())
-    ref = ((probs * chosen).t()[:, :, None] * experts).sum(0) + (probs * ~chosen) @ D0.double()  # committed D
+    gates = probs * chosen
+    if renorm:
+        gates = gates / gates.sum(-1, keepdim=True)
+    y_S = scale * (gates.t()[:, :, None] * experts).sum(0)
+    w = probs / probs.sum(-1, keepdim=True)  # the dense weights: pi, or sigmoid normalised over all
+    if not renorm:  # pre-softmax: y_S + s sum_{not run} pi_i D_i (committed D)
+        dense = y_S + scale * (w * ~chosen) @ D0.double()
+    else:  # the dense mixture over all experts with D_i where expert i did not run
+        E_hat = torch.where(chosen.t()[:, :, None], experts if in_forward else experts.detach(), D0.double()[:, None, :])
+        dense = scale * (w.t()[:, :, None] * E_hat).sum(0)
+    if in_forward:
+        ref = dense
+    else:  # forward y_S; the router gets the term's gradient with y_S held fixed
+        extra = (w * ~chosen) @ (scale * D0.double()) - (w * ~chosen).sum(-1, keepdim=True) * y_S.detach()
+        ref = y_S + extra - extra.detach()
     (ref * G).sum().backward()
     T = x.shape[0] * x.shape[1]
     mine = slice(rank * T, (rank + 1) * T)
@@ -106,12 +151,14 @@ def layer_vs_reference(rank, world):
     ids = layer.local_expert_indices
     close(torch.stack([e.linear_fc1.weight.grad for e in layer.experts.local_experts]).double(), fc1.grad[ids])
     close(torch.stack([e.linear_fc2.weight.grad for e in layer.experts.local_experts]).double(), fc2.grad[ids])
+    Dm = layer.defaults.defaults_ED
+    assert torch.equal(gather_cat(Dm)[:E], gather_cat(Dm)[E:])
+    if form != "pre_softmax":
+        return
     # d L / d pi_j for unselected j is <dL/dy, D_j>.
     pg = layer.router.dense_probs.grad
     unsel = ~layer.router.routing_map
     close(pg[unsel].double(), (G[mine] @ D0.double().t())[unsel])
-    Dm = layer.defaults.defaults_ED
-    assert torch.equal(gather_cat(Dm)[:E], gather_cat(Dm)[E:])
 
     # TopK through the same class: no defaults, no signal to unselected experts.
     torch.manual_seed(0)
@@ -221,11 +268,11 @@ def specs_and_install(rank, world):
         else:
             raise AssertionError(bad)
     try:
-        build_layer("default", moe_router_score_function="sigmoid")
+        build_layer("default", moe_router_load_balancing_type="sinkhorn", moe_router_topk=1)
     except ValueError as e:
-        assert "moe_router_score_function='sigmoid'" in str(e)
+        assert "sinkhorn" in str(e), str(e)
     else:
-        raise AssertionError("sigmoid accepted")
+        raise AssertionError("sinkhorn accepted")
 
 
 def train_gpt(rank, world, tmpdir):
@@ -486,7 +533,8 @@ def deepseek_v3_routing_equals_megatron(rank, world):
 def all_checks(rank, world, tmpdir):
     setup()
     deepseek_v3_routing_equals_megatron(rank, world)
-    layer_vs_reference(rank, world)
+    for form in GATE_FORMS:
+        layer_vs_reference(rank, world, form)
     settings_and_padding(rank, world)
     recompute_check(rank, world)
     sparsemixer_layer_check(rank, world)

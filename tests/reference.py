@@ -91,6 +91,9 @@ def reference_moe(
     z_coeff: float = 0.0,
     capacity_factor: Optional[float] = None,
     drop_policy: str = "probs",
+    score_function: str = "softmax",
+    route_scale: float = 1.0,
+    default_in_forward: Optional[bool] = None,
 ) -> RefResult:
     """Dense forward of the whole (global) batch.
 
@@ -98,12 +101,23 @@ def reference_moe(
     capacity and the per-rank aux losses are computed per chunk, exactly as each rank would.
     Returns the output and the sum over ranks of the aux losses. `stats_mask_T`: tokens that enter
     the EMA statistics (False: padding).
+
+    Default MoE per gate form g_i = s a_i / Z (docs/method.md), written as the dense output with
+    every expert that did not run replaced by its default: s * sum_i w_i E^_i, w_i = a_i / sum_j a_j
+    for a normalising gate (softmax, or renormalised over the selected), w_i = a_i for a plain
+    sigmoid (then y = y_S + s sum_{not run} w_i D_i). A renormalised gate's experts without a
+    committed D take the routed output as their default (E^_i = y_S / s). default_in_forward
+    False (auto for sigmoid): the forward is y_S, and the router gets the term's gradient.
     """
     T, D = x_TD.shape
     E = w.router_ED.shape[0]
     chunks = chunks if chunks is not None else [T]
     logits_TE = x_TD @ w.router_ED.t()
-    probs_TE = torch.softmax(logits_TE, dim=-1)
+    if score_function == "softmax":
+        a_TE = torch.exp(logits_TE - logits_TE.max(-1, keepdim=True).values)
+        probs_TE = a_TE / a_TE.sum(-1, keepdim=True)
+    else:
+        a_TE = probs_TE = 1.0 / (1.0 + torch.exp(-logits_TE))
     all_ETD = torch.stack(
         [expert_mlp(x_TD, w.w1_EDF[e], None if w.w3_EDF is None else w.w3_EDF[e], w.w2_EFD[e]) for e in range(E)]
     )
@@ -130,6 +144,7 @@ def reference_moe(
     gates_TE = probs_TE * selected_TE
     if normalize_topk:
         gates_TE = gates_TE / gates_TE.sum(-1, keepdim=True)
+    gates_TE = gates_TE * route_scale
 
     defaults_after = defaults_ED.double().clone()
     if use_defaults and training:
@@ -138,17 +153,49 @@ def reference_moe(
             if toks.any():
                 wt = probs_TE[toks, e].detach() if weighting == "prob" else torch.ones(int(toks.sum()), dtype=torch.float64)
                 m = (all_ETD[e, toks].detach() * wt[:, None]).sum(0) / wt.sum()
-                defaults_after[e] = beta * defaults_after[e] + (1 - beta) * m
+                if normalize_topk and not defaults_after[e].ne(0).any():
+                    defaults_after[e] = m  # a renormalised gate's default starts at the first mean
+                else:
+                    defaults_after[e] = beta * defaults_after[e] + (1 - beta) * m
     # The step contract: this step's forwards use the committed D; the commit at the optimizer
     # step produces defaults_after.
     used = defaults_ED.double()
 
-    out_TD = torch.zeros(T, D, dtype=torch.float64)
+    y_S = torch.zeros(T, D, dtype=torch.float64)
     for e in range(E):
-        out_TD = out_TD + (gates_TE[:, e] * kept_TE[:, e])[:, None] * all_ETD[e]
-        if use_defaults:
-            # Every expert that did not run for the token (not selected, or dropped) uses its default.
-            out_TD = out_TD + (probs_TE[:, e] * ~kept_TE[:, e])[:, None] * used[e][None, :]
+        y_S = y_S + (gates_TE[:, e] * kept_TE[:, e])[:, None] * all_ETD[e]
+    out_TD = y_S
+    if use_defaults:
+        in_forward = default_in_forward if default_in_forward is not None else score_function == "softmax"
+        normalising = score_function == "softmax" or normalize_topk
+        w_TE = a_TE / a_TE.sum(-1, keepdim=True) if normalising else a_TE
+        y_ref = y_S if in_forward else y_S.detach()
+        if normalize_topk:
+            # s * sum_i w_i E^_i over ALL experts: E_i where it ran, D_i or y_S / s where it did not.
+            dense = torch.zeros(T, D, dtype=torch.float64)
+            for e in range(E):
+                observed = bool(used[e].ne(0).any())
+                E_hat = torch.where(kept_TE[:, e:e + 1], all_ETD[e] if in_forward else all_ETD[e].detach(),
+                                    used[e][None, :] if observed else y_ref / route_scale)
+                dense = dense + route_scale * w_TE[:, e:e + 1] * E_hat
+        else:
+            dense = y_ref
+            for e in range(E):
+                dense = dense + route_scale * (w_TE[:, e] * ~kept_TE[:, e])[:, None] * used[e][None, :]
+        if in_forward:
+            out_TD = dense
+        else:
+            # The forward stays y_S; the router gets the term's gradient with the experts' outputs
+            # and the routed output held fixed (for a renormalised gate: moving mass w_i from y_S to
+            # s D_i, sum_{not run, with D} w_i (s D_i - y_S)).
+            extra = torch.zeros(T, D, dtype=torch.float64)
+            for e in range(E):
+                if normalize_topk:
+                    if bool(used[e].ne(0).any()):
+                        extra = extra + (w_TE[:, e] * ~kept_TE[:, e])[:, None] * (route_scale * used[e][None, :] - y_ref)
+                else:
+                    extra = extra + route_scale * (w_TE[:, e] * ~kept_TE[:, e])[:, None] * used[e][None, :]
+            out_TD = y_S + extra - extra.detach()
 
     loss_aux = torch.zeros((), dtype=torch.float64)
     counts_E = selected_TE.sum(0).double() / len(chunks)  # averaged over DP ranks
@@ -156,6 +203,8 @@ def reference_moe(
     for n in chunks:
         if n > 0:
             p = probs_TE[start : start + n]
+            if score_function == "sigmoid":  # the balance loss sees per-token normalised scores
+                p = p / p.sum(-1, keepdim=True)
             if aux_coeff:
                 loss_aux = loss_aux + aux_coeff * E / (n * n * top_k) * (p.sum(0) * counts_E).sum()
             if z_coeff:

@@ -42,7 +42,8 @@ def run_ref(w, x, g_out, layer, **kw):
         xd, wd, top_k=cfg.top_k, use_defaults=cfg.router == "default", defaults_ED=D0, beta=cfg.beta,
         weighting=cfg.ema_weighting, normalize_topk=cfg.normalize_topk,
         aux_coeff=cfg.aux_loss_coeff, z_coeff=cfg.z_loss_coeff, capacity_factor=cfg.capacity_factor,
-        drop_policy=cfg.drop_policy, **kw,
+        drop_policy=cfg.drop_policy, score_function=cfg.score_function, route_scale=cfg.route_scale,
+        default_in_forward=cfg.default_in_forward, **kw,
     )
     ((res.out_TD * g_out.double()).sum() + res.loss_aux).backward()
     return res, xd.grad, wd
@@ -69,6 +70,13 @@ def check_grads(layer, wd):
         ("default", {"activation": "gelu", "top_k": 1}),
         ("default", {"ema_weighting": "prob", "beta": 0.5}),
         ("default", {"normalize_topk": True, "top_k": 3}),
+        # The gate forms of docs/method.md: sigmoid (auto: term in the backward only), renormalised
+        # (with route scale), and each with the term forced into or out of the forward.
+        ("default", {"score_function": "sigmoid"}),
+        ("default", {"score_function": "sigmoid", "default_in_forward": True, "route_scale": 0.5}),
+        ("default", {"score_function": "sigmoid", "normalize_topk": True, "route_scale": 2.5, "top_k": 3}),
+        ("default", {"score_function": "sigmoid", "normalize_topk": True, "default_in_forward": True, "top_k": 3}),
+        ("default", {"normalize_topk": True, "default_in_forward": False, "route_scale": 1.5}),
         ("default", {"ema_stats_dtype": "bfloat16"}),
         ("topk", {"capacity_factor": 0.5}),
         ("default", {"capacity_factor": 0.75, "drop_policy": "position"}),

@@ -15,7 +15,7 @@ import torch.utils.checkpoint
 from default_moe import MoEConfig, MoELayer, commit_defaults, count_collectives
 from default_moe import defaults as defaults_mod
 from default_moe import step_state
-from default_moe.defaults import ExpertDefaults, check_score_function, dense_softmax
+from default_moe.defaults import ExpertDefaults, GateForm, dense_scores, dense_softmax
 
 ROOT = Path(__file__).resolve().parents[1]
 E, D, F_, T, V = 8, 12, 20, 24, 30
@@ -76,6 +76,10 @@ STABLEMOE_KNOWN_WRONG = {("sum", (), "reentrant"), ("sum", (), "non_reentrant"),
 ROUTERS = [
     ("default", {}),
     ("default", {"capacity_factor": 0.75}),
+    # DeepSeek-V3's gate (sigmoid, bias, renormalised x scale) with the term in the forward: the
+    # renormalised form reads the routed output, which a recompute recomputes.
+    ("default", {"score_function": "sigmoid", "normalize_topk": True, "route_scale": 2.5, "expert_bias": True,
+                 "default_in_forward": True}),
     ("stablemoe", {"stablemoe": {"vocab_size": V, "stage2_step": 1}}),  # the stage boundary between forwards 1 and 2
 ]
 
@@ -237,14 +241,44 @@ def test_commit_clears_every_layer_of_mixed_settings():
     assert all(m.pending == 0 and m.num_updates == 1 for m in members)
 
 
-def test_score_function_check_and_dense_softmax():
-    check_score_function("softmax", "x")
-    with pytest.raises(ValueError, match="uses 'sigmoid'"):
-        check_score_function("sigmoid", "AutoEP preset deepseek_v3")
+def test_gate_forms_and_dense_scores():
     logits = torch.randn(4, E, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         p = dense_softmax(logits)
+        s = dense_scores(logits, "sigmoid")
     assert p.dtype == torch.float32 and torch.allclose(p.sum(-1), torch.ones(4))
+    assert s.dtype == torch.float32 and torch.equal(s, torch.sigmoid(logits.float()))
+    with pytest.raises(ValueError, match="GateForm.score_function must be one of"):
+        GateForm("relu")
+    # Dense weights: pi as is; sigmoid as is (no normaliser) or normalised over all experts.
+    assert torch.equal(GateForm().dense_weights(p), p)
+    assert torch.equal(GateForm("sigmoid").dense_weights(s), s)
+    torch.testing.assert_close(GateForm("sigmoid", True).dense_weights(s).sum(-1), torch.ones(4))
+    # Auto: the term in the forward for softmax gates, in the backward only for sigmoid gates.
+    for cfg_kw, gate, in_forward in [({}, GateForm(), True),
+                                     ({"score_function": "sigmoid", "normalize_topk": True, "route_scale": 2.5},
+                                      GateForm("sigmoid", True, 2.5), False),
+                                     ({"score_function": "sigmoid", "default_in_forward": True}, GateForm("sigmoid"), True),
+                                     ({"default_in_forward": False}, GateForm(), False)]:
+        layer = make(**cfg_kw)
+        assert layer.defaults.gate == gate and layer.defaults.default_in_forward is in_forward, cfg_kw
+
+
+def test_renormalised_gate_at_zero_defaults_is_the_model_and_starts_d_at_the_first_mean():
+    """A renormalised gate's experts without a committed D keep the default the renormalisation
+    assumes: at D = 0 the layer is TopK's; the first commit sets D to the batch mean (no zero bias)."""
+    kw = dict(normalize_topk=True, aux_loss_coeff=0.0, default_in_forward=True)
+    default, topk = make(**kw), make("topk", **kw)
+    topk.load_state_dict({k: v for k, v in default.state_dict().items() if "defaults" not in k})
+    x = torch.randn(T, D)
+    torch.testing.assert_close(default(x), topk(x), rtol=0, atol=0)
+    default.defaults.beta = 0.9
+    default(x).sum().backward()
+    commit_defaults(default)
+    seen = default.defaults.last_seen_E
+    assert seen.any()
+    torch.testing.assert_close(default.defaults.defaults_ED[seen], default.defaults.last_batch_mean_ED[seen])
+    assert not torch.allclose(default(x), topk(x))  # now the defaults enter
 
 
 def test_the_formula_and_the_update_live_in_one_place():

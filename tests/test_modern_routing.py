@@ -39,10 +39,18 @@ def reference(x, w, cfg, bias, shared, D_ED=None):
         g = g * cfg.route_scale
         for gi, e in zip(g, chosen):
             out[t] = out[t] + gi * expert_mlp(x[t:t + 1], w.w1_EDF[e], w.w3_EDF[e], w.w2_EFD[e])[0]
-        if D_ED is not None:
+        if D_ED is not None:  # docs/method.md, per gate form
+            a = torch.exp(logits[t]) if cfg.score_function == "softmax" else torch.sigmoid(logits[t])
+            renorm = cfg.normalize_topk
+            wts = a / a.sum() if (renorm or cfg.score_function == "softmax") else a
+            y_S = out[t] if cfg.default_in_forward or (cfg.default_in_forward is None and cfg.score_function == "softmax") \
+                else out[t].detach()
+            term = torch.zeros_like(out[t])
             for e in range(E):
-                if e not in chosen:
-                    out[t] = out[t] + cfg.route_scale * scores[t, e] * D_ED[e].double()
+                if e not in chosen and (not renorm or bool(D_ED[e].ne(0).any())):
+                    term = term + wts[e] * (cfg.route_scale * D_ED[e].double() - (y_S if renorm else 0))
+            in_forward = cfg.default_in_forward if cfg.default_in_forward is not None else cfg.score_function == "softmax"
+            out[t] = out[t] + (term if in_forward else term - term.detach())
     if shared is not None:
         a, b = (x @ shared["w13"]).chunk(2, -1)
         y = (F.silu(a) * b) @ shared["w2"]
@@ -58,6 +66,13 @@ CASES = {
     "sigmoid_plain": dict(router="topk", top_k=2, score_function="sigmoid"),
     "softmax_groups_gated_shared": dict(router="topk", top_k=2, num_expert_groups=2, group_topk=1,
                                         shared_expert_ffn_hidden_size=FS, shared_expert_gate=True),
+    "default_deepseek_v3": dict(router="default", top_k=4, score_function="sigmoid", normalize_topk=True,
+                                route_scale=2.5, expert_bias=True, num_expert_groups=4, group_topk=2,
+                                shared_expert_ffn_hidden_size=FS),
+    "default_deepseek_v3_in_forward": dict(router="default", top_k=4, score_function="sigmoid", normalize_topk=True,
+                                           route_scale=2.5, expert_bias=True, num_expert_groups=4, group_topk=2,
+                                           default_in_forward=True),
+    "default_sigmoid_plain": dict(router="default", top_k=1, score_function="sigmoid", route_scale=1.5),
     "default_bias_scale_shared": dict(router="default", top_k=2, expert_bias=True, route_scale=1.5,
                                       normalize_topk=True, shared_expert_ffn_hidden_size=FS, aux_loss_coeff=0.0),
 }
@@ -73,8 +88,8 @@ def test_modern_routing_matches_float64_reference(name):
     g = torch.Generator().manual_seed(2)
     if layer.router.expert_bias is not None:  # a nonzero bias that changes selections
         layer.router.expert_bias.expert_bias_E.copy_(torch.randn(E, generator=g) * 0.3)
-    if layer.defaults is not None:
-        layer.defaults.defaults_ED.copy_(torch.randn(E, D, generator=g))
+    if layer.defaults is not None:  # two experts without a committed default (rows of zeros)
+        layer.defaults.defaults_ED.copy_(torch.randn(E, D, generator=g) * (torch.arange(E) >= 2)[:, None])
     shared = None
     if layer.shared_experts is not None:
         se = layer.shared_experts
@@ -131,8 +146,8 @@ def test_expert_bias_updates_once_per_step_from_the_load():
 
 def test_modern_routing_refusals():
     base = dict(hidden_size=D, num_experts=E, ffn_hidden_size=F_)
-    with pytest.raises(ValueError, match="Default MoE needs the softmax over all experts"):
-        MoEConfig(**base, router="default", score_function="sigmoid")
+    with pytest.raises(ValueError, match="default_in_forward must be true, false or null"):
+        MoEConfig(**base, router="default", score_function="sigmoid", default_in_forward="yes")
     with pytest.raises(ValueError, match="num_expert_groups and MoEConfig.group_topk are set together"):
         MoEConfig(**base, num_expert_groups=2)
     with pytest.raises(ValueError, match="divisible by MoEConfig.num_expert_groups"):

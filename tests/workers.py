@@ -62,7 +62,8 @@ def check_equivalence(rank: int, world: int, case: dict) -> None:
             xd, wd, top_k=cfg.top_k, use_defaults=cfg.router == "default", defaults_ED=D_prev, beta=cfg.beta,
             weighting=cfg.ema_weighting, normalize_topk=cfg.normalize_topk, chunks=chunks,
             aux_coeff=cfg.aux_loss_coeff, z_coeff=cfg.z_loss_coeff, capacity_factor=cfg.capacity_factor,
-            drop_policy=cfg.drop_policy,
+            drop_policy=cfg.drop_policy, score_function=cfg.score_function, route_scale=cfg.route_scale,
+            default_in_forward=cfg.default_in_forward,
         )
         ((res.out_TD * g_out.double()).sum() + res.loss_aux).backward()
 

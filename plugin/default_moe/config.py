@@ -140,7 +140,8 @@ class MoEConfig:
         router: routing method; one of the registered routers ("topk", "default").
         activation: expert MLP type, "swiglu" or "gelu".
         normalize_topk: renormalise the K selected probabilities to sum to 1. Off by default: the
-            Default MoE paper combines with the raw softmax probabilities pi.
+            Default MoE paper combines with the raw softmax probabilities pi. On, Default MoE's
+            term becomes sum_{i not run} w_i (s D_i - y_S) (`defaults.GateForm`).
         ep_size: expert-parallel group size; E must divide by it and the world size by it.
         capacity_factor: None for dropless routing; a positive number caps each expert at
             ceil(capacity_factor * T * K / E) token slots per rank and drops the rest.
@@ -155,15 +156,16 @@ class MoEConfig:
             `default_moe.defaults`); the removed `ema_sync`/`ema_sync_every` are accepted with a
             warning and ignored.
         default_in_forward: add the default term to the forward output (the paper). False keeps
-            the exact TopK forward and only adds the term's gradient (d y / d pi_j = D_j for
-            unselected j): an ablation separating the dense router gradient from D acting as a
-            bias in the forward.
+            the exact TopK forward and only adds the term's gradient (the dense router gradient,
+            e.g. d y / d pi_j = D_j for unselected j), separating it from D acting as a bias in the
+            forward. None (auto): True for softmax scores, False for sigmoid scores (their dense
+            mixture gives most of its mass to the unselected experts; `defaults.GateForm`).
         nonfinite: what a non-finite router probability or expert output does: "skip" (that
             expert's D keeps its value this step, counted) or "raise" (FloatingPointError naming
             the layer and step; costs a host sync per forward).
         score_function: router scores, "softmax" over all experts or "sigmoid" per expert
-            (DeepSeek-V3, GLM-4.5). Default MoE needs softmax (sigmoid is refused until its
-            normalised/sigmoid variant exists).
+            (DeepSeek-V3, GLM-4.5). Default MoE derives its term per gate form
+            (`defaults.GateForm`; docs/method.md).
         route_scale: multiplies the selected gates (after `normalize_topk`), megatron-core's
             `moe_router_topk_scaling_factor`, torchtitan's `route_scale`.
         expert_bias: aux-loss-free load balancing: a per-expert bias added to the scores for
@@ -198,7 +200,7 @@ class MoEConfig:
     ema_weighting: str = "mean"
     ema_stats_dtype: str = "float32"
     nonfinite: str = "skip"
-    default_in_forward: bool = True
+    default_in_forward: Optional[bool] = None
     score_function: str = "softmax"
     route_scale: float = 1.0
     expert_bias: bool = False
@@ -250,8 +252,8 @@ class MoEConfig:
         _check_choice("ema_weighting", self.ema_weighting, EMA_WEIGHTINGS)
         _check_choice("ema_stats_dtype", self.ema_stats_dtype, EMA_STATS_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_MODES)
-        if not isinstance(self.default_in_forward, bool):
-            raise ValueError(f"MoEConfig.default_in_forward must be true or false, got {self.default_in_forward!r}")
+        if self.default_in_forward is not None and not isinstance(self.default_in_forward, bool):
+            raise ValueError(f"MoEConfig.default_in_forward must be true, false or null (auto), got {self.default_in_forward!r}")
         self._check_modern_routing()
         _check_float("init_std", self.init_std, 0.0, math.inf, hi_open=True)
         _check_choice("experts_backend", self.experts_backend, EXPERTS_BACKENDS)
@@ -308,10 +310,6 @@ class MoEConfig:
         if modern and self.router not in SCORE_ROUTERS:
             raise ValueError(f"MoEConfig.router {self.router!r} chooses experts itself: score_function, route_scale, "
                              f"expert_bias and expert groups apply to routers {list(SCORE_ROUTERS)}")
-        if self.router == "default" and self.score_function != "softmax":
-            from default_moe.defaults import check_score_function
-
-            check_score_function(self.score_function, "MoEConfig.score_function")
 
     @property
     def num_local_experts(self) -> int:

@@ -5,7 +5,7 @@ already has and adds the returned term; none re-implements any of it.
     fwd = defaults.begin_forward(training)                               # may this forward collect?
     defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK)              # statistics, on the device
     (or observe_rows(fwd, y_ND, expert_N, probs_N) for per-expert rows)
-    out += defaults.default_term(probs_TE, ran_TE)                       # (probs_TE * ~ran_TE) @ D
+    out += defaults.default_term(fwd, scores_TE, ran_TE, routed_TD=out)   # per the gate form
     ...
     commit_defaults(model)        # at the optimizer step: one bucketed all-reduce, D committed
 
@@ -38,9 +38,9 @@ Statistics pending for `step_state.PENDING_WARN_AFTER` micro-batches without a c
 step hook never fails silently); a state dict saved with pending statistics warns that they
 are not in it (save after the optimizer step).
 
-- `dense_softmax(logits)`: pi = softmax over ALL experts in fp32, autocast off;
-  `check_score_function(name, where)` refuses anything else (sigmoid scores would add ~0.5 D_i
-  for every unselected expert) by name.
+- `GateForm`: the router's gate g_i = scale * a_i / Z (softmax or sigmoid scores, Z over all or
+  over the selected experts); the default term is derived per form (see `GateForm`);
+  `dense_scores(logits, score_function)`: the fp32 scores of all experts, autocast off.
 - Non-finite statistics (`nonfinite`): "skip" leaves that expert's D unchanged at the commit
   (counted in `nonfinite_skips`); "raise" raises FloatingPointError naming the layer and experts.
 
@@ -63,20 +63,80 @@ from torch import nn
 from default_moe.step_state import StepState, commit_step_state, step_states_in
 
 
-def check_score_function(score_function: str, where: str) -> None:
-    """Default MoE needs pi = softmax over all experts; other score functions are refused by name."""
-    if score_function != "softmax":
-        raise ValueError(
-            f"Default MoE needs the softmax over all experts as router scores; {where} uses {score_function!r} "
-            "(with sigmoid scores the default term adds ~0.5 * D_i for every unselected expert and swamps the "
-            "routed output). Use router 'topk' there, or a softmax router"
-        )
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class GateForm:
+    """How a router weights the experts it selects: g_i = scale * a_i / Z, the one description of a
+    gate the default term needs (the derivation: docs/method.md).
+
+    Attributes:
+        score_function: "softmax" (a_i = exp z_i, so the scores are pi = a / sum_all a) or
+            "sigmoid" (a_i = sigmoid(z_i)).
+        renormalized: Z is the sum over the selected experts (Mixtral, Qwen3 `norm_topk_prob`,
+            DeepSeek-V3, GPT-OSS's softmax over the top-k logits, megatron-core without
+            pre-softmax); False: the score's own normaliser (softmax: all experts; sigmoid: 1).
+        scale: the route scale s (megatron-core's `moe_router_topk_scaling_factor`, torchtitan's
+            `route_scale`).
+
+    The dense output (every expert selected) is s * sum_i w_i E_i(x) with the dense weights
+    w_i = a_i / sum_j a_j when the gate normalises (softmax, or renormalised) and w_i = a_i when it
+    does not (plain sigmoid). Default MoE stands D_i in for E_i(x) of the experts that did not run:
+
+        not renormalised:  y = y_S + s * sum_{i not run} w_i D_i                  (the paper)
+        renormalised:      y = y_S + sum_{i not run} w_i (s D_i - y_S)
+
+    (y_S: the model's own routed output.) The second is the first written for a gate whose Z is
+    over the selected experts: it equals s * sum_i w_i E^_i exactly, and it is zero when
+    s D_i = y_S, the default renormalisation implicitly assumes. An expert with no committed D
+    yet (its row still zero) keeps that implicit default, so a renormalising model converted at
+    D = 0 computes what it did.
+    """
+
+    score_function: str = "softmax"
+    renormalized: bool = False
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.score_function not in SCORE_FUNCTIONS:
+            raise ValueError(f"GateForm.score_function must be one of {list(SCORE_FUNCTIONS)}, got {self.score_function!r}")
+
+    @classmethod
+    def from_config(cls, config) -> "GateForm":
+        return cls(config.score_function, bool(config.normalize_topk), float(config.route_scale))
+
+    @property
+    def forward_default(self) -> bool:
+        """Whether the default term is in the forward when `default_in_forward` is None (auto):
+        yes for softmax gates (the paper); no for sigmoid gates, whose dense mixture gives the
+        unselected experts most of the mass (with 256 experts and top-8 the selected ones hold a
+        few percent of sum_j sigmoid(z_j)), so the term would replace the model's output by D."""
+        return self.score_function == "softmax"
+
+    def dense_weights(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """[T, E] fp32 w_i from the router scores (pi, or sigmoid(z); any per-token factor of a
+        renormalised gate's scores cancels)."""
+        w_TE = scores_TE.float()
+        if self.renormalized:
+            w_TE = w_TE / w_TE.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        return w_TE
+
+
+def dense_scores(logits_TE: torch.Tensor, score_function: str = "softmax") -> torch.Tensor:
+    """The router scores of ALL experts in fp32 with autocast off (routing is precision
+    sensitive): pi = softmax(logits), or sigmoid(logits)."""
+    with torch.autocast(device_type=logits_TE.device.type, enabled=False):
+        if score_function == "softmax":
+            return torch.softmax(logits_TE.float(), dim=-1)
+        if score_function == "sigmoid":
+            return torch.sigmoid(logits_TE.float())
+    raise ValueError(f"score function must be one of {list(SCORE_FUNCTIONS)}, got {score_function!r}")
 
 
 def dense_softmax(logits_TE: torch.Tensor) -> torch.Tensor:
-    """pi = softmax over ALL experts, fp32, outside autocast (routing is precision sensitive)."""
-    with torch.autocast(device_type=logits_TE.device.type, enabled=False):
-        return torch.softmax(logits_TE.float(), dim=-1)
+    """pi = softmax over ALL experts, fp32, outside autocast."""
+    return dense_scores(logits_TE, "softmax")
 
 
 def ran_mask(num_experts: int, idx_TK: torch.Tensor, keep_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -123,6 +183,7 @@ class ExpertDefaults(StepState):
     ) -> None:
         super().__init__(name)
         self.beta, self.weighting, self.stats_dtype, self.nonfinite = beta, weighting, stats_dtype, nonfinite
+        self.gate = GateForm()
         self.default_in_forward = True
         self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
         # Per-expert (sum of raw outputs, weight) since the last commit: local, on the device.
@@ -134,18 +195,21 @@ class ExpertDefaults(StepState):
 
     @classmethod
     def from_config(cls, config, num_experts: Optional[int] = None, hidden_size: Optional[int] = None,
-                    name: str = "") -> "ExpertDefaults":
-        """From a `MoEConfig` (sizes may come from the host model, e.g. Megatron's config)."""
+                    name: str = "", gate: Optional[GateForm] = None) -> "ExpertDefaults":
+        """From a `MoEConfig` (sizes may come from the host model, e.g. Megatron's config; the
+        gate form from the host router where it differs from the config's)."""
         self = cls(num_experts or config.num_experts, hidden_size or config.hidden_size, config.beta,
                    config.ema_weighting, name=name)
-        self.configure(config)
+        self.configure(config, gate)
         return self
 
-    def configure(self, config) -> None:
-        """Applies a (re)config's EMA settings; the defaults themselves are kept."""
+    def configure(self, config, gate: Optional[GateForm] = None) -> None:
+        """Applies a (re)config's EMA settings and gate form; the defaults themselves are kept."""
         self.beta, self.weighting = config.beta, config.ema_weighting
         self.stats_dtype, self.nonfinite = config.ema_stats_dtype, config.nonfinite
-        self.default_in_forward = config.default_in_forward
+        self.gate = gate if gate is not None else GateForm.from_config(config)
+        in_forward = config.default_in_forward
+        self.default_in_forward = self.gate.forward_default if in_forward is None else in_forward
 
     # ---- the mechanism every adapter calls ----
 
@@ -198,18 +262,36 @@ class ExpertDefaults(StepState):
             stats_E_D1[:, -1] = 0
         self.collect_on_backward(stats_E_D1, anchor, y_ND)
 
-    def default_term(self, fwd: Optional[DefaultsForward], probs_TE: torch.Tensor, ran_TE: torch.Tensor) -> torch.Tensor:
-        """sum over experts that did not process the token of pi_i * D_i: [T, D] fp32, with the
-        committed D (the same in every forward and recompute until the next optimizer step).
+    def default_term(self, fwd: Optional[DefaultsForward], scores_TE: torch.Tensor, ran_TE: torch.Tensor,
+                     routed_TD: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The default term for this layer's gate form (`GateForm`), [T, D] fp32, with the
+        committed D (the same in every forward and recompute until the next optimizer step):
+
+            s * sum_{i not run} w_i D_i                 (gates not renormalised: the paper)
+            sum_{i not run} w_i (s D_i - routed_TD)     (renormalised; experts without D skipped)
 
         Args:
-            probs_TE: pi, the fp32 softmax over all experts (differentiable).
+            scores_TE: the router scores of all experts (pi, or sigmoid(z)), differentiable.
             ran_TE: bool, the experts that processed each token.
+            routed_TD: the routed output y_S (selected experts times their gates, route scale
+                included; no shared experts); needed by renormalised gates.
         """
-        with torch.autocast(device_type=probs_TE.device.type, enabled=False):
-            term_TD = (probs_TE.float() * ~ran_TE) @ self.defaults_ED
+        gate = self.gate
+        with torch.autocast(device_type=scores_TE.device.type, enabled=False):
+            w_TE = gate.dense_weights(scores_TE) * ~ran_TE
+            if gate.renormalized:
+                if routed_TD is None:
+                    raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
+                # Experts without a committed D keep the default renormalisation assumes (y_S).
+                w_TE = w_TE * self.defaults_ED.ne(0).any(dim=1)
+            term_TD = w_TE @ self.defaults_ED
+            if gate.scale != 1.0:
+                term_TD = term_TD * gate.scale
+            if gate.renormalized:
+                routed = routed_TD.float() if self.default_in_forward else routed_TD.detach().float()
+                term_TD = term_TD - w_TE.sum(-1, keepdim=True) * routed
         if not self.default_in_forward:
-            term_TD = term_TD - term_TD.detach()  # zero in the forward, same gradient
+            term_TD = term_TD - term_TD.detach()  # zero in the forward, the router's dense gradient
         return term_TD
 
     def local_statistics(
@@ -285,6 +367,10 @@ class ExpertDefaults(StepState):
         seen_E = (weight_E > 0) & finite_E
         mean_ED = torch.nan_to_num(stats_E_D1[:, :D] / weight_E.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
         new_ED = self.beta * self.defaults_ED + (1.0 - self.beta) * mean_ED
+        if self.gate.renormalized:
+            # A renormalised gate's default starts at the first mean, not at beta * 0 + ...: a
+            # zero D would pull the output toward zero where the model assumed y_S.
+            new_ED = torch.where(self.defaults_ED.ne(0).any(dim=1, keepdim=True), new_ED, mean_ED)
         # In place: the buffer object stays the one engines and optimisers may hold.
         self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, self.defaults_ED))
         self.num_updates += 1
@@ -317,7 +403,8 @@ class ExpertDefaults(StepState):
 
     def extra_repr(self) -> str:
         E, D = self.defaults_ED.shape
-        return (f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, "
+        return (f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, gate={self.gate}, "
+                f"default_in_forward={self.default_in_forward}, "
                 f"stats_dtype={self.stats_dtype}, nonfinite={self.nonfinite}, committed_by={self.committed_by}")
 
 

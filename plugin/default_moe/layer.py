@@ -1,7 +1,8 @@
 """`MoELayer`: the expert-parallel MoE layer; the only place router, dispatch, experts and
 defaults meet.
 
-    out_TD = sum_k gates_TK * y_TKD  +  (probs_TE * unselected_TE) @ D_ED     (Default MoE)
+    out_TD = sum_k gates_TK * y_TKD  +  (probs_TE * unselected_TE) @ D_ED     (Default MoE, softmax)
+    (other gate forms — sigmoid, renormalised, route scale — as derived in `defaults.GateForm`)
     out_TD = sum_k gates_TK * y_TKD                                            (TopK)
 
 The default term uses only local tensors (the replicated D), so Default MoE's dense router
@@ -264,9 +265,8 @@ class MoELayer(nn.Module):
         if self.defaults is not None:
             self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, anchor=route.probs_TE)
             # Experts that did not process the token: not in the top-k, or dropped over capacity.
-            default_TD = self.defaults.default_term(fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK))
-            if cfg.route_scale != 1.0:  # scaled like the selected gates: s * pi_i D_i
-                default_TD = default_TD * cfg.route_scale
+            default_TD = self.defaults.default_term(fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK),
+                                                    routed_TD=out_TD)
             out_TD = out_TD + default_TD.to(out_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD).to(out_TD.dtype)

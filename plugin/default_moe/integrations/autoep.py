@@ -14,12 +14,12 @@ the EMA from them (all-reduced over DP) and adds sum_{i not in S} pi_i D_i.
 SparseMixer (v1/v2) re-routes AutoEP's router on the same gate weights (custom backward in the
 top scores; v1's omega scales the routed output); its balance loss is HF's own router aux loss.
 
-pi: the softmax over all experts in fp32, from the same gate weights (Mixtral, Qwen3-MoE); a router
-with another score function (sigmoid, e.g. DeepSeek-V3's preset) is refused by name for routers
-that use defaults. `route_norm` (Mixtral renormalises its top-k
-scores): under router "default" the selected experts are combined with the raw pi, as the paper
-does (the default term always uses raw pi); set `"normalize_topk": true` in the section to keep
-the renormalised top-k scores for the selected experts. Router "topk" leaves AutoEP untouched.
+The router's scores of all experts in fp32 from the same gate weights: softmax (Mixtral,
+Qwen3-MoE) or sigmoid (the DeepSeek-V3 preset). Under router "default" the selected experts are
+combined with the raw scores, as the paper does; `"normalize_topk": true` keeps AutoEP's own top-k
+scores (its `route_norm` and `route_scale`: a pretrained model's gate), and the default term
+follows that gate form (`defaults.GateForm`, docs/method.md). Sigmoid routers put the term in the
+backward only unless `"default_in_forward": true`. Router "topk" leaves AutoEP untouched.
 
 Refused with a clear error: DeepEP backend, AutoEP+AutoTP folding, `score_apply="pre"` and the
 fused combine (the raw expert outputs are not available there).
@@ -35,7 +35,7 @@ from typing import Dict
 import torch
 
 from default_moe.config import MoEConfig, check_overrides
-from default_moe.defaults import ExpertDefaults, check_score_function, dense_softmax, ran_mask
+from default_moe.defaults import ExpertDefaults, GateForm, dense_scores, ran_mask
 from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
@@ -99,12 +99,19 @@ def layer_class(settings: Dict):
             elif self.moe_config.router in ("hash", "stablemoe"):
                 self._install_token_router()
             if registered_routers()[self.moe_config.router].uses_defaults:
-                check_score_function(self.router.score_func, "this AutoEP layer (router score_func)")
                 from deepspeed.utils import groups
 
                 self.defaults = ExpertDefaults.from_config(
-                    self.moe_config, self.num_experts, self.hidden_size
+                    self.moe_config, self.num_experts, self.hidden_size, gate=self.gate_form(),
                 ).to(self.router.gate.weight.device).bind(self, groups._get_data_parallel_group)
+
+        def gate_form(self) -> GateForm:
+            """The combine weights of the selected experts: AutoEP's own top scores (route_norm,
+            route_scale) with `normalize_topk`, else the raw scores (the paper's pi)."""
+            router = self.router
+            if self.moe_config.normalize_topk:
+                return GateForm(router.score_func, bool(router.route_norm), float(router.route_scale))
+            return GateForm(router.score_func)
 
         def _install_sparsemixer(self) -> None:
             """AutoEP's router, re-routed by SparseMixer on the same gate weights: its forward
@@ -229,12 +236,13 @@ def layer_class(settings: Dict):
                 idx_TK = captured["selected_TK"].long()
                 with torch.autocast(device_type=x_TH.device.type, enabled=False):
                     logits_TE = self.router.gate(x_TH).float()
-                probs_TE = dense_softmax(logits_TE)
+                probs_TE = dense_scores(logits_TE, self.router.score_func)
                 probs_TK = probs_TE.gather(1, idx_TK)
                 gates_TK = top_scores.float() if self.moe_config.normalize_topk else probs_TK
                 self.defaults.observe(fwd, y_TKH, idx_TK, probs_TK, None, anchor=probs_TE)
-                out = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1) + self.defaults.default_term(
-                    fwd, probs_TE, ran_mask(self.num_experts, idx_TK))
+                routed_TH = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1)
+                out = routed_TH + self.defaults.default_term(fwd, probs_TE, ran_mask(self.num_experts, idx_TK),
+                                                             routed_TD=routed_TH)
                 return out.to(expert_output.dtype).reshape(bsz, seqlen, H)
 
             try:

@@ -41,6 +41,7 @@ SECTION_FIELDS = (
     "router", "top_k", "beta", "ema_weighting", "normalize_topk", "ep_size",
     "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe",
     "ema_stats_dtype", "nonfinite", "default_in_forward", "experts_backend",
+    "score_function", "route_scale", "expert_bias", "expert_bias_update_rate", "num_expert_groups", "group_topk",
 )
 EXPERT_FILE = "default_moe_experts_ep{ep_size}_rank{ep_rank}.pt"
 
@@ -365,7 +366,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
         if not hf_blocks:
             raise ValueError(
                 f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer, '
-                f'no deepspeed.moe.layer.MoE, no supported HuggingFace MoE block ({sorted(hf.SUPPORTED)}), '
+                f'no deepspeed.moe.layer.MoE, no supported HuggingFace MoE block ({sorted(hf.FAMILIES)}), '
                 'and "expert_parallel" (AutoEP) is not enabled'
             )
         return _initialize_hf(original, section, args, model, optimizer, model_parameters, *rest, **kwargs)

@@ -20,7 +20,8 @@ estimator on the gate's weights and feeds DeepSpeed's dispatch with them (its ca
 l_aux formula kept); v1's omega is not added here (the gate has no such parameter; GRIN's v2 has
 none either). Router "topk" runs DeepSpeed's forward unchanged (same gates, same RNG use): outputs equal the
 unconverted layer's. Router "default" combines with the raw pi (DeepSpeed's top-2 gating
-renormalises the two gates; its top-1 does not), unless `normalize_topk` is true.
+renormalises the two gates; its top-1 does not), unless `normalize_topk` is true: then DeepSpeed's
+own gates, and the default term of a renormalised gate (`defaults.GateForm`, docs/method.md).
 
 Limits: Tutel dispatch and tensor-parallel experts are refused (DeepSpeed's forward has extra
 steps for them that this subclass does not reproduce).
@@ -37,13 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from default_moe.config import MoEConfig
-from default_moe.defaults import ExpertDefaults, dense_softmax, ran_mask
+from default_moe.defaults import ExpertDefaults, GateForm, dense_softmax, ran_mask
 from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
 # Keys of the "default_moe" section that a DeepSpeed MoE layer takes from its own constructor.
 FIXED_BY_DS_LAYER = {"top_k": "k", "ep_size": "ep_size", "capacity_factor": "capacity_factor"}
-NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff")
+NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff", "score_function", "route_scale", "expert_bias",
+                  "expert_bias_update_rate", "num_expert_groups", "group_topk")
 ENGINE_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -110,6 +112,11 @@ class DefaultMOELayer(_moe_layer_base()):
         self._record: dict = {}
         self.set_config(config)
 
+    def _gate_form(self, config: MoEConfig) -> GateForm:
+        """DeepSpeed's own gates (`normalize_topk`): top-1 raw pi, top-2 and top-k renormalised over
+        the kept routes; otherwise the paper's raw pi."""
+        return GateForm("softmax", bool(config.normalize_topk) and self.gate.k >= 2)
+
     def set_config(self, config: MoEConfig) -> None:
         self.moe_config = config
         if config.router == "stablemoe" and not hasattr(self, "distill"):
@@ -126,10 +133,10 @@ class DefaultMOELayer(_moe_layer_base()):
         elif self.defaults is None:
             from deepspeed.utils import groups
 
-            self.defaults = ExpertDefaults.from_config(config).to(self.gate.wg.weight.device)
+            self.defaults = ExpertDefaults.from_config(config, gate=self._gate_form(config)).to(self.gate.wg.weight.device)
             self.defaults.bind(self, groups._get_data_parallel_group)
         else:
-            self.defaults.configure(config)
+            self.defaults.configure(config, self._gate_form(config))
 
     def _sparse_routes(self, logits_SE: Tensor, idx_SK: Tensor, gates_SK: Tensor, balance_SE: Tensor, l_aux=None):
         """Routes chosen by one of our routers in DeepSpeed's sparse-route format, with DeepSpeed's
@@ -250,7 +257,8 @@ class DefaultMOELayer(_moe_layer_base()):
         if self.defaults is not None:
             keep_SK = kept_KS.t()
             self.defaults.observe(fwd, routed_KSM.transpose(0, 1), idx_SK, probs_SK, keep_SK, anchor=probs_SE)
-            out_SM = out_SM + self.defaults.default_term(fwd, probs_SE, ran_mask(E, idx_SK, keep_SK)).to(out_SM.dtype)
+            out_SM = out_SM + self.defaults.default_term(fwd, probs_SE, ran_mask(E, idx_SK, keep_SK),
+                                                         routed_TD=out_SM).to(out_SM.dtype)
         self._records.release_after_backward(entry, out_SM)
         self._record = {}  # a route outside a forward starts afresh
         return out_SM.reshape(x.shape)

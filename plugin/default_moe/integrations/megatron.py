@@ -16,8 +16,8 @@ What our layer keeps from megatron-core: its router (`TopKRouter`, with z-loss, 
 expert bias, group-limited routing, capacity and token dropping), its token dispatchers and its
 experts (SequentialMLP, TEGroupedMLP). What it adds (`DefaultMoELayer`, a `MoELayer` subclass, and
 `DefaultTopKRouter`, a `TopKRouter` subclass):
-- the fp32 softmax over ALL experts of the same logits (`moe_router_pre_softmax` semantics, so the
-  sparse and dense probabilities agree: no top-k renormalisation);
+- the fp32 scores of ALL experts from the same logits (softmax or sigmoid, as the router's
+  `moe_router_score_function`), and megatron's gate as a `GateForm` (`gate_form`);
 - the experts run with unit probabilities, so their raw outputs (fc2 bias included, when the
   experts have one) feed the EMA; the layer then scales them by the routing probabilities itself:
   megatron computes p * fc2(act(fc1 x)) + p * bias, the same p * raw output;
@@ -27,19 +27,20 @@ experts (SequentialMLP, TEGroupedMLP). What it adds (`DefaultMoELayer`, a `MoELa
   tensor parallelism the expert-TP ranks' partial sums add up to the outputs while the counts come
   from expert-TP rank 0 only; so every rank of the stage holds the same defaults, in any
   TP/SP/CP/EP/expert-TP/DP layout; the EMA update follows the core `ExpertDefaults`;
-- the default term `(dense_probs * ~routing_map) @ D` added in `postprocess` (routes dropped over
-  capacity count as not run). No collective is added for the router gradient.
+- the default term for that gate form (docs/method.md; pre-softmax: `s * (pi * ~routing_map) @ D`,
+  megatron's other gates — softmax over the top-k logits, sigmoid renormalised over the selected
+  experts — the renormalised form `sum_{not run} w_i (s D_i - y_S)`), added in `postprocess` to
+  the routed output before the shared experts (routes dropped over capacity count as not run). No
+  collective is added for the router gradient. Sigmoid gates default to the term in the backward
+  only (`default_in_forward`); megatron-core's expert bias, groups and scaling factor stay its own.
 - `defaults.defaults_ED` in the state dict and in `sharded_state_dict` (replicated).
 
-Refused with a clear error (they make no sense with a dense softmax over all experts or hide the
-raw expert outputs): `moe_router_score_function="sigmoid"`, `moe_router_pre_softmax=False` with
-top-k > 1, `moe_apply_probs_on_input`, `moe_pad_expert_input_to_capacity`. Allowed: expert bias
-(it only changes selection; pi stays the unbiased softmax), capacity/token dropping, z-loss, aux
-losses, group-limited routing, `moe_router_topk_scaling_factor` s (megatron scales the selected
-gates to s * pi_i; the default term is scaled alike, s * pi_i D_i, so it stands in for the same
-dense output s * sum_i pi_i E_i(x)). Also refused: sinkhorn balancing (its gate is a sigmoid),
-the fp8/fp4 routing-map padding (padded pairs would lose their default term and enter the counts)
-and CUDA graphs whose scope covers the router (the dense probabilities would leave the graph).
+Refused with a clear error (they hide the raw expert outputs or change the gate):
+`moe_apply_probs_on_input`, `moe_pad_expert_input_to_capacity`, sinkhorn balancing (its top-1
+gate is not a score the derivation covers), the fp8/fp4 routing-map padding (padded pairs would
+lose their default term and enter the counts) and CUDA graphs whose scope covers the router (the
+dense scores would leave the graph). Allowed: expert bias (selection only), capacity/token
+dropping, z-loss, aux losses, group-limited routing, the top-k scaling factor.
 
 The step contract (`default_moe.defaults`): training forwards accumulate statistics (tokens
 marked padding in `padding_mask` do not count), D is committed in `finalize_model_grads` —
@@ -66,7 +67,7 @@ from typing import Any, Dict, Optional
 import torch
 
 from default_moe.config import MoEConfig, check_overrides, drop_legacy
-from default_moe.defaults import ExpertDefaults, check_score_function, commit_defaults, dense_softmax
+from default_moe.defaults import ExpertDefaults, GateForm, commit_defaults, dense_scores
 from default_moe.integrations import megatron_compat as compat
 from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
@@ -76,6 +77,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 SETTINGS = ("router", "beta", "ema_weighting", "sparsemixer", "stablemoe", "ema_stats_dtype", "nonfinite",
+            "default_in_forward",
             "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
 MEGATRON_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
@@ -100,13 +102,8 @@ def validate_settings(settings: Optional[Dict[str, Any]]) -> Dict[str, Any]:
 def check_megatron_config(config) -> None:
     """Refuses megatron router settings that make no sense with Default MoE's dense softmax."""
     problems = []
-    try:
-        check_score_function(config.moe_router_score_function, "megatron-core (moe_router_score_function)")
-    except ValueError:
-        problems.append(f"moe_router_score_function={config.moe_router_score_function!r} (needs 'softmax')")
-    if not config.moe_router_pre_softmax and config.moe_router_topk > 1:
-        problems.append("moe_router_pre_softmax=False with top-k > 1 (set moe_router_pre_softmax=True: "
-                        "the selected gates must be the raw softmax over all experts)")
+    if config.moe_router_score_function not in ("softmax", "sigmoid"):
+        problems.append(f"moe_router_score_function={config.moe_router_score_function!r} (softmax or sigmoid)")
     if config.moe_apply_probs_on_input:
         problems.append("moe_apply_probs_on_input=True (the raw expert outputs are needed)")
     if config.moe_pad_expert_input_to_capacity:
@@ -124,15 +121,27 @@ def check_megatron_config(config) -> None:
         raise ValueError("Default MoE cannot run with megatron-core " + "; ".join(problems))
 
 
+def gate_form(config) -> GateForm:
+    """megatron-core's gate (`topk_routing_with_score_function`) as a `GateForm`: softmax over all
+    experts with `moe_router_pre_softmax`, else over the top-k logits (renormalised); sigmoid
+    renormalised over the selected experts when top-k > 1; times `moe_router_topk_scaling_factor`."""
+    if config.moe_router_score_function == "softmax":
+        renormalized = not config.moe_router_pre_softmax
+    else:
+        renormalized = config.moe_router_topk > 1
+    return GateForm(config.moe_router_score_function, renormalized, float(config.moe_router_topk_scaling_factor or 1.0))
+
+
 class DefaultTopKRouter(TopKRouter):
-    """megatron-core's TopKRouter that also keeps the fp32 softmax over all experts."""
+    """megatron-core's TopKRouter that also keeps the fp32 scores of all experts."""
 
     dense_probs: Optional[torch.Tensor] = None
     routing_map: Optional[torch.Tensor] = None
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         # Same logits as the sparse path, so gradients through both reach the router weights.
-        self.dense_probs = dense_softmax(logits.reshape(-1, self.config.num_moe_experts))
+        self.dense_probs = dense_scores(logits.reshape(-1, self.config.num_moe_experts),
+                                        self.config.moe_router_score_function)
         probs, routing_map = super().routing(logits, padding_mask)
         self.routing_map = routing_map
         if padding_mask is not None:
@@ -307,7 +316,8 @@ class DefaultMoELayer(McoreMoELayer):
             if not isinstance(self.router, DefaultTopKRouter):
                 raise ValueError(f"Default MoE needs DefaultTopKRouter (a TopKRouter), got {type(self.router).__name__}")
             self.defaults = ExpertDefaults.from_config(
-                self.moe_config, config.num_moe_experts, config.hidden_size, name=f"layer {self.layer_number}"
+                self.moe_config, config.num_moe_experts, config.hidden_size, name=f"layer {self.layer_number}",
+                gate=gate_form(config),
             ).to(self.router.weight.device).bind(self, compat.stage_group)
 
     def route(self, hidden_states, *args, **kwargs):
@@ -356,16 +366,15 @@ class DefaultMoELayer(McoreMoELayer):
         omega = getattr(self.router, "omega", None)
         if omega is not None:  # SparseMixer v1 scales the routed output, not the shared experts'
             output = output * omega.to(output.dtype)
-        output = super().postprocess(output, shared_expert_output)
         if self.defaults is None:
-            return output
-        default_TH = self.defaults.default_term(self._fwd, self.router.dense_probs, self.router.routing_map)
-        scale = self.config.moe_router_topk_scaling_factor
-        if scale is not None:
-            # Megatron scales the selected gates: s * pi_i E_i(x). The dense output the default term
-            # stands in for is s * sum_i pi_i E_i(x), so the unselected experts get s * pi_i D_i.
-            default_TH = default_TH * scale
-        return output + default_TH.view(output.shape).to(output.dtype)
+            return super().postprocess(output, shared_expert_output)
+        routed = super().postprocess(output, None)
+        # The term for megatron's gate form (`gate_form`: score function, renormalisation, the top-k
+        # scaling factor s), from the routed output before the shared experts are added.
+        default_TH = self.defaults.default_term(self._fwd, self.router.dense_probs, self.router.routing_map,
+                                                routed_TD=routed.reshape(-1, routed.shape[-1]))
+        output = routed + default_TH.view(routed.shape).to(routed.dtype)
+        return output if shared_expert_output is None else output + shared_expert_output
 
 
 def commit_at_finalize(config, defaults: ExpertDefaults) -> None:
@@ -528,6 +537,9 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                        help="dtype of the all-reduced EMA statistics (bfloat16: half the bytes)")
     group.add_argument("--moe-nonfinite", default="skip", choices=["skip", "raise"],
                        help="non-finite expert outputs: keep the defaults (skip) or raise naming layer and step")
+    group.add_argument("--moe-default-in-forward", default="auto", choices=["auto", "true", "false"],
+                       help="the default term in the forward (true: the paper) or in the backward only (false); "
+                            "auto: true for softmax routers, false for sigmoid ones")
     group.add_argument("--moe-sparsemixer-version", default="auto", choices=["auto", "v1", "v2"])
     group.add_argument("--moe-sparsemixer-jitter-eps", type=float, default=None)
     group.add_argument("--moe-stablemoe-stage2-step", type=int, default=None,
@@ -542,6 +554,9 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         "ema_weighting": args.moe_default_ema_weighting, "ema_stats_dtype": args.moe_default_ema_stats_dtype,
         "nonfinite": args.moe_nonfinite,
     }
+    in_forward = getattr(args, "moe_default_in_forward", "auto")
+    if in_forward != "auto":
+        settings["default_in_forward"] = in_forward == "true"
     for legacy in ("ema_sync", "ema_sync_every"):
         if getattr(args, f"moe_default_{legacy}", None) is not None:
             settings[legacy] = getattr(args, f"moe_default_{legacy}")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from default_moe import losses
-from default_moe.defaults import dense_softmax
+from default_moe.defaults import dense_scores
 from default_moe.parallel import ParallelGroups
 from default_moe.routing import Router, RouterOutput, register_router, router_weight
 from default_moe.routing.expert_bias import ExpertBias
@@ -51,7 +51,7 @@ class TopKRouter(Router):
         # Routing decisions are precision sensitive: fp32 even under bf16 autocast.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
-            scores_TE = dense_softmax(logits_TE) if cfg.score_function == "softmax" else torch.sigmoid(logits_TE)
+            scores_TE = dense_scores(logits_TE, cfg.score_function)
         select_TE = scores_TE if self.expert_bias is None else scores_TE + self.expert_bias.expert_bias_E
         if cfg.num_expert_groups is not None:
             idx_TK = group_limited_topk(select_TE, cfg.top_k, cfg.num_expert_groups, cfg.group_topk)
