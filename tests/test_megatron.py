@@ -30,6 +30,10 @@ def test_megatron_lm_arguments():
         old = dm.settings_from_args(parser.parse_args(["--moe-router-type", "default", "--moe-default-ema-sync", "async"]))
         assert "ema_sync" not in dm.validate_settings(old)
     assert dm.settings_from_args(parser.parse_args([]))["router"] == "topk"
+    assert "default_in_forward" not in dm.settings_from_args(parser.parse_args([]))  # auto: by the score function
+    for flag, value in (("true", True), ("false", False)):
+        got = dm.settings_from_args(parser.parse_args(["--moe-router-type", "default", "--moe-default-in-forward", flag]))
+        assert got["default_in_forward"] is value
     # Megatron-LM's pipeline stages get no token ids past the first: token-id routers refused by name.
     hashed = parser.parse_args(["--moe-router-type", "hash"])
     hashed.pipeline_model_parallel_size = 2
@@ -42,7 +46,7 @@ def test_megatron_lm_arguments():
     with pytest.raises(ValueError, match="stablemoe.vocab_size is required"):
         dm.settings_from_args(parser.parse_args(["--moe-router-type", "stablemoe"]))
     for bad in (["--moe-router-type", "nope"], ["--moe-default-beta", "1.0"], ["--moe-default-beta", "x"],
-                ["--moe-default-ema-sync", "later"], ["--moe-nonfinite", "warn"]):
+                ["--moe-default-ema-sync", "later"], ["--moe-nonfinite", "warn"], ["--moe-default-in-forward", "yes"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 

@@ -6,22 +6,28 @@ parallelism; for EP use AutoEP, `integrations/autoep.py`).
     model = AutoModelForCausalLM.from_pretrained(path)
     hf.convert(model, router="default", beta=0.9, state_from=path)   # state_from: restore saved D
 
-Supported blocks (transformers 5.x): Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE. Each keeps its own
-router (`gate`: logits, top-k weights, top-k indices) and experts (`experts(x, idx, weights)`),
-parameters and names: the model still saves and loads in HF format. Added per block: a `defaults`
-submodule (`ExpertDefaults`, buffer `defaults_ED` [E, H], so `...mlp.defaults.defaults_ED` is in
-the state dict), a forward hook on the router that keeps its logits, and a pre/post forward hook
-pair on the experts: the experts run once per (token, slot) with unit weights — the same expert
-computations as HF's, one row per slot — so their raw outputs feed the EMA; the block output is
+Blocks are recognised by structure (transformers 5.x): a router child (`gate` or `router`)
+returning (logits, top-k weights, top-k indices) and experts called as `experts(x, idx, weights)`,
+of a family listed in `FAMILIES` (one line each: how its router weights the selected experts).
+Each block keeps its router, experts, parameters and names: the model still saves and loads in HF
+format. Added per block: a `defaults` submodule (`ExpertDefaults`, buffer `defaults_ED` [E, H],
+so `...mlp.defaults.defaults_ED` is in the state dict), a forward hook on the router that keeps
+its logits, and a pre/post forward hook pair on the experts: the experts run once per (token,
+slot) with unit weights — the same expert computations as HF's, one row per slot — so their raw
+outputs feed the EMA; the block output is
 
-    y_S + sum_{i not selected} pi_i D_i              (g = raw pi: the paper)
-    y_S + sum_{i not selected} pi_i (D_i - y_S)      (g renormalised over the selected experts)
+    y_S + s sum_{i not selected} w_i D_i              (the family's gate not renormalised)
+    y_S + sum_{i not selected} w_i (s D_i - y_S)      (renormalised over the selected experts)
 
-(y_S = sum_k g_k E_{i_k}(x), pi = softmax(router logits) in fp32; the second form is derived in
-docs/method.md; experts whose D is still zero are skipped in it), with g = the model's own top-k weights by default (`normalize_topk=None`: Mixtral renormalises
-over the selected experts, Qwen2/Qwen3-MoE and OLMoE follow `norm_topk_prob`), so a pretrained
-model converted at D = 0 computes exactly what it did; `normalize_topk=False` is the paper's raw
-pi (changes a renormalising model's function at step 0), `True` forces renormalisation.
+(y_S = sum_k g_k E_{i_k}(x), w the dense weights of the family's scores in fp32, s its route
+scale; derived in docs/method.md; experts whose D is still zero are skipped in the second form),
+with g = the model's own top-k weights by default (`normalize_topk=None`), so a pretrained model
+converted at D = 0 computes exactly what it did; `normalize_topk=False`/`True` override the
+renormalisation. Sigmoid families put the term in the backward only unless `default_in_forward`.
+
+A converted model's config records the settings (`config.default_moe`), so `save_pretrained`
+writes them with D; `convert` on a model loaded from a local folder restores D from there
+(`_load_own_defaults`), says when there is none, and refuses settings that change what D means.
 
 The step contract (`default_moe.defaults`): D changes only at optimizer steps; training forwards
 accumulate statistics (tokens whose `attention_mask` is 0 do not count: the model's
@@ -30,15 +36,15 @@ block's parameters commits them over the data-parallel group (`group`, default: 
 when torch.distributed is initialised), so every replica holds the same D; under DeepSpeed the
 engine's step does. Limit: with reentrant activation checkpointing (not transformers' default)
 the statistics are taken in the recompute, which sees the mask of the latest model forward: two
-forwards of differently padded batches before one backward need non-reentrant checkpointing. Shared experts (Qwen2-MoE)
-and HF's router aux loss are untouched. Router "topk" converts nothing (HF's outputs exactly).
+forwards of differently padded batches before one backward need non-reentrant checkpointing.
+Shared experts and HF's router aux loss are untouched. Router "topk" converts nothing (HF's outputs exactly).
 
 Under ZeRO-3 the experts' parameters are gathered by DeepSpeed's own module hooks around the
 experts' forward, which is where the raw outputs are computed, so the EMA sees full outputs.
-Refused by name: other MoE blocks (e.g. DeepSeek-V3's sigmoid router: the default term would add
-~0.5 D_i for every unselected expert), routers other than default/topk, and models HF itself
-shards with tensor or expert parallelism (`distributed_config`: tp/ep plans; the hooks would see
-local expert ids and partial outputs).
+Refused by name: the families in `REFUSED` (with the reason), a fused-shape block whose family
+has no entry, routers other than default/topk, and models HF itself shards with tensor or expert
+parallelism (`distributed_config`: tp/ep plans; the hooks would see local expert ids and partial
+outputs).
 
 Legend: T tokens, K top-k, E experts, H hidden.
 """
