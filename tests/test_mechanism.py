@@ -320,3 +320,28 @@ def test_a_forward_without_token_ids_never_routes_with_old_ones():
     with pytest.raises(ValueError, match="this forward's model input had no token ids.*every stage"):
         root(hidden=torch.randn(2, 4, D))
     token_context.set_current(None)
+
+
+def test_a_wrapping_optimizer_commits_once_per_step():
+    """An optimizer whose step calls inner optimizers' steps (torchtitan's OptimizersContainer)
+    commits D once per step, at the outer step, and a later plain step still commits."""
+    layer = make(aux_loss_coeff=0.0)
+    params = list(layer.parameters())
+
+    class Container(torch.optim.Optimizer):
+        def __init__(self, params):
+            self.inner = [torch.optim.SGD(params, lr=0.0)]
+            super().__init__(params, {})
+
+        def step(self, closure=None):
+            for o in self.inner:
+                o.step()
+
+    opt = Container(params)
+    for step in range(3):
+        layer(torch.randn(T, D)).sum().backward()
+        opt.step()
+    assert layer.defaults.num_updates == 3 and layer.defaults.pending == 0
+    layer(torch.randn(T, D)).sum().backward()
+    opt.inner[0].step()  # the inner one alone, outside the container: commits
+    assert layer.defaults.num_updates == 4

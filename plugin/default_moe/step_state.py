@@ -28,7 +28,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Union
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from default_moe import comm
 from default_moe.layer_utils import state_frozen
@@ -256,10 +256,23 @@ def _commit(members: Sequence[StepState]) -> int:
     return len(members)
 
 
+# The optimizer whose step is running on this thread (and its parameter ids): an optimizer that
+# wraps others (torchtitan's OptimizersContainer is a torch Optimizer whose step calls each inner
+# optimizer's step) commits once, at the outer step; the inner steps find it running and skip.
+_STEPPING = threading.local()
+
+
 def _optimizer_step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """Commits the step states of the layers this optimizer trains (committed_by="optimizer")."""
     if not _LIVE:
         return
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    outer = getattr(_STEPPING, "outer", None)
+    outer = outer() if outer is not None else None
+    if outer is not None and outer is not optimizer and ids <= _STEPPING.ids:
+        return  # inside a wrapping optimizer's step, which committed
+    # (Its own earlier step that raised before its post-hook is not "running": it is this one.)
+    _STEPPING.outer, _STEPPING.ids = weakref.ref(optimizer), ids
     with _LIVE_LOCK:
         _LIVE[:] = [r for r in _LIVE if r() is not None]
         live = [r() for r in _LIVE]
@@ -267,7 +280,6 @@ def _optimizer_step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> 
     candidates = [(m, layer) for m, layer in candidates if layer is not None]
     if not candidates:
         return
-    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     mine = [m for m, layer in candidates if any(id(p) in ids for p in layer.parameters())]
     if mine:
         _commit(mine)
@@ -276,10 +288,17 @@ def _optimizer_step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> 
 _HOOK: list = [None]
 
 
+def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    outer = getattr(_STEPPING, "outer", None)
+    if outer is not None and outer() is optimizer:
+        _STEPPING.outer = None
+
+
 def attach_to_optimizers() -> None:
-    """Installs the process-wide optimizer step pre-hook (idempotent; done at import)."""
+    """Installs the process-wide optimizer step hooks (idempotent; done at import)."""
     if not _HOOK[0]:
-        _HOOK[0] = register_optimizer_step_pre_hook(_optimizer_step_pre_hook)
+        _HOOK[0] = (register_optimizer_step_pre_hook(_optimizer_step_pre_hook),
+                    register_optimizer_step_post_hook(_optimizer_step_post_hook))
 
 
 attach_to_optimizers()
