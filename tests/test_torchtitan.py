@@ -125,8 +125,7 @@ def test_torchtitan_override_fsdp_ep_checkpointing_and_resume(assets, tmp_path):
 @pytest.mark.distributed
 def test_torchtitan_stock_deepseek_v3_debugmodel_ep2(assets, tmp_path):
     """The stock config (sigmoid router, route_norm, shared expert, expert bias) with the override at
-    EP 2: trains; sigmoid puts the term in the backward only, so the forward — and step 1 — is
-    torchtitan's; D identical on both ranks."""
+    EP 2 trains (the sigmoid gate's term in the backward only), D identical on both ranks."""
     flags = ["--module", "deepseek_v3", "--config", "deepseek_v3_debugmodel", "--debug.seed", "3",
              "--training.seq-len", "64", "--training.local-batch-size", "2", "--training.steps", "3",
              "--parallelism.expert-parallel-degree", "2", "--training.disable-cuda-graphs"]

@@ -149,3 +149,26 @@ def test_main_job_resume_refuses_a_planted_pickle(tmp_path):
     assert again.returncode != 0
     assert "posix.system" in again.stderr and "refused" in again.stderr, again.stderr[-3000:]
     assert not (tmp_path / "marker").exists()
+
+
+def test_the_check_covers_every_file_deepspeed_reads_and_the_load_is_the_check(tmp_path):
+    """ZeRO/universal checkpoints keep .pt files in subfolders (a crafted `zero/w/fp32.pt` ran its
+    payload before); `latest_universal` names the tag DeepSpeed loads with load_universal; and the
+    loader itself is the weights-only unpickler with DeepSpeed's allow-list, so a file swapped
+    after the check is refused too."""
+    marker = tmp_path / "marker"
+    tag = tmp_path / "ds" / "global_step2"
+    (tag / "zero" / "w").mkdir(parents=True)
+    torch.save({"module": {"w": torch.ones(2)}}, tag / "mp_rank_00_model_states.pt")
+    torch.save({"fp32": Payload(marker)}, tag / "zero" / "w" / "fp32.pt")
+    with pytest.raises(checkpoint.UntrustedCheckpointError, match="zero/w/fp32.pt holds Python objects"):
+        checkpoint.check_deepspeed_files(str(tag))
+    (tmp_path / "ds" / "latest").write_text("global_step1")
+    (tmp_path / "ds" / "latest_universal").write_text("global_step2")
+    assert checkpoint.latest_tag(str(tmp_path / "ds")) == "global_step1"
+    assert checkpoint.latest_tag(str(tmp_path / "ds"), universal=True) == "global_step2"
+    # The load refuses on its own (no check before it), and a clean DeepSpeed-style file loads.
+    with pytest.raises(checkpoint.UntrustedCheckpointError, match="could run code"):
+        checkpoint.load_deepspeed_file(str(tag / "zero" / "w" / "fp32.pt"))
+    assert torch.equal(checkpoint.load_deepspeed_file(str(tag / "mp_rank_00_model_states.pt"))["module"]["w"], torch.ones(2))
+    assert not marker.exists()

@@ -94,19 +94,51 @@ def unsafe_globals(path: str, allowed=frozenset()) -> List[str]:
     return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(allowed))
 
 
-def latest_tag(ckpt_dir: str) -> Optional[str]:
-    """The tag DeepSpeed's `latest` file names in a checkpoint directory (None without one)."""
-    path = os.path.join(ckpt_dir, "latest")
+def latest_tag(ckpt_dir: str, universal: bool = False) -> Optional[str]:
+    """The tag DeepSpeed's `latest` file (`latest_universal` when DeepSpeed loads universal
+    checkpoints) names in a checkpoint directory (None without one)."""
+    path = os.path.join(ckpt_dir, "latest_universal" if universal else "latest")
     if not os.path.exists(path):
         return None
     with open(path) as f:
         return f.read().strip()
 
 
+def deepspeed_safe_globals() -> List[Any]:
+    """The objects of `DEEPSPEED_SAFE_GLOBALS` that import here (for `torch.serialization.safe_globals`)."""
+    import importlib
+
+    objs = []
+    for name in sorted(DEEPSPEED_SAFE_GLOBALS):
+        module, _, attr = name.rpartition(".")
+        try:
+            obj = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):  # e.g. numpy's other major version, DeepSpeed absent
+            continue
+        if hasattr(obj, "__qualname__"):  # torch dtypes are not classes: the unpickler knows them
+            objs.append(obj)
+    return objs
+
+
+def load_deepspeed_file(path: str, map_location="cpu") -> Any:
+    """Loads a file DeepSpeed wrote with the weights-only unpickler and the allow-list of globals
+    DeepSpeed writes: the check and the load are one step (a file swapped after a check cannot
+    run code)."""
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UntrustedCheckpointError(
+            f"checkpoint file {path} holds Python objects DeepSpeed does not write; loading it could run code, so it is "
+            f"refused ({str(e).splitlines()[0][:200]}). Only load checkpoints you wrote or trust (default-moe "
+            "convert-deepspeed --trust-pickle loads one you trust)") from None
+
+
 def check_deepspeed_files(tag_dir: str) -> None:
-    """Refuses a DeepSpeed checkpoint folder any of whose `.pt` files holds a global DeepSpeed does
-    not write (a crafted pickle); nothing is unpickled by the check."""
-    for path in sorted(glob.glob(os.path.join(tag_dir, "*.pt"))):
+    """Refuses a DeepSpeed checkpoint folder any of whose `.pt` files — at any depth: ZeRO and
+    universal checkpoints keep theirs in subfolders (`zero/<param>/fp32.pt`) — holds a global
+    DeepSpeed does not write (a crafted pickle); nothing is unpickled by the check."""
+    for path in sorted(glob.glob(os.path.join(tag_dir, "**", "*.pt"), recursive=True)):
         try:
             bad = unsafe_globals(path, DEEPSPEED_SAFE_GLOBALS)
         except Exception as e:  # noqa: BLE001 - unreadable means refuse, with the reason
@@ -350,7 +382,10 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
                       stacklevel=2)
     else:
         check_deepspeed_files(tag_dir)  # before anything is unpickled
-    module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    if trust_pickle:
+        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
+    else:
+        module = load_deepspeed_file(module_file)["module"]
     sd = {k: v.detach().cpu().clone() for k, v in module.items()}
     configs = parts[0]["moe_configs"]
     for name, params in parts[0]["experts"].items():

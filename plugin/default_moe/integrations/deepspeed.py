@@ -29,7 +29,7 @@ import torch.distributed as dist
 from default_moe.config import LEGACY_FIELDS, MoEConfig, check_overrides
 from default_moe.defaults import commit_defaults
 from default_moe.step_state import step_states_in
-from default_moe.checkpoint import check_deepspeed_files, latest_tag
+from default_moe.checkpoint import check_deepspeed_files, latest_tag, load_deepspeed_file
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
 from default_moe.losses import AuxLossAutoScaler
@@ -259,11 +259,23 @@ def _install_common_hooks(engine) -> None:
         return out
 
     def load_checkpoint(load_dir, tag=None, **kw):
-        # DeepSpeed unpickles its files without restriction: check them first (nothing unpickled).
-        named = tag if tag is not None else latest_tag(load_dir)
+        # DeepSpeed unpickles its files without restriction: check every file it may read first
+        # (nothing unpickled; `latest_universal` when it loads universal checkpoints), and have its
+        # checkpoint engine load with the weights-only unpickler and DeepSpeed's allow-list, so a
+        # file swapped after the check cannot run code either.
+        universal = bool(getattr(engine, "load_universal_checkpoint", lambda: False)())
+        named = tag if tag is not None else latest_tag(load_dir, universal=universal)
         if named is not None and os.path.isdir(os.path.join(load_dir, str(named))):
             check_deepspeed_files(os.path.join(load_dir, str(named)))
-        load_path, client_state = load(load_dir, tag=tag, **kw)
+        ckpt_engine = getattr(engine, "checkpoint_engine", None)
+        original_load = getattr(ckpt_engine, "load", None)
+        if original_load is not None and type(ckpt_engine).__name__ == "TorchCheckpointEngine":
+            ckpt_engine.load = lambda path, map_location=None: load_deepspeed_file(path, map_location)
+        try:
+            load_path, client_state = load(load_dir, tag=tag, **kw)
+        finally:
+            if original_load is not None and "load" in vars(ckpt_engine):
+                del ckpt_engine.load
         if load_path is None:
             return load_path, client_state
         path = os.path.join(load_dir, str(named), DEFAULTS_FILE)
