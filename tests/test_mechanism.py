@@ -345,3 +345,25 @@ def test_a_wrapping_optimizer_commits_once_per_step():
     layer(torch.randn(T, D)).sum().backward()
     opt.inner[0].step()  # the inner one alone, outside the container: commits
     assert layer.defaults.num_updates == 4
+
+
+def test_the_core_imports_no_integration():
+    """The core (layer, routing, defaults, dispatch, experts, config, checkpoint, ...) never imports
+    an engine integration: integrations act through `layer_utils.on_layer_built` and the package
+    `__init__`; the entry points (cli, train, the `default_moe.deepspeed` shim) may import them."""
+    import ast
+
+    pkg = ROOT / "plugin" / "default_moe"
+    entry_points = {"__init__.py", "cli.py", "train.py", "deepspeed.py"}
+    core = [p for p in pkg.glob("*.py") if p.name not in entry_points] + list((pkg / "routing").glob("*.py"))
+    offenders = []
+    for path in core:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            if any(n.startswith("default_moe.integrations") or n == "default_moe.integrations" for n in names):
+                offenders.append(f"{path.relative_to(pkg)}:{node.lineno}")
+    assert len(core) > 10 and not offenders, offenders

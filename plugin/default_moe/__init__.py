@@ -1,5 +1,6 @@
 """default-moe: expert-parallel Mixture-of-Experts with Default MoE dense router gradients."""
 
+from default_moe import layer_utils as _layer_utils
 from default_moe.config import MoEConfig
 from default_moe.comm import count_collectives
 from default_moe.defaults import commit_defaults
@@ -9,6 +10,20 @@ from default_moe.parallel import ParallelGroups, build_groups
 from default_moe.routing import Router, RouterOutput, register_router, registered_routers
 
 __version__ = "0.1.0"
+
+
+def _deepspeed_section_guard(layer) -> None:
+    # A "default_moe" section must not reach a DeepSpeed engine we did not build (DeepSpeed would
+    # ignore it). Registered here so that the core modules never import an integration.
+    import sys
+
+    if "deepspeed" in sys.modules:
+        from default_moe.integrations.deepspeed import install_section_guard
+
+        install_section_guard()
+
+
+_layer_utils.on_layer_built(_deepspeed_section_guard)
 
 __all__ = [
     "MoEConfig",

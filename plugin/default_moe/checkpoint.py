@@ -89,6 +89,13 @@ DEEPSPEED_SAFE_GLOBALS = {
 }
 
 
+# The files default-moe adds to a DeepSpeed checkpoint tag (written by integrations/deepspeed.py):
+# each EP rank's experts, and D (identical on every rank; filtered out of DeepSpeed's module state
+# for DeepSpeed-MoE blocks).
+EXPERT_FILE = "default_moe_experts_ep{ep_size}_rank{ep_rank}.pt"
+DEFAULTS_FILE = "default_moe_defaults.pt"
+
+
 def unsafe_globals(path: str, allowed=frozenset()) -> List[str]:
     """The globals of a torch file outside torch's weights-only set and `allowed` (read without unpickling)."""
     return sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - set(allowed))
@@ -332,8 +339,6 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
         The written payload's `extra`: {"source", "tag", "saved_ep_size"}.
     """
     import re
-
-    from default_moe.integrations.deepspeed import EXPERT_FILE
 
     if tag is None:
         tag = latest_tag(ckpt_dir)

@@ -15,7 +15,6 @@ Legend: T tokens, K top-k, E experts, D hidden.
 
 from __future__ import annotations
 
-import sys
 from typing import Dict, Optional
 
 import torch
@@ -25,7 +24,7 @@ from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults, ran_mask
 from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask, expert_counts
 from default_moe.experts import GroupedExperts, SharedExpert, mark_expert_params
-from default_moe.layer_utils import updates_state
+from default_moe.layer_utils import layer_built, updates_state
 from default_moe.losses import AuxLossAutoScaler
 from default_moe.parallel import ParallelGroups, build_groups, check_same_config
 from default_moe.routing import build_router, registered_routers
@@ -89,11 +88,6 @@ class MoELayer(nn.Module):
                 f"MoEConfig.ep_size ({config.ep_size}) does not match the size of the given EP group ({groups.ep_size})"
             )
         check_same_config(config, groups.dp_group)  # once, at build: a mismatch fails, never hangs
-        if "deepspeed" in sys.modules:
-            # A "default_moe" section must not reach a DeepSpeed engine we did not build (it would be ignored).
-            from default_moe.integrations.deepspeed import install_section_guard
-
-            install_section_guard()
         self.config = config
         self.groups = groups
         self.router = build_router(config)
@@ -120,6 +114,7 @@ class MoELayer(nn.Module):
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.register_buffer("tokens_per_expert", None, persistent=False)
         self.register_buffer("dropped_slots", torch.zeros((), dtype=torch.long), persistent=False)
+        layer_built(self)  # integrations' construction hooks (e.g. the DeepSpeed section guard)
 
     def _bind_step_state(self) -> None:
         """D and the expert bias change at optimizer steps, summed over the data-parallel group."""

@@ -16,6 +16,22 @@ _FROZEN = [0]
 _LOCK = threading.Lock()
 
 
+# Called with every new MoELayer: how integrations act on layer construction without the core
+# importing them (the package's __init__ registers the DeepSpeed section guard).
+_LAYER_BUILT_HOOKS: list = []
+
+
+def on_layer_built(hook: Callable[[Any], None]) -> None:
+    """Registers `hook(layer)`, run at the end of every MoELayer's construction (idempotent)."""
+    if hook not in _LAYER_BUILT_HOOKS:
+        _LAYER_BUILT_HOOKS.append(hook)
+
+
+def layer_built(layer) -> None:
+    for hook in list(_LAYER_BUILT_HOOKS):
+        hook(layer)
+
+
 def in_backward() -> bool:
     """True while the autograd engine runs, i.e. when activation checkpointing recomputes a layer."""
     return torch._C._current_graph_task_id() != -1

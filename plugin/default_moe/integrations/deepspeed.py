@@ -29,7 +29,9 @@ import torch.distributed as dist
 from default_moe.config import LEGACY_FIELDS, MoEConfig, check_overrides
 from default_moe.defaults import commit_defaults
 from default_moe.step_state import step_states_in
-from default_moe.checkpoint import check_deepspeed_files, latest_tag, load_deepspeed_file
+from default_moe.checkpoint import (  # noqa: F401 (EXPERT_FILE, DEFAULTS_FILE: re-exported)
+    DEFAULTS_FILE, EXPERT_FILE, check_deepspeed_files, latest_tag, load_deepspeed_file,
+)
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
 from default_moe.losses import AuxLossAutoScaler
@@ -43,7 +45,6 @@ SECTION_FIELDS = (
     "ema_stats_dtype", "nonfinite", "default_in_forward", "experts_backend",
     "score_function", "route_scale", "expert_bias", "expert_bias_update_rate", "num_expert_groups", "group_topk",
 )
-EXPERT_FILE = "default_moe_experts_ep{ep_size}_rank{ep_rank}.pt"
 
 _ORIGINAL_INITIALIZE = None
 
@@ -224,7 +225,6 @@ def _expert_state(model) -> Dict[str, Dict[str, torch.Tensor]]:
     }
 
 
-DEFAULTS_FILE = "default_moe_defaults.pt"
 
 
 def _defaults_buffers(model) -> Dict[str, torch.Tensor]:
