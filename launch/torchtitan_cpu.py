@@ -11,7 +11,8 @@ in ../shared/notes/torchtitan_cpu.md, each for one failure:
 - FlexAttention has no CPU backward: `cpu_attention` (an override passed with
   `--override.imports`) computes the same masked attention with SDPA from the block mask's
   `mask_mod`;
-- `--parallelism.spmd-backend partial_dtensor` (the default spmd_types backend needs a newer torch).
+- `--parallelism.spmd-backend partial_dtensor` (the default spmd_types backend needs a newer torch);
+- the block masks are built without torch.compile (the CPU attention reads only their mask_mod).
 """
 
 from __future__ import annotations
@@ -58,6 +59,16 @@ def apply() -> None:
 
         set_gradient_divide_factor._cpu_shim = True
         FSDPModule.set_gradient_divide_factor = set_gradient_divide_factor
+
+
+def _plain_block_masks() -> None:
+    """The CPU attention only reads the block mask's mask_mod: build it without torch.compile
+    (compiling create_block_mask cost ~10 s per run here)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from torchtitan.models.common import attention
+
+    attention._compiled_create_block_mask = create_block_mask
 
 
 def _flex_cpu_class():
@@ -110,6 +121,7 @@ if __name__ != "__main__":
     try:
         apply()  # before torchtitan modules read tools.utils.device_type at import
         cpu_attention = _register_cpu_attention()
+        _plain_block_masks()
     except ImportError:  # torchtitan not installed
         pass
 
