@@ -4,6 +4,8 @@ DeepSpeed resume path — and the marker never appears; old pickled-object check
 through the explicit trusted upgrade; `extra` must be JSON values; the token cache holds no pickles."""
 
 import datetime
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from default_moe import MoEConfig, MoELayer, checkpoint
+from default_moe import MoEConfig, MoELayer, checkpoint, manifest
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = dict(hidden_size=8, num_experts=4, ffn_hidden_size=16)
@@ -144,6 +146,14 @@ def test_main_job_resume_refuses_a_planted_pickle(tmp_path):
     victim = next(ckpt.glob("zero_pp_rank_1_*optim_states.pt"))
     shutil.copy(victim, tmp_path / "orig.pt")
     torch.save({"x": Payload(tmp_path / "marker")}, victim)
+    # The commit manifest already catches the swap (a file that does not match its checksum)...
+    assert "does not match its SHA-256" in manifest.verify(str(ckpt))
+    # ...so the attacker rewrites the manifest too: the trust check still refuses the file.
+    m = json.loads((ckpt / manifest.MANIFEST).read_text())
+    m["files"][victim.name] = {"size": victim.stat().st_size,
+                               "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()}
+    (ckpt / manifest.MANIFEST).write_text(json.dumps(m))
+    assert manifest.verify(str(ckpt)) is None
     again = subprocess.run(job[:-2] + ["--steps", "3", "--run-dir", str(tmp_path / "run"), "--resume"], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0

@@ -4,8 +4,8 @@
     default_moe.checkpoint.save(model, "ckpt.pt", extra={"step": 100})   # every rank calls it
     extra = default_moe.checkpoint.load(model, "ckpt.pt")                # at any ep_size
 
-The file is written by global rank 0 to a temporary name and renamed: a crash mid-save leaves the
-previous checkpoint intact. Loading checks that every MoE layer's config matches the checkpoint's
+The file is written by global rank 0 to a temporary name, fsynced and renamed (the folder fsynced
+too): a kill or crash at any instant leaves the previous file or the new one, whole. Loading checks that every MoE layer's config matches the checkpoint's
 (all fields but `ep_size`) and names the fields that differ.
 
 `convert_deepspeed` (CLI: `default-moe convert-deepspeed`) turns a DeepSpeed checkpoint written
@@ -37,7 +37,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from default_moe import comm
+from default_moe import comm, manifest
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
 
@@ -192,12 +192,16 @@ def check_extra(extra: Any) -> None:
 def _atomic_save(payload: Dict[str, Any], path: str) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it the checkpoint
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
     os.replace(tmp, path)  # atomic on POSIX: the old file stays valid until this point
+    manifest.fsync_dir(os.path.dirname(os.path.abspath(path)))  # the rename itself survives a crash
 
 
 def save(model: nn.Module, path: str, extra: Optional[Dict[str, Any]] = None) -> None:

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from default_moe import data as data_mod
+from default_moe import manifest
 from default_moe.integrations import deepspeed as dm_ds
 from default_moe.models.gpt import GPT, GPTConfig
 from default_moe.parallel import init_distributed_from_env
@@ -47,6 +48,9 @@ class RunConfig:
     eval_every: int = 50
     eval_batches: int = 8
     ckpt_every: int = 250
+    # Complete checkpoints kept in run_dir/ckpt (0: all; None: the DeepSpeed section's
+    # "checkpoint": {"keep_last"}); the newest complete one is never deleted.
+    keep_last: Optional[int] = None
     log_every: int = 10
     seed: int = 1234
     # Every collective fails after this long instead of hanging (a dead or diverged rank).
@@ -73,6 +77,8 @@ class RunConfig:
             raise ValueError(f"RunConfig.max_minutes (--max-minutes) must be > 0, got {self.max_minutes!r}")
         if not (self.dist_timeout_s > 0):
             raise ValueError(f"RunConfig.dist_timeout_s (--dist-timeout-s) must be > 0 seconds, got {self.dist_timeout_s!r}")
+        if self.keep_last is not None and (isinstance(self.keep_last, bool) or self.keep_last < 0):
+            raise ValueError(f"RunConfig.keep_last (--keep-last) must be an integer >= 0 (0 keeps all), got {self.keep_last!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"RunConfig.warmup_steps (--warmup-steps) must be >= 0, got {self.warmup_steps!r}")
 
@@ -89,7 +95,7 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
     """Run config file + command-line overrides -> (RunConfig, GPTConfig, DeepSpeed config dict, resume)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/gpt_tiny.json", help="run config JSON")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run_dir/ckpt")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in run_dir/ckpt")
     ap.add_argument("--auto-resume", action="store_true",
                     help="resume if run_dir/ckpt has a checkpoint, else start fresh (for torchrun --max-restarts)")
     # Passed by the `deepspeed` launcher; the rank comes from the environment it also sets.
@@ -142,13 +148,15 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
             # The distilled router embeds token ids; stage 2 from 10% of training (the paper's).
             gas = int(ds_config.get("gradient_accumulation_steps", 1))
             section["stablemoe"] = {"vocab_size": gpt.vocab_size, "stage2_step": max(1, run.steps // 10) * gas}
+        if run.keep_last is not None:
+            section["checkpoint"] = {**section.get("checkpoint", {}), "keep_last": run.keep_last}
         ds_config["default_moe"] = section
         dm_ds.DeepSpeedMoESection.from_ds_config(ds_config)  # fail early, before any process group
         if section.get("enabled", True):
-            dataclasses.replace(gpt.moe_config(), **{k: v for k, v in section.items() if k != "enabled"})
+            dataclasses.replace(gpt.moe_config(), **{k: v for k, v in section.items() if k not in ("enabled", "checkpoint")})
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as e:
         ap.error(str(e))
-    resume = args.resume or (args.auto_resume and (Path(run.run_dir) / "ckpt" / "latest").exists())
+    resume = args.resume or (args.auto_resume and manifest.has_checkpoint(str(Path(run.run_dir) / "ckpt")))
     return run, gpt, ds_config, resume
 
 
@@ -326,9 +334,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     history: Dict[str, list] = {"train": [], "val": [], "step_time": [], "load": [], "rank_load": []}
     start_step = 0
     if resume:
-        if not (ckpt_dir / "latest").exists():
-            raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        _, client = engine.load_checkpoint(str(ckpt_dir))
+        # The newest complete checkpoint (torn saves skipped with a warning naming them).
+        load_path, client = engine.load_checkpoint(str(ckpt_dir))
+        if load_path is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir}")
         start_step, history = client["step"], client["history"]
 
     writer = SummaryWriter(str(run_dir / "tb")) if rank == 0 else None

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from default_moe.config import LEGACY_FIELDS, MoEConfig, check_overrides
+from default_moe import manifest
 from default_moe.defaults import commit_defaults
 from default_moe.step_state import step_states_in
 from default_moe.checkpoint import (  # noqa: F401 (EXPERT_FILE, DEFAULTS_FILE: re-exported)
@@ -55,6 +56,8 @@ class DeepSpeedMoESection:
 
     enabled: bool = False
     overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    # "checkpoint": {"keep_last": N}: complete checkpoints kept by save_checkpoint (0: all).
+    keep_last: int = 0
 
     @classmethod
     def from_ds_config(cls, ds_config: Optional[Dict[str, Any]]) -> "DeepSpeedMoESection":
@@ -63,19 +66,27 @@ class DeepSpeedMoESection:
             return cls(enabled=False)
         if not isinstance(section, dict):
             raise ValueError(f'DeepSpeed config "{SECTION}" must be an object, got {type(section).__name__}')
-        allowed = ("enabled",) + SECTION_FIELDS + tuple(LEGACY_FIELDS)  # removed fields: warned, ignored
+        allowed = ("enabled", "checkpoint") + SECTION_FIELDS + tuple(LEGACY_FIELDS)  # removed fields: warned, ignored
         unknown = sorted(set(section) - set(allowed))
         if unknown:
             raise ValueError(f'unknown key(s) {unknown} in DeepSpeed config "{SECTION}"; allowed keys: {list(allowed)}')
         enabled = section.get("enabled", True)
         if not isinstance(enabled, bool):
             raise ValueError(f'DeepSpeed config "{SECTION}.enabled" must be true or false, got {enabled!r}')
-        overrides = {k: v for k, v in section.items() if k != "enabled"}
+        ckpt = section.get("checkpoint", {})
+        if not isinstance(ckpt, dict) or set(ckpt) - {"keep_last"}:
+            raise ValueError(f'DeepSpeed config "{SECTION}.checkpoint" must be an object with the key "keep_last" '
+                             f'only, got {ckpt!r}')
+        keep_last = ckpt.get("keep_last", 0)
+        if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
+            raise ValueError(f'DeepSpeed config "{SECTION}.checkpoint.keep_last" must be an integer >= 0 '
+                             f'(0 keeps every checkpoint), got {keep_last!r}')
+        overrides = {k: v for k, v in section.items() if k not in ("enabled", "checkpoint")}
         try:
             check_overrides(overrides)  # sizes come from the model; this names bad fields early
         except ValueError as e:
             raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
-        return cls(enabled=enabled, overrides=overrides)
+        return cls(enabled=enabled, overrides=overrides, keep_last=keep_last)
 
     def config_for(self, layer_config: MoEConfig) -> MoEConfig:
         try:
@@ -355,6 +366,42 @@ def _install_engine_hooks(engine) -> None:
     engine.load_checkpoint = load_checkpoint
 
 
+def _install_commit_protocol(engine, keep_last: int) -> None:
+    """The outermost checkpoint hooks: saves are committed (`default_moe.manifest`: every rank's
+    files, a barrier, the manifest, then `latest`; DeepSpeed is asked not to write `latest` itself,
+    since it would point at the tag before our files exist), and a load without a tag takes the
+    newest complete checkpoint, a named torn one refused. Universal checkpoints (made offline by
+    DeepSpeed's converter, no manifest) are loaded from `latest_universal` as DeepSpeed does."""
+    save, load = engine.save_checkpoint, engine.load_checkpoint
+
+    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
+        tag = tag if tag is not None else f"global_step{engine.global_steps}"
+        if dist.get_rank() == 0:
+            os.makedirs(save_dir, exist_ok=True)
+        out = save(save_dir, tag=tag, client_state=client_state, save_latest=False, **kw)
+        layout = {"world_size": dist.get_world_size(), "ep_size": _ep_size_of(engine.module),
+                  "zero_stage": engine.zero_optimization_stage()}
+        manifest.commit(save_dir, str(tag), step=engine.global_steps, layout=layout, keep_last=keep_last,
+                        save_latest=save_latest)
+        return out
+
+    def load_checkpoint(load_dir, tag=None, **kw):
+        if bool(getattr(engine, "load_universal_checkpoint", lambda: False)()):
+            return load(load_dir, tag=tag, **kw)
+        tag = manifest.resolve_tag(load_dir, tag)
+        if tag is None:
+            return None, None  # DeepSpeed's answer for a folder without a checkpoint
+        return load(load_dir, tag=tag, **kw)
+
+    engine.save_checkpoint = save_checkpoint
+    engine.load_checkpoint = load_checkpoint
+
+
+def _ep_size_of(model) -> int:
+    layers = _moe_layers(model)
+    return layers[0][1].config.ep_size if layers else 1
+
+
 def initialize(args=None, model=None, optimizer=None, model_parameters=None, *rest, **kwargs):
     """Drop-in for `deepspeed.initialize` (same arguments, same return value) honouring the
     `"default_moe"` section of the DeepSpeed config."""
@@ -437,6 +484,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
     if layers:
         _install_engine_hooks(result[0])
     _install_common_hooks(result[0])
+    _install_commit_protocol(result[0], section.keep_last)
     return result
 
 
@@ -467,6 +515,7 @@ def _initialize_hf(original, section, args, model, optimizer, model_parameters, 
     finally:
         _INSIDE_OURS[0] -= 1
     _install_common_hooks(result[0])
+    _install_commit_protocol(result[0], section.keep_last)
     return result
 
 
