@@ -59,7 +59,11 @@ def _saving(ckpt: Path, since: float):
         tags = [p for p in ckpt.iterdir() if p.is_dir() and re.fullmatch(r"step\d+", p.name)]
     except FileNotFoundError:
         return None
-    torn = [p for p in tags if not (p / MANIFEST).exists() and _newest_mtime(p) > since]
+    complete = [int(p.name[4:]) for p in tags if (p / MANIFEST).exists()]
+    # A save in progress is newer than every complete checkpoint (older torn folders are leftovers,
+    # touched only when retention deletes them).
+    torn = [p for p in tags if not (p / MANIFEST).exists() and _newest_mtime(p) > since
+            and int(p.name[4:]) > max(complete, default=0)]
     return max(torn, key=lambda p: int(p.name[4:])).name if torn else None
 
 

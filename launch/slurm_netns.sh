@@ -5,7 +5,11 @@
 # key, sockets, spool, logs) lives in DIR; nothing is written elsewhere.
 #   bash launch/slurm_netns.sh up DIR           # start it; waits until both nodes are idle
 #   bash launch/slurm_netns.sh run DIR CMD...   # a client command (sbatch, squeue, scontrol) on node A
+#   bash launch/slurm_netns.sh lose DIR B       # node B lost: SIGKILL every process in its namespace
+#   bash launch/slurm_netns.sh node-up DIR B    # node B back: its slurmd restarted
 #   bash launch/slurm_netns.sh down DIR         # stop every daemon, delete the namespaces (always safe)
+# SlurmdTimeout=6 and cred_expire=10 (the delay before a requeued job starts again) keep a node-loss
+# test short; a real cluster's values are minutes.
 # DM_NETNS_PREFIX (default dm) names the namespaces and nodes (<prefix>A/B, <prefix>nodeA/B).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -22,7 +26,7 @@ SlurmctldHost=$(hostname -s)(10.77.0.1)
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
-AuthInfo=socket=$DIR/munge.socket
+AuthInfo=socket=$DIR/munge.socket,cred_expire=10
 CredType=cred/munge
 StateSaveLocation=$DIR/ctld
 SlurmdSpoolDir=$DIR/slurmd.%n
@@ -41,6 +45,8 @@ MpiDefault=none
 ReturnToService=2
 MinJobAge=3600
 KillWait=5
+SlurmdTimeout=6
+JobRequeue=1
 NodeName=${PREFIX}nodeA NodeAddr=10.77.0.1 CPUs=2 State=UNKNOWN
 NodeName=${PREFIX}nodeB NodeAddr=10.77.0.2 CPUs=2 State=UNKNOWN
 PartitionName=debug Nodes=${PREFIX}nodeA,${PREFIX}nodeB Default=YES MaxTime=INFINITE State=UP
@@ -90,6 +96,15 @@ case "$cmd" in
   run)
     in_node A "$@"
     ;;
+  lose)
+    node="${1:?usage: $0 lose DIR A|B}"
+    pids="$(ip netns pids "${PREFIX}$node" || true)"
+    [ -n "$pids" ] && kill -9 $pids 2>/dev/null || true
+    ;;
+  node-up)
+    node="${1:?usage: $0 node-up DIR A|B}"
+    slurmd_in "$node"
+    ;;
   down)
     for f in "$DIR"/slurmd.*.pid "$DIR/slurmctld.pid" "$DIR/munged.pid"; do
       [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true
@@ -102,7 +117,7 @@ case "$cmd" in
     bash "$NETNS" down
     ;;
   *)
-    echo "usage: $0 up|run|down DIR [CMD...]" >&2
+    echo "usage: $0 up|run|lose|node-up|down DIR [CMD...]" >&2
     exit 2
     ;;
 esac

@@ -65,10 +65,9 @@ def test_checkpoint_errors_and_atomic_write(tmp_path, monkeypatch):
     # A crash while writing (half a file written, then an error) leaves the previous file intact.
     real_save = torch.save
 
-    def crashing_save(obj, f):
+    def crashing_save(obj, f):  # part of the file written, then the process fails
         real_save(obj, f)
-        with open(f, "r+b") as fh:
-            fh.truncate(100)
+        f.truncate(100)
         raise RuntimeError("crash mid-save")
 
     monkeypatch.setattr(checkpoint.torch, "save", crashing_save)

@@ -151,6 +151,54 @@ def test_slurm_sbatch_two_nodes_and_a_killed_rank(tmp_path, single_node):
     assert not netns.left_behind(prefix)
 
 
+def _manifest_complete(ckpt: Path, tag: str) -> bool:
+    return (ckpt / tag / "default_moe_manifest.json").exists()
+
+
+def test_slurm_node_loss_requeues_and_resumes(tmp_path, single_node):
+    """Node B lost mid-job (every process in its namespace SIGKILLed, slurmd included): SLURM
+    fails the job (NODE_FAIL) and requeues it (`#SBATCH --requeue`); once B is back the script
+    runs again and resumes from the newest complete checkpoint with the uninterrupted losses."""
+    prefix = f"dl{os.getpid() % 10000}"
+    env = netns.env(prefix)
+    state = Path(tempfile.mkdtemp(prefix="dml", dir="/tmp"))
+    run_dir = tmp_path / "lost"
+    try:
+        subprocess.run(["bash", SLURM, "up", str(state)], env=env, check=True, timeout=120)
+        cmd = ["bash", SLURM, "run", str(state), "env", f"GLOO_SOCKET_IFNAME={prefix}eth", "NPROC_PER_NODE=2",
+               f"VENV={Path(sys.executable).parents[1]}", "MASTER_PORT=29593", "sbatch", "--parsable", "--nodes", "2",
+               "--output", str(tmp_path / "lost-%j.out"), "launch/slurm.sbatch", *JOB, "--run-dir", str(run_dir)]
+        job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True,
+                             timeout=30).stdout.strip().split(";")[0]
+        t0 = time.time()
+        while time.time() - t0 < 240 and not _manifest_complete(run_dir / "ckpt", "step3"):
+            time.sleep(0.2)
+        assert _manifest_complete(run_dir / "ckpt", "step3"), "no step-3 checkpoint"
+        subprocess.run(["bash", SLURM, "lose", str(state), "B"], env=env, check=True, timeout=30)
+        lost_at = time.time()
+        # SLURM notices (SlurmdTimeout), fails and requeues the job; then the node comes back.
+        requeued = False
+        while time.time() - lost_at < 120 and not requeued:
+            out = subprocess.run(["bash", SLURM, "run", str(state), "scontrol", "show", "job", job], env=env,
+                                 capture_output=True, text=True, timeout=30).stdout
+            requeued = "Restarts=1" in out or "JobState=PENDING" in out or "REQUEUE" in out
+            time.sleep(1)
+        assert requeued, out
+        subprocess.run(["bash", SLURM, "node-up", str(state), "B"], env=env, check=True, timeout=60)
+        final = _wait_job(state, env, job, timeout=300)
+        out = "".join(f.read_text() for f in tmp_path.glob("lost-*.out"))
+        logs = "".join(f"\n--- {f.name}\n" + f.read_text()[-1500:] for f in sorted(state.glob("*.log")))
+        assert final == "COMPLETED", f"{final}\n{out[-4000:]}{logs}"
+        assert "(start 1)" in out and "resumed at step" in out, out[-3000:]
+        hist = _history(run_dir)
+        assert hist["train"] == single_node["train"] and hist["val"] == single_node["val"]
+        print(f"[slurm] node lost at step >= 3, requeued, resumed and finished in {time.time() - lost_at:.1f} s")
+    finally:
+        subprocess.run(["bash", SLURM, "down", str(state)], env=env, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+    assert not netns.left_behind(prefix)
+
+
 def test_deepspeed_hostfile_runner_over_ssh(tmp_path, single_node):
     """`HOSTFILE=... launch/deepspeed_launch.sh` from node A: DeepSpeed's runner reaches both nodes
     with pdsh over ssh (a key made for the test), GLOO_SOCKET_IFNAME travels in the

@@ -335,7 +335,7 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     Args:
         ckpt_dir: the directory given to `engine.save_checkpoint`.
         out_path: the resharding checkpoint to write (atomically).
-        tag: the checkpoint tag (default: the one in `ckpt_dir/latest`).
+        tag: the checkpoint tag (default: the newest complete checkpoint, `manifest.resolve_tag`).
         trust_pickle: skip the check of DeepSpeed's module file (`check_deepspeed_files`) for a
             file you trust that holds other objects (e.g. client state with your own classes).
 
@@ -344,10 +344,11 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     """
     import re
 
+    # The named tag if complete (a torn one is refused), else the newest complete checkpoint.
+    tag = manifest.resolve_tag(ckpt_dir, tag)
     if tag is None:
-        tag = latest_tag(ckpt_dir)
-        if tag is None:
-            raise FileNotFoundError(f"{ckpt_dir} has no 'latest' file: pass the checkpoint tag explicitly")
+        raise FileNotFoundError(f"{ckpt_dir} has no complete checkpoint (nor a 'latest' file): pass the checkpoint "
+                                "tag explicitly")
     tag_dir = os.path.join(ckpt_dir, str(tag))
     module_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.exists(module_file):

@@ -17,8 +17,8 @@ does not exist for resume: `resolve_tag` picks the newest complete checkpoint an
 newer one it skipped and why; a tag named explicitly that is torn is refused. A kill at any instant
 therefore costs at most the steps since the last complete checkpoint.
 
-Folders written before the protocol (no manifest in any tag) are resumed from `latest` as before,
-with a warning that they cannot be verified.
+Folders written before the protocol or by DeepSpeed alone (no manifest in any tag) are loaded from
+`latest` (or the named tag) as before, with a warning that they cannot be verified.
 """
 
 from __future__ import annotations
@@ -189,9 +189,8 @@ def _tags_newest_first(ckpt_dir: str) -> List[str]:
 
 
 def _legacy(ckpt_dir: str) -> bool:
-    """Written before the protocol: a `latest` pointer and no manifest in any tag folder."""
-    return os.path.exists(os.path.join(ckpt_dir, POINTER)) and not any(
-        os.path.exists(os.path.join(ckpt_dir, t, MANIFEST)) for t in _tags_newest_first(ckpt_dir))
+    """Written before the protocol (or by DeepSpeed alone): no manifest in any tag folder."""
+    return not any(os.path.exists(os.path.join(ckpt_dir, t, MANIFEST)) for t in _tags_newest_first(ckpt_dir))
 
 
 def _pointer(ckpt_dir: str) -> Optional[str]:
@@ -216,13 +215,17 @@ def newest_complete(ckpt_dir: str, hashes: bool = True) -> Tuple[Optional[str], 
 def has_checkpoint(ckpt_dir: str) -> bool:
     """Whether a resume from `ckpt_dir` finds something (cheap: sizes only; `resolve_tag` checks
     the hashes)."""
-    return _legacy(ckpt_dir) or newest_complete(ckpt_dir, hashes=False)[0] is not None
+    if _legacy(ckpt_dir):
+        return _pointer(ckpt_dir) is not None
+    return newest_complete(ckpt_dir, hashes=False)[0] is not None
 
 
 def _resolve_here(ckpt_dir: str, tag: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
     """(tag, warning) on this process; raises for a torn explicit tag."""
     if _legacy(ckpt_dir):
         named = str(tag) if tag is not None else _pointer(ckpt_dir)
+        if named is None:
+            return None, None
         return named, (f"checkpoint folder {ckpt_dir} was written before default-moe's commit protocol (no "
                        f"manifest): resuming from {named!r} without verifying it")
     if tag is not None:

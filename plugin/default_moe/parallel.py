@@ -118,7 +118,26 @@ def init_distributed_from_env(timeout_s: float = 600.0) -> "tuple[int, int, torc
     else:
         dist.init_process_group(backend=backend, timeout=timeout, store=_elastic_store(restart, timeout),
                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    import atexit
+
+    atexit.register(_destroy_at_exit)
     return dist.get_rank(), dist.get_world_size(), device
+
+
+def _destroy_at_exit() -> None:
+    """Process groups still alive at interpreter exit (an exception, a script that never calls
+    destroy_process_group) are destroyed while Python is whole: left to finalisation, gloo's worker
+    threads release tensors after the interpreter is gone and the process aborts ("terminate
+    called without an active exception"), which torchrun counts as a failure and restarts for
+    nothing. Local to this process (gloo's destroy runs no collective), so it cannot hang."""
+    import gc
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - best effort at exit
+            pass
+    gc.collect()
 
 
 def _elastic_store(restart: str, timeout) -> "dist.Store":
