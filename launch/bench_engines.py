@@ -337,7 +337,7 @@ def report(paths: list, out_dir: str) -> None:
         if ours is None:
             continue
 
-        def vs(name, inverse=False):
+        def vs(name, inverse=False, by=by, ours=ours):
             if name not in by:
                 return "-"
             return f"{(ours['ms'] / by[name]['ms']) if inverse else (by[name]['ms'] / ours['ms']):.2f}"

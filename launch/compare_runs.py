@@ -40,7 +40,7 @@ def main(argv=None) -> None:
         diffs = [by_seed[s]["final_val_loss"] - runs[args.baseline][s]["final_val_loss"] for s in args.seeds]
         zeroed = [by_seed[s].get("final_val_loss_without_defaults") for s in args.seeds]
         curve = []
-        for i, step in enumerate(steps):
+        for step in steps:
             d = [dict(by_seed[s]["history"]["val"])[step] - dict(runs[args.baseline][s]["history"]["val"])[step]
                  for s in args.seeds]
             curve.append(statistics.mean(d))

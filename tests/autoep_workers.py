@@ -57,9 +57,9 @@ def train(engine, steps, first=0):
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
-        l = loss.detach().clone()
-        dist.all_reduce(l)
-        out.append(l.item() / dist.get_world_size())
+        mean = loss.detach().clone()
+        dist.all_reduce(mean)
+        out.append(mean.item() / dist.get_world_size())
     return out
 
 
@@ -180,23 +180,23 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
         m = mixtral()
         e, *_ = dm_ds.initialize(model=m, config=config(stage, section))
         layers = moe_layers(m)
-        assert len(layers) == 2 and all(l.defaults.defaults_ED.shape == (E, H) for l in layers)
+        assert len(layers) == 2 and all(lyr.defaults.defaults_ED.shape == (E, H) for lyr in layers)
         losses = train(e, 3)
         assert all(torch.isfinite(torch.tensor(losses))) and losses != base, (losses, base)
-        for l in layers:
-            Dm = l.defaults.defaults_ED
+        for lyr in layers:
+            Dm = lyr.defaults.defaults_ED
             got = [torch.empty_like(Dm) for _ in range(world)]
             dist.all_gather(got, Dm)
             assert Dm.abs().sum() > 0 and all(torch.equal(g, Dm) for g in got)
         if stage == 1:
             dense_check(e, rank, world, beta=0.8)
             e.save_checkpoint(f"{tmpdir}/autoep")
-            saved = [l.defaults.defaults_ED.clone() for l in layers]
+            saved = [lyr.defaults.defaults_ED.clone() for lyr in layers]
             cont = train(e, 2, first=3)
             m2 = mixtral(seed=4)
             e2, *_ = dm_ds.initialize(model=m2, config=config(1, section))
             e2.load_checkpoint(f"{tmpdir}/autoep")
-            assert all(torch.equal(l.defaults.defaults_ED, s) for l, s in zip(moe_layers(m2), saved))
+            assert all(torch.equal(lyr.defaults.defaults_ED, s) for lyr, s in zip(moe_layers(m2), saved))
             resumed = train(e2, 2, first=3)
             assert all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(resumed, cont)), (resumed, cont)
 

@@ -75,8 +75,9 @@ def check_way(rank: int, world: int, ep: int, way: str, gas: int = 1, no_sync: b
         res = reference_moe(x.double(), wd, top_k=2, use_defaults=True, defaults_ED=D_prev, beta=0.5)
         ((res.out_TD * g_out.double()).sum() / world).backward()
         tag = f"{way} ep{ep} world{world} gas{gas}{' no_sync' if no_sync else ''} step {step}"
-        close = lambda a, b, what: torch.testing.assert_close(  # noqa: E731
-            a.double(), b.double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{tag} {what}: {m}")
+        def close(a, b, what, tag=tag):
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5,
+                                       msg=lambda m: f"{tag} {what}: {m}")
         close(_full(layer.router.weight.grad), wd.router_ED.grad, "router grad")
         w13 = _full(layer.experts.w13_LD2F.grad)
         local = {"w1": w13[..., :F_], "w3": w13[..., F_:], "w2": _full(layer.experts.w2_LFD.grad)}

@@ -65,9 +65,9 @@ def train_engine(engine, steps: int, gas: int, first_step: int = 0) -> List[floa
             loss = engine(x, y)
             engine.backward(loss)
             engine.step()
-            l = loss.detach().clone()
-            dist.all_reduce(l)
-            losses.append(l.item() / dist.get_world_size())
+            mean = loss.detach().clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / dist.get_world_size())
     return losses
 
 

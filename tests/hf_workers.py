@@ -149,7 +149,7 @@ def ddp_checks(rank, world, tmpdir):
         plain, conv = tiny(kind), hf.convert(tiny(kind), router="default")
         plain.train(), conv.train()
         torch.testing.assert_close(conv(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"{kind} converted at D=0: {m}")
+                                   msg=lambda m, kind=kind: f"{kind} converted at D=0: {m}")
         model = hf.convert(tiny(kind), router="default", beta=0.9)
         ddp, losses = train_ddp(model, rank, steps=3, gas=2)
         same_on_ranks(model, f"{kind} DDP")
@@ -220,7 +220,7 @@ def loops_as_users_run_them(rank) -> None:
                 model.generate(batch(rank, 50 + step)[:1, :3], max_new_tokens=4 + 3 * rank, do_sample=False,
                                pad_token_id=0)
             skipped = batch(rank, 60 + step)
-            model(skipped, labels=skipped).loss  # non-finite loss, say: no backward
+            _ = model(skipped, labels=skipped).loss  # non-finite loss, say: no backward
             a, b = batch(rank, 70 + step), batch(rank, 80 + step)
             (model(a, labels=a).loss + model(b, labels=b).loss).backward()
             out.append(_grads(model))
@@ -233,7 +233,7 @@ def loops_as_users_run_them(rank) -> None:
         grads, D = results[mode]
         for step, (a, b) in enumerate(zip(ref_grads, grads)):
             for n in a:
-                torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m: f"{mode} step {step} {n}: {m}")
+                torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m, mode=mode, step=step, n=n: f"{mode} step {step} {n}: {m}")
         for a, b in zip(ref_D, D):
             assert torch.equal(a, b), mode
 
@@ -252,7 +252,7 @@ def padding_is_masked(rank) -> None:
     for (name, a), (_, b) in zip(hf.moe_blocks(padded), hf.moe_blocks(alone)):
         assert a.defaults.defaults_ED.abs().sum() > 0
         torch.testing.assert_close(a.defaults.defaults_ED, b.defaults.defaults_ED, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m: f"padded vs real tokens, {name}: {m}")
+                                   msg=lambda m, name=name: f"padded vs real tokens, {name}: {m}")
 
 
 def deepspeed_checks(rank, world, tmpdir):
@@ -285,7 +285,7 @@ def deepspeed_checks(rank, world, tmpdir):
                     reference(ids, labels=ids).loss.backward()
                     for (name, b), (_, r) in zip(hf.moe_blocks(engine.module), hf.moe_blocks(reference)):
                         torch.testing.assert_close(b.defaults.stats_ED1, r.defaults.stats_ED1, rtol=1e-5, atol=1e-5,
-                                                   msg=lambda m: f"ZeRO-{stage} {name}: {m}")
+                                                   msg=lambda m, stage=stage, name=name: f"ZeRO-{stage} {name}: {m}")
                 engine.step()
                 losses.append(float(loss))
         same_on_ranks(engine.module, f"ZeRO-{stage}")

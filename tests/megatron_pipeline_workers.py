@@ -6,7 +6,6 @@ those of a run without it."""
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 import megatron_cpu
 

@@ -322,9 +322,9 @@ def train_gpt(rank, world, tmpdir):
             res = fb(forward_step_func=step_fn, data_iterator=iter([None]), model=[ddp_model], num_microbatches=1,
                      seq_length=16, micro_batch_size=2, forward_only=False)
             optimizer.step()
-            l = res[0]["loss"].clone()
-            dist.all_reduce(l)
-            losses.append(l.item() / world)
+            mean = res[0]["loss"].clone()
+            dist.all_reduce(mean)
+            losses.append(mean.item() / world)
         return losses
 
     losses = run_steps(ddp, opt, 8)
@@ -339,7 +339,7 @@ def train_gpt(rank, world, tmpdir):
     assert len(keys) == 2, [k for k in sd if "default" in k]
     dist_checkpointing.save(sd, tmpdir)
     torch.save(opt.state_dict(), f"{tmpdir}/optim_rank{rank}.pt")
-    saved = [l.defaults.defaults_ED.clone() for l in moe_layers]
+    saved = [lyr.defaults.defaults_ED.clone() for lyr in moe_layers]
     uninterrupted = run_steps(ddp, opt, 3)
 
     # Resume: a fresh model (other seed) + optimizer, loaded, continues with identical losses.
@@ -384,14 +384,14 @@ def token_routers(rank, world):
                          max_sequence_length=16)
         dm.capture_token_ids(model)
         layers = [m for m in model.modules() if isinstance(m, dm.DefaultMoELayer)]
-        assert all(isinstance(l.router, dm.TokenIdTopKRouter) for l in layers)
+        assert all(isinstance(lyr.router, dm.TokenIdTopKRouter) for lyr in layers)
         for step in range(3):
             out = model(tokens, pos, None, labels=torch.roll(tokens, -1, 1))
             out.float().mean().backward()
             assert torch.isfinite(out).all()
             if router == "hash":
                 want = torch.zeros(32, E, dtype=torch.bool).scatter(1, hash_experts(tokens.t().reshape(-1), E, 2), True)
-                assert all(torch.equal(l.router.routing_map, want) for l in layers)
+                assert all(torch.equal(lyr.router.routing_map, want) for lyr in layers)
             else:
                 r = layers[0].router
                 assert int(r.num_steps) == step + 1
@@ -424,7 +424,9 @@ def recompute_check(rank, world):
         outs = []
         for _ in range(3):
             x = torch.randn(6, 2, H, generator=g, requires_grad=True)
-            run = (lambda t: layer(t)[0])
+            def run(t, layer=layer):
+                return layer(t)[0]
+
             out = torch.utils.checkpoint.checkpoint(run, x, use_reentrant=True) if recompute else run(x)
             outs.append((x, out, torch.randn(6, 2, H, generator=g)))
         got = []

@@ -135,7 +135,7 @@ def test_bad_checkpoints_and_cli(saved):
         (["check-config", str(tmp / "ds.json"), "--section", "missing"], "has no 'missing' section"),
         (["check-config", str(tmp / "nope.json")], "cannot read"),
         (["checkpoint-info", str(tmp / "ds.json")], "not readable"),
-        (["convert-deepspeed", str(tmp), str(tmp / "out.pt")], "has no 'latest' file"),
+        (["convert-deepspeed", str(tmp), str(tmp / "out.pt")], "has no complete checkpoint (nor a 'latest' file)"),
         (["convert-deepspeed", str(tmp), str(tmp / "out.pt"), "--tag", "step9"], "not a DeepSpeed checkpoint"),
         (["convert-deepspeed", str(tmp), good], "exists; pass --force"),
     ]:

@@ -145,7 +145,7 @@ def test_recompute_on_a_backward_worker_thread_routes_identically(router):
         loss = model(ids).square().sum()
         errors = []
 
-        def backward():
+        def backward(loss=loss, errors=errors):
             try:
                 loss.backward()
             except Exception as e:  # noqa: BLE001 - re-raised in the test thread

@@ -25,7 +25,6 @@ def test_hf_deepspeed_section_zero2_zero3(tmp_path):
 
 
 def test_hf_refusals():
-    import transformers as tr
 
     from default_moe.integrations import hf
     import hf_workers

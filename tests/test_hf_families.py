@@ -78,9 +78,9 @@ def build(name, seed=0):
     with torch.no_grad():  # routers that start at zero would tie every selection
         for _, block in hf.moe_blocks(model):
             router = hf._router_of(block)
-            for pname, p in router.named_parameters():
+            for _, p in router.named_parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() == 2 else 0.2))
-            for bname, b in router.named_buffers():  # selection-only biases (e_score_correction_bias)
+            for _, b in router.named_buffers():  # selection-only biases (e_score_correction_bias)
                 if b.is_floating_point():
                     b.copy_(torch.randn(b.shape, generator=g) * 0.1)
     return model

@@ -69,7 +69,7 @@ def assert_same(ref, got):
     for i, (a, b) in enumerate(zip(ref, got)):
         assert a.keys() == b.keys()
         for n in a:
-            torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m: f"backward {i} {n}: {m}")
+            torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m, i=i, n=n: f"backward {i} {n}: {m}")
 
 
 STABLEMOE_KNOWN_WRONG = {("sum", (), "reentrant"), ("sum", (), "non_reentrant"), ("1f1b", (1,), "reentrant")}
@@ -338,7 +338,7 @@ def test_a_wrapping_optimizer_commits_once_per_step():
                 o.step()
 
     opt = Container(params)
-    for step in range(3):
+    for _ in range(3):
         layer(torch.randn(T, D)).sum().backward()
         opt.step()
     assert layer.defaults.num_updates == 3 and layer.defaults.pending == 0

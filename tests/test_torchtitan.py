@@ -88,7 +88,7 @@ def test_torchtitan_override_fsdp_ep_checkpointing_and_resume(assets, tmp_path):
     # checkpoint at step 2: trains, D identical on both ranks, the EMA equals float64.
     ckpt = ["--checkpoint.enable", "--checkpoint.interval", "2"]
     fsdp = run(assets, tmp_path / "fsdp", *TINY, *ckpt, check_ema=True, overrides=[default(beta=0.5)])
-    assert all(torch.isfinite(torch.tensor([l for _, l, _ in fsdp[0]["steps"]])))
+    assert all(torch.isfinite(torch.tensor([loss for _, loss, _ in fsdp[0]["steps"]])))
     assert fsdp[0]["steps"][0] == stock[0]["steps"][0]  # step 1 at D = 0: torchtitan's (renormalised gate)
     assert fsdp[0]["steps"] != stock[0]["steps"]
     assert fsdp[0]["types"] == ["DefaultMoE", "DefaultMoE"]
@@ -130,7 +130,7 @@ def test_torchtitan_stock_deepseek_v3_debugmodel_ep2(assets, tmp_path):
              "--training.seq-len", "64", "--training.local-batch-size", "2", "--training.steps", "3",
              "--parallelism.expert-parallel-degree", "2", "--training.disable-cuda-graphs"]
     mine = run(assets, tmp_path / "dsv3", *flags, overrides=[default()], timeout=600)
-    assert all(torch.isfinite(torch.tensor([l for _, l, _ in mine[0]["steps"]])))
+    assert all(torch.isfinite(torch.tensor([loss for _, loss, _ in mine[0]["steps"]])))
     same_d_on_ranks(mine)
     assert set(mine[0]["types"]) == {"DefaultMoE"}
 

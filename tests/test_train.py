@@ -79,7 +79,7 @@ def test_main_job_smoke_and_resume(tmp_path):
     out = _train(tmp_path, "--steps", "4")
     assert "router=default ep_size=2" in out and "---- summary ----" in out
     m = json.loads((tmp_path / "metrics.json").read_text())
-    assert len(m["history"]["train"]) == 4 and all(np.isfinite(l) for _, l in m["history"]["train"])
+    assert len(m["history"]["train"]) == 4 and all(np.isfinite(loss) for _, loss in m["history"]["train"])
     assert (tmp_path / "loss.png").stat().st_size > 10_000
     assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
     assert (tmp_path / "ckpt" / "step4" / "default_moe_experts_ep2_rank1.pt").exists()

@@ -216,7 +216,7 @@ def router_equivalence(rank: int, world: int) -> None:
         layer.router.load_state_dict(ref.router.state_dict())
         ids_local = list(layer.local_expert_ids)
         with torch.no_grad():
-            for (n, p), (_, q) in zip(layer.experts.named_parameters(), ref.experts.named_parameters()):
+            for (_, p), (_, q) in zip(layer.experts.named_parameters(), ref.experts.named_parameters()):
                 p.copy_(q[ids_local])
         for step in range(2):
             x, g = _global_batch(step, sum(chunks), skew=False)
@@ -245,7 +245,7 @@ def router_equivalence(rank: int, world: int) -> None:
                 dist.all_reduce(grad)
                 refg = dict(ref.router.named_parameters())[n].grad
                 _close(grad, refg if refg is not None else torch.zeros_like(grad), f"router {n} grad", rank, tag)
-            for (n, p), (_, q) in zip(layer.experts.named_parameters(), ref.experts.named_parameters()):
+            for (_, p), (_, q) in zip(layer.experts.named_parameters(), ref.experts.named_parameters()):
                 _close(p.grad, q.grad[ids_local], f"expert {n} grad", rank, tag)
         if router == "stablemoe":
             assert layer.router.stage == 2 and int(layer.router.num_steps) == int(ref.router.num_steps) == 2

@@ -120,7 +120,9 @@ class AllToAllDispatcher:
         order_S = torch.argsort(expert_S, stable=True)
 
         if P == 1:
-            counts = counts_E.tolist()  # the one host sync
+            # The one host sync, and under torch.compile the layer's one graph break: the experts'
+            # split sizes (the loop backend's torch.split; the slot cut when capacity drops).
+            counts = counts_E.tolist()
             slot_order = order_S[: sum(counts)]
             x_ND = x_TD.index_select(0, torch.div(slot_order, K, rounding_mode="floor"))
             n = x_ND.shape[0]
@@ -128,7 +130,8 @@ class AllToAllDispatcher:
 
         recv_counts_E = torch.empty_like(counts_E)
         comm.all_to_all_single(recv_counts_E, counts_E, None, None, self.ep_group)
-        # The one host sync: local and received counts in one transfer; every split derives from it.
+        # The one host sync (a graph break under torch.compile: the all-to-all takes host split
+        # sizes): local and received counts in one transfer; every split derives from it.
         both = torch.cat([counts_E, recv_counts_E]).tolist()
         sent_PL = [both[p * L : (p + 1) * L] for p in range(P)]
         recv_PL = [both[E + p * L : E + (p + 1) * L] for p in range(P)]

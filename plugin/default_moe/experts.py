@@ -150,9 +150,9 @@ class GroupedExperts(nn.Module):
         for p in self.parameters():
             if p.is_meta:
                 continue
-            for l in range(p.shape[0]):
-                g = torch.Generator().manual_seed((seed + 1_000_003 * (first_expert + l)) % 2**63)
-                p[l].copy_(torch.randn(p.shape[1:], generator=g, dtype=torch.float32) * std)
+            for i in range(p.shape[0]):
+                g = torch.Generator().manual_seed((seed + 1_000_003 * (first_expert + i)) % 2**63)
+                p[i].copy_(torch.randn(p.shape[1:], generator=g, dtype=torch.float32) * std)
             seed += 7  # the parameters of one expert differ from each other
 
     @staticmethod

@@ -108,8 +108,10 @@ class MoELayer(nn.Module):
             self.defaults = ExpertDefaults.from_config(config)
         self._bind_step_state()
         # Named in errors (non-finite values); models set it, e.g. "layers.3.moe".
-        self.layer_name = ""
-        self.num_training_forwards = 0
+        self._layer_name = ""
+        # A device counter, not a Python int: an int attribute changed in forward is a guard that
+        # recompiles a torch.compile'd layer on every call.
+        self.register_buffer("training_forwards", torch.zeros((), dtype=torch.long), persistent=False)
         # Logging state of the last forward: buffers (not saved), so `.to()` moves them.
         self.aux_losses: Dict[str, torch.Tensor] = {}
         self.register_buffer("tokens_per_expert", None, persistent=False)
@@ -125,6 +127,23 @@ class MoELayer(nn.Module):
         super()._apply(fn, *args, **kwargs)
         self.aux_losses = {k: fn(v) for k, v in self.aux_losses.items()}  # every tensor follows .to()
         return self
+
+    @property
+    def layer_name(self) -> str:
+        return self._layer_name
+
+    @layer_name.setter
+    def layer_name(self, name: str) -> None:
+        # Set here, not in forward: an attribute written in forward is a side effect torch.compile
+        # has to replay (and a guard).
+        self._layer_name = name
+        if self.defaults is not None:
+            self.defaults.name = name
+
+    @property
+    def num_training_forwards(self) -> int:
+        """Training forwards run (not recomputes, not frozen ones); reading it syncs with the device."""
+        return int(self.training_forwards)
 
     @property
     def num_experts(self) -> int:
@@ -170,7 +189,7 @@ class MoELayer(nn.Module):
         self.router = _rebuilt_router(self.router, config, device)
         if self.router.uses_defaults:
             if self.defaults is None:
-                self.defaults = ExpertDefaults.from_config(config, name=self.layer_name).to(device)
+                self.defaults = ExpertDefaults.from_config(config, name=self._layer_name).to(device)
             else:
                 self.defaults.configure(config)
         else:
@@ -241,9 +260,7 @@ class MoELayer(nn.Module):
 
         route = self.router(x_TD, self.groups, token_ids_T)
         if self.training and record:
-            self.num_training_forwards += 1
-            if self.defaults is not None:
-                self.defaults.name = self.layer_name
+            self.training_forwards.add_(1)
             if cfg.nonfinite == "raise":
                 check_finite(route.probs_TE, "router probabilities", self.layer_name, self.num_training_forwards)
         idx_TK, gates_TK = route.idx_TK, route.gates_TK
@@ -274,5 +291,5 @@ class MoELayer(nn.Module):
                 torch.zeros((), dtype=torch.long, device=x.device) if keep_TK is None else (~keep_TK).sum().detach()
             )
         if route.aux_losses and out_TD.requires_grad:
-            out_TD = AuxLossAutoScaler.apply(out_TD, sum(route.aux_losses.values()))
+            out_TD = AuxLossAutoScaler.attach(out_TD, sum(route.aux_losses.values()))
         return out_TD.view(x.shape)

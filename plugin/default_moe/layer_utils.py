@@ -33,7 +33,15 @@ def layer_built(layer) -> None:
 
 
 def in_backward() -> bool:
-    """True while the autograd engine runs, i.e. when activation checkpointing recomputes a layer."""
+    """True while the autograd engine runs, i.e. when activation checkpointing recomputes a layer.
+
+    Inside a torch.compile'd region this is False: a compiled forward runs once per call (a
+    checkpointed block that is compiled recomputes inside its backward graph, never through this
+    Python code), and the autograd query would break the graph. Not covered: a compiled module
+    recomputed from outside by a reentrant `torch.utils.checkpoint` around it (checkpoint the
+    block, then compile it — torchtitan's order)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 

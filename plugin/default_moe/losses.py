@@ -13,6 +13,13 @@ import torch.distributed as dist
 from default_moe import comm
 
 
+# AuxLossAutoScaler's scale as one tensor per device, for backward: engines set the scale between
+# forward and backward, and a compiled backward reads a tensor (updated in place by a fill, no host
+# sync) where a Python float would be baked into the graph.
+_SCALES: dict = {}
+_SCALE_VALUE = [1.0]
+
+
 class AuxLossAutoScaler(torch.autograd.Function):
     """Identity on `output` whose backward also back-propagates `aux_loss` (gradient 1 * scale).
 
@@ -31,12 +38,30 @@ class AuxLossAutoScaler(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
         (aux_loss,) = ctx.saved_tensors
-        scaled = torch.full_like(aux_loss, AuxLossAutoScaler.main_loss_backward_scale)
+        scaled = AuxLossAutoScaler._scale_on(aux_loss.device).to(aux_loss.dtype).expand_as(aux_loss)
         return grad_output, scaled
+
+    @staticmethod
+    def _scale_on(device: torch.device) -> torch.Tensor:
+        t = _SCALES.get(device)
+        if t is None:  # `apply` called without `attach`: a fresh tensor (nothing stored in backward)
+            t = torch.full((), _SCALE_VALUE[0], dtype=torch.float32, device=device)
+        return t
+
+    @staticmethod
+    def attach(output: torch.Tensor, aux_loss: torch.Tensor) -> torch.Tensor:
+        """`apply(output, aux_loss)`, with the device's scale tensor made first (outside the
+        autograd Function, where torch.compile allows the side effect)."""
+        if aux_loss.device not in _SCALES:
+            _SCALES[aux_loss.device] = torch.full((), _SCALE_VALUE[0], dtype=torch.float32, device=aux_loss.device)
+        return AuxLossAutoScaler.apply(output, aux_loss)
 
     @staticmethod
     def set_loss_scale(scale: float) -> None:
         AuxLossAutoScaler.main_loss_backward_scale = float(scale)
+        _SCALE_VALUE[0] = float(scale)
+        for t in _SCALES.values():
+            t.fill_(float(scale))
 
 
 def switch_load_balancing_loss(

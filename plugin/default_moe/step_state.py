@@ -113,6 +113,9 @@ class StepState(nn.Module):
             return  # no backward can reach this forward: nothing trains through it
         fired = [False]
 
+        # Under torch.compile a hook on a tensor made inside the graph (the expert bias counts its
+        # slots on the router logits) is traced as a higher-order op that may not mutate the
+        # once-flag: one graph break, TopK and Default alike (tests/test_compile.py).
         def hook(grad):
             # Once per forward, also when a graph is backpropagated twice (retain_graph).
             if not fired[0]:

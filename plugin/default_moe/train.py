@@ -327,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     gas = engine.gradient_accumulation_steps()
     moe_cfg = model.moe_layers[0].config
     n_params = sum(p.numel() for p in model.parameters())
-    n_expert = sum(p.numel() for l in model.moe_layers for p in l.experts.parameters())
+    n_expert = sum(p.numel() for layer in model.moe_layers for p in layer.experts.parameters())
     total_params = n_params + n_expert * (moe_cfg.ep_size - 1)
     active = total_params - n_expert * moe_cfg.ep_size * (1 - moe_cfg.top_k / moe_cfg.num_experts)
 

@@ -209,8 +209,8 @@ def layer_class(settings: Dict):
                     from default_moe.losses import AuxLossAutoScaler
 
                     if isinstance(out, tuple):
-                        return (AuxLossAutoScaler.apply(out[0], aux),) + tuple(out[1:])
-                    return AuxLossAutoScaler.apply(out, aux)
+                        return (AuxLossAutoScaler.attach(out[0], aux),) + tuple(out[1:])
+                    return AuxLossAutoScaler.attach(out, aux)
                 return out
             if self.defaults is None:  # SparseMixer v1: omega scales the routed output
                 self._check_supported()

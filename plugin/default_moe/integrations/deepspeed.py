@@ -259,9 +259,9 @@ def _install_common_hooks(engine) -> None:
     for state in step_states_in(engine.module):  # D and the expert bias
         state.committed_by = "deepspeed"
 
-    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
+    def save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True, **kw):
         tag = tag if tag is not None else f"global_step{engine.global_steps}"
-        out = save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kw)
+        out = save(save_dir, tag=tag, client_state={} if client_state is None else client_state, save_latest=save_latest, **kw)
         if dist.get_rank() == 0:  # D is identical on every rank
             path = os.path.join(save_dir, str(tag), DEFAULTS_FILE)
             torch.save({n: b.detach().cpu().clone() for n, b in _defaults_buffers(engine.module).items()}, path + ".tmp")
@@ -331,9 +331,9 @@ def _install_engine_hooks(engine) -> None:
     expert_dp_rank = dist.get_rank(layers[0][1].groups.expert_dp_group) if layers[0][1].groups.expert_dp_size > 1 else 0
     save, load = engine.save_checkpoint, engine.load_checkpoint
 
-    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
+    def save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True, **kw):
         tag = tag if tag is not None else f"global_step{engine.global_steps}"
-        out = save(save_dir, tag=tag, client_state=client_state, save_latest=save_latest, **kw)
+        out = save(save_dir, tag=tag, client_state={} if client_state is None else client_state, save_latest=save_latest, **kw)
         # DeepSpeed writes the module state from DP rank 0 only: every EP rank adds its experts.
         if expert_dp_rank == 0:
             path = os.path.join(save_dir, str(tag), EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank))
@@ -374,11 +374,11 @@ def _install_commit_protocol(engine, keep_last: int) -> None:
     DeepSpeed's converter, no manifest) are loaded from `latest_universal` as DeepSpeed does."""
     save, load = engine.save_checkpoint, engine.load_checkpoint
 
-    def save_checkpoint(save_dir, tag=None, client_state={}, save_latest=True, **kw):
+    def save_checkpoint(save_dir, tag=None, client_state=None, save_latest=True, **kw):
         tag = tag if tag is not None else f"global_step{engine.global_steps}"
         if dist.get_rank() == 0:
             os.makedirs(save_dir, exist_ok=True)
-        out = save(save_dir, tag=tag, client_state=client_state, save_latest=False, **kw)
+        out = save(save_dir, tag=tag, client_state={} if client_state is None else client_state, save_latest=False, **kw)
         layout = {"world_size": dist.get_world_size(), "ep_size": _ep_size_of(engine.module),
                   "zero_stage": engine.zero_optimization_stage()}
         manifest.commit(save_dir, str(tag), step=engine.global_steps, layout=layout, keep_last=keep_last,

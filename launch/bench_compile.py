@@ -1,0 +1,110 @@
+"""torch.compile readiness of the layer, measured on CPU: graphs and graph breaks
+(`torch._dynamo.explain`), new graphs compiled per training step over steps whose routing differs
+(recompiles), the compiled step time against eager after warm-up (inductor, default mode), and aten
+ops per forward+backward (each a kernel launch on a GPU).
+
+    python launch/bench_compile.py [--steps 20] [--threads 1]
+
+Prints one table; same-run ratios only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "plugin"))
+from default_moe import MoEConfig, MoELayer  # noqa: E402
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def build(router, D, F, E, k, seed=0):
+    torch.manual_seed(seed)
+    return MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=k, router=router))
+
+
+def train_steps(layer, fn, steps, T, D, seed=1):
+    opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(seed)
+    new_graphs, times = [], []
+    for _ in range(steps):
+        x = torch.randn(T, D, generator=g)  # other tokens: other routing, other split sizes
+        before = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        fn(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        new_graphs.append(counters["stats"]["unique_graphs"] - before)
+    return new_graphs, times
+
+
+def ops_per_step(router, T, D, F, E, k):
+    layer = build(router, D, F, E, k)
+    x = torch.randn(T, D)
+    layer(x).square().mean().backward()  # warm (lazy state)
+    with _CountOps() as c:
+        layer(x).square().mean().backward()
+    return c.n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3, help="steps excluded from the timing")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--size", default="2048,128,256,8,2", help="T,D,F,E,k of the compile runs")
+    ap.add_argument("--ops-size", default="4096,256,512,8,2", help="T,D,F,E,k of the op count")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    T, D, F, E, k = map(int, args.size.split(","))
+    rows = []
+    for router in ("topk", "default"):
+        torch._dynamo.reset()
+        ex = torch._dynamo.explain(build(router, D, F, E, k))(torch.randn(T, D))
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = build(router, D, F, E, k)
+        new_graphs, t_comp = train_steps(compiled, torch.compile(compiled), args.steps, T, D)
+        eager = build(router, D, F, E, k)
+        _, t_eager = train_steps(eager, eager, args.steps, T, D)
+        ops = ops_per_step(router, *map(int, args.ops_size.split(",")))
+        w = args.warmup
+        rows.append({
+            "router": router, "graphs": ex.graph_count, "breaks": ex.graph_break_count,
+            "new_graphs_per_step": new_graphs, "recompiles_after_warmup": sum(new_graphs[w:]),
+            "eager_ms": statistics.median(t_eager[w:]) * 1e3, "compiled_ms": statistics.median(t_comp[w:]) * 1e3,
+            "first_steps_s": [round(t, 2) for t in t_comp[:w]], "ops": ops,
+            "break_reasons": sorted({b.reason.splitlines()[0] for b in ex.break_reasons}),
+        })
+    print(f"| router | graphs | breaks | new graphs per step (first {args.steps}) | graphs after step {args.warmup} | "
+          f"eager ms | compiled ms | eager/compiled | aten ops fwd+bwd ({args.ops_size}) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['router']} | {r['graphs']} | {r['breaks']} | {' '.join(map(str, r['new_graphs_per_step']))} | "
+              f"{r['recompiles_after_warmup']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
+              f"{r['eager_ms'] / r['compiled_ms']:.2f} | {r['ops']} |")
+    print(f"Default/TopK aten ops: {rows[1]['ops'] / rows[0]['ops']:.3f}; break reasons: "
+          + "; ".join(f"{r['router']}: {', '.join(r['break_reasons'])}" for r in rows))
+    print(f"T,D,F,E,k = {args.size}, EP 1, {args.threads} thread(s), torch {torch.__version__}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
