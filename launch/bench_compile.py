@@ -34,9 +34,17 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+DEVICE = torch.device("cpu")
+
+
 def build(router, D, F, E, k, seed=0):
     torch.manual_seed(seed)
-    return MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=k, router=router))
+    return MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=k, router=router)).to(DEVICE)
+
+
+def _sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def train_steps(layer, fn, steps, T, D, seed=1):
@@ -44,12 +52,14 @@ def train_steps(layer, fn, steps, T, D, seed=1):
     g = torch.Generator().manual_seed(seed)
     new_graphs, times = [], []
     for _ in range(steps):
-        x = torch.randn(T, D, generator=g)  # other tokens: other routing, other split sizes
+        x = torch.randn(T, D, generator=g).to(DEVICE)  # other tokens: other routing, other split sizes
         before = counters["stats"]["unique_graphs"]
+        _sync()
         t0 = time.perf_counter()
         fn(x).square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        _sync()
         times.append(time.perf_counter() - t0)
         new_graphs.append(counters["stats"]["unique_graphs"] - before)
     return new_graphs, times
@@ -57,7 +67,7 @@ def train_steps(layer, fn, steps, T, D, seed=1):
 
 def ops_per_step(router, T, D, F, E, k):
     layer = build(router, D, F, E, k)
-    x = torch.randn(T, D)
+    x = torch.randn(T, D, device=DEVICE)
     layer(x).square().mean().backward()  # warm (lazy state)
     with _CountOps() as c:
         layer(x).square().mean().backward()
@@ -71,13 +81,16 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--size", default="2048,128,256,8,2", help="T,D,F,E,k of the compile runs")
     ap.add_argument("--ops-size", default="4096,256,512,8,2", help="T,D,F,E,k of the op count")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU device check runs it)")
     args = ap.parse_args(argv)
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     T, D, F, E, k = map(int, args.size.split(","))
     rows = []
     for router in ("topk", "default"):
         torch._dynamo.reset()
-        ex = torch._dynamo.explain(build(router, D, F, E, k))(torch.randn(T, D))
+        ex = torch._dynamo.explain(build(router, D, F, E, k))(torch.randn(T, D, device=DEVICE))
         torch._dynamo.reset()
         counters.clear()
         compiled = build(router, D, F, E, k)
@@ -102,7 +115,7 @@ def main(argv=None) -> int:
               f"{r['eager_ms'] / r['compiled_ms']:.2f} | {r['ops']} |")
     print(f"Default/TopK aten ops: {rows[1]['ops'] / rows[0]['ops']:.3f}; break reasons: "
           + "; ".join(f"{r['router']}: {', '.join(r['break_reasons'])}" for r in rows))
-    print(f"T,D,F,E,k = {args.size}, EP 1, {args.threads} thread(s), torch {torch.__version__}")
+    print(f"T,D,F,E,k = {args.size}, EP 1, {DEVICE}, {args.threads} thread(s), torch {torch.__version__}")
     return 0
 
 

@@ -10,6 +10,8 @@ recorded and the next one runs):
   (b) bench.md     the layer benchmark in bf16: ours loop vs grouped_mm vs megatron-core (where
       bench.json   importable), E=8/64, D=2048/4096, Default/TopK ratio, host syncs, saved-for-
                    backward bytes, peak memory;
+  (d) compile.md   torch.compile of the layer on cuda (launch/bench_compile.py): graphs, breaks,
+                   recompiles over steps with different routing, compiled vs eager, op counts;
   (c) science.json the main job's GPT at d=512, 8 layers, 32 experts top-2, TopK then Default,
       science.png  ~3 minutes each (`--max-minutes`) on the shipped corpus: loss curves;
   env.json, summary.md: the machine, torch, what ran and what failed.
@@ -73,6 +75,14 @@ def step_bench(out: Path, dry: bool) -> dict:
     return res
 
 
+def step_compile(out: Path, dry: bool) -> dict:
+    cmd = [sys.executable, "launch/bench_compile.py", "--device", "cpu" if dry else "cuda"]
+    cmd += ["--steps", "4", "--warmup", "2", "--size", "256,32,64,4,2", "--ops-size", "256,32,64,4,2"] if dry else \
+        ["--steps", "20", "--size", "16384,2048,4096,8,2", "--ops-size", "16384,2048,4096,8,2"]
+    log = out / "compile.md"
+    return _run(cmd, log, 200)
+
+
 def step_science(out: Path, runs_root: Path, minutes: float, dry: bool) -> dict:
     runs = {}
     results = {}
@@ -116,7 +126,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks that every step runs")
     ap.add_argument("--science-minutes", type=float, default=1.5, help="wall minutes per router in step (c)")
     ap.add_argument("--runs-root", default="/tmp/default_moe_device_runs", help="run folders of step (c)")
-    ap.add_argument("--steps", default="tests,bench,science", help="comma-separated subset of tests,bench,science")
+    ap.add_argument("--steps", default="tests,bench,compile,science",
+                    help="comma-separated subset of tests,bench,compile,science")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,12 +145,14 @@ def main(argv=None) -> int:
         summary["tests"] = step_tests(out, device, args.dry_run)
     if "bench" in steps:
         summary["bench"] = step_bench(out, args.dry_run)
+    if "compile" in steps:
+        summary["compile"] = step_compile(out, args.dry_run)
     if "science" in steps:
         summary["science"] = step_science(out, Path(args.runs_root), args.science_minutes, args.dry_run)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "summary.md").write_text("# Device check\n\n```json\n" + json.dumps(summary, indent=1) + "\n```\n")
     print(json.dumps(summary, indent=1))
-    failed = [k for k in ("tests", "bench") if k in summary and summary[k]["rc"] != 0]
+    failed = [k for k in ("tests", "bench", "compile") if k in summary and summary[k]["rc"] != 0]
     failed += [f"science {r}" for r, v in summary.get("science", {}).get("runs", {}).items() if v["rc"] != 0]
     if failed:
         print(f"[device_check] failed steps: {failed}", file=sys.stderr)

@@ -6,7 +6,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DEFAULT_MOE_VENV:-$ROOT/.venv}"
 CONSTRAINTS="${DEFAULT_MOE_CONSTRAINTS:-$ROOT/configs/constraints.txt}"
-EXTRAS="${DEFAULT_MOE_EXTRAS:-test,deepspeed,megatron,megatron_lm,train,hf,torchtitan}"
+EXTRAS="${DEFAULT_MOE_EXTRAS:-test,docs,deepspeed,megatron,megatron_lm,train,hf,torchtitan}"
 source "$ROOT/launch/venv_common.sh"
 
 install_main() {

@@ -1,4 +1,4 @@
-"""Default MoE in a megatron-core GPT with megatron's DDP, optimizer and schedule (README recipe).
+"""Default MoE in a megatron-core GPT with megatron's DDP, optimizer and schedule (docs/megatron.md recipe).
 
     torchrun --nproc_per_node 2 launch/example_megatron.py     # CPU (gloo, shims) or one GPU per rank
 """

@@ -85,15 +85,15 @@ def test_cli_check_config(tmp_path):
 
 
 def test_check_config_accepts_the_readme_deepspeed_section(tmp_path):
-    """`default-moe check-config ds.json --section default_moe` on the README's own DeepSpeed config
+    """`default-moe check-config ds.json --section default_moe` on the docs' own DeepSpeed config
     validates the section as DeepSpeed's initialize will (sizes come from the model)."""
     import re
     import subprocess
     import sys
     from pathlib import Path
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    after = readme[readme.index("## DeepSpeed: switch it on"):]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "deepspeed.md").read_text()
+    after = page[page.index("# DeepSpeed: switch it on"):]
     block = re.search(r"```json\n(.*?)```", after, re.S).group(1)
     (tmp_path / "ds.json").write_text(block)
     out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(tmp_path / "ds.json"),
@@ -106,15 +106,15 @@ def test_check_config_accepts_the_readme_deepspeed_section(tmp_path):
     assert out.returncode == 2 and "MoEConfig.beta must be a number" in out.stderr, out.stderr
 
 
-def test_readme_section_table_lists_every_section_key():
+def test_docs_section_table_lists_every_section_key():
     from pathlib import Path
 
     from default_moe.integrations.deepspeed import SECTION_FIELDS
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    row = next(line for line in readme.splitlines() if line.startswith("| `router`, `top_k`"))
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "hf.md").read_text()
+    row = next(line for line in docs.splitlines() if line.startswith("| `router`, `top_k`"))
     missing = [k for k in SECTION_FIELDS if f"`{k}`" not in row]
-    assert not missing, f"README's \"default_moe\" key table lacks {missing}"
+    assert not missing, f"docs/hf.md's \"default_moe\" key table lacks {missing}"
 
 
 def test_removed_ema_sync_fields_still_load_with_a_warning():

@@ -93,14 +93,16 @@ def test_device_check_dry_run(tmp_path):
 
 
 def test_readme_first_recipe_is_the_tested_example():
-    """README "The layer" shows launch/example_layer.py verbatim; it trains under torchrun (2 ranks, EP 2,
+    """The README's quick start and docs/layer.md show launch/example_layer.py verbatim; it trains under torchrun (2 ranks, EP 2,
     wrap_ddp) with the loss falling."""
     import re
 
     code = (ROOT / "launch" / "example_layer.py").read_text()
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"### The layer\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    block = re.search(r"\*\*Plain PyTorch\*\*.*?```python\n(.*?)```", readme, re.S).group(1)
     assert block == code, "README's first recipe differs from launch/example_layer.py"
+    page = (ROOT / "docs" / "layer.md").read_text()
+    assert re.search(r"```python\n(.*?)```", page, re.S).group(1) == code, "docs/layer.md's recipe differs"
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "launch/example_layer.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})

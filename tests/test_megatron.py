@@ -74,7 +74,7 @@ def test_megatron_lm_provider_wrapper():
 
 
 def test_megatron_example_runs_on_cpu():
-    """launch/example_megatron.py (the README's minimal provider, with the opt-in CPU shims) trains
+    """launch/example_megatron.py (docs/megatron.md's minimal provider, with the opt-in CPU shims) trains
     a megatron-core GPT with Default MoE layers under torchrun: loss falls, D is non-zero."""
     import os
     import re

@@ -5,6 +5,7 @@ ceil(capacity_factor * T * K / E) slots per expert and drops the rest (highest-p
 earliest slots survive, `MoEConfig.drop_policy`). A dropped slot's raw output is zero.
 
 Flow on an EP group of P ranks, L = E / P local experts each:
+
     slots (T*K) --sort by expert--> x_send (rank-major, expert-minor)
     count exchange (all_to_all of E ints)  ->  split sizes on the host (the one host sync)
     all_to_all(x_send)  ->  x_recv [src rank][local expert]  --regroup-->  x_local [local expert][src rank]

@@ -321,7 +321,7 @@ def moe_blocks(model: nn.Module) -> List[tuple]:
 
 
 def family_table() -> str:
-    """The README's table of HF families, from `FAMILIES` and `REFUSED`."""
+    """The table of HF families in docs/hf.md, from `FAMILIES` and `REFUSED`."""
     rows = ["| model_type | status | router scores | selected weights | route scale |", "|---|---|---|---|---|"]
     for kind, fam in sorted(FAMILIES.items()):
         renorm = {True: "renormalised", False: "raw"}.get(fam.renormalizes, f"config `{fam.renormalizes}`")

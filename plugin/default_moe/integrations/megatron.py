@@ -283,8 +283,8 @@ def capture_token_ids(model: torch.nn.Module):
 class DefaultMoELayer(McoreMoELayer):
     """megatron-core MoELayer with the Default MoE term and EMA defaults.
 
-    Args: as `MoELayer`, plus `default_moe`: the settings dict (router, beta,
-        ema_weighting, sparsemixer).
+    Takes megatron-core MoELayer's arguments, plus `default_moe`: the settings dict (router, beta,
+    ema_weighting, sparsemixer).
     """
 
     def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False, name=None,
