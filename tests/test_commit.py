@@ -119,7 +119,7 @@ def _two_ranks(rank, world, ckpt):
     dist.barrier()
     # Rank 0 decides, both ranks get the same error.
     with pytest.raises(manifest.TornCheckpointError, match="rank1.pt has 2001 bytes"):
-        manifest.resolve_tag(ckpt, "step3")
+        manifest.resolve_tag(ckpt, "step3", collective=True)
 
 
 @pytest.mark.distributed

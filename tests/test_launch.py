@@ -86,8 +86,9 @@ def test_device_check_dry_run(tmp_path):
     log = (tmp_path / "out" / "device_check.log").read_text() if (tmp_path / "out" / "device_check.log").exists() else ""
     assert out.returncode == 0, out.stdout[-2000:] + log[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["bench.json", "bench.md", "device_check.log", "env.json", "science.json", "science.png",
-                     "summary.md"], files
+    assert files == ["bench.json", "bench.md", "compile.md", "device_check.log", "env.json", "science.json",
+                     "science.png", "summary.md"], files
+    assert "graphs after step" in (tmp_path / "out" / "compile.md").read_text()
     science = json.loads((tmp_path / "out" / "science.json").read_text())
     assert set(science) == {"topk", "default"} and all(v["final_val_loss"] > 0 for v in science.values())
 

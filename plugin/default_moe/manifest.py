@@ -246,22 +246,28 @@ def _resolve_here(ckpt_dir: str, tag: Optional[str]) -> Tuple[Optional[str], Opt
     return good, warning
 
 
-def resolve_tag(ckpt_dir: str, tag: Optional[str] = None) -> Optional[str]:
+def resolve_tag(ckpt_dir: str, tag: Optional[str] = None, collective: bool = False) -> Optional[str]:
     """The tag to load from `ckpt_dir`: `tag` if complete (else `TornCheckpointError`), or with
     `tag=None` the newest complete checkpoint (None if there is none), warning about each newer
-    torn one it skipped. Collective when distributed: rank 0 decides, every rank gets its answer
-    (or its error)."""
+    torn one it skipped.
+
+    Args:
+        collective: every rank of the default group calls it (an engine's load): rank 0 decides
+            and every rank gets its answer (or its error). False: this process alone decides
+            (offline conversion, one rank of a running job).
+    """
+    collective = collective and _distributed() and dist.get_world_size() > 1
     result: List[Any] = [None, None, None]
-    if not _distributed() or dist.get_rank() == 0:
+    if not collective or dist.get_rank() == 0:
         try:
             result[0], result[1] = _resolve_here(ckpt_dir, tag)
         except TornCheckpointError as e:
             result[2] = str(e)
-    if _distributed() and dist.get_world_size() > 1:
+    if collective:
         dist.broadcast_object_list(result, src=0)
     if result[2] is not None:
         raise TornCheckpointError(result[2])
-    if result[1] is not None and (not _distributed() or dist.get_rank() == 0):
+    if result[1] is not None and (not collective or dist.get_rank() == 0):
         warnings.warn(result[1], stacklevel=2)
     return result[0]
 

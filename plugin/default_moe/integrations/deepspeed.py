@@ -388,7 +388,7 @@ def _install_commit_protocol(engine, keep_last: int) -> None:
     def load_checkpoint(load_dir, tag=None, **kw):
         if bool(getattr(engine, "load_universal_checkpoint", lambda: False)()):
             return load(load_dir, tag=tag, **kw)
-        tag = manifest.resolve_tag(load_dir, tag)
+        tag = manifest.resolve_tag(load_dir, tag, collective=True)
         if tag is None:
             return None, None  # DeepSpeed's answer for a folder without a checkpoint
         return load(load_dir, tag=tag, **kw)

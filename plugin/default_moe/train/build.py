@@ -1,0 +1,125 @@
+"""The main job's set-up: process group, data, model, DeepSpeed engine with the "default_moe"
+section, and the resume from the newest complete checkpoint; everything the loop needs in a `Job`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+from default_moe import data as data_mod
+from default_moe.integrations import deepspeed as dm_ds
+from default_moe.models.gpt import GPT, GPTConfig
+from default_moe.parallel import init_distributed_from_env
+from default_moe.train.config import RunConfig, lr_lambda
+
+
+@dataclasses.dataclass
+class Job:
+    """The state one run of the main job carries from set-up through the loop to the report."""
+
+    run: RunConfig
+    gpt: GPTConfig
+    rank: int
+    world: int
+    run_dir: Path
+    ckpt_dir: Path
+    train_tokens: Any
+    val_tokens: Any
+    model: Any
+    engine: Any
+    scheduler: Any
+    gas: int
+    start_step: int = 0
+    history: Dict[str, list] = dataclasses.field(
+        default_factory=lambda: {"train": [], "val": [], "step_time": [], "load": [], "rank_load": []})
+    writer: Optional[Any] = None
+    t_start: float = 0.0
+
+    @property
+    def moe_config(self):
+        return self.model.moe_layers[0].config
+
+    def params(self) -> Dict[str, float]:
+        """Total parameters (experts counted once over the EP group) and active per token."""
+        cfg = self.moe_config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_expert = sum(p.numel() for layer in self.model.moe_layers for p in layer.experts.parameters())
+        total = n_params + n_expert * (cfg.ep_size - 1)
+        return {"total": total, "active": total - n_expert * cfg.ep_size * (1 - cfg.top_k / cfg.num_experts)}
+
+
+def _quiet_engine_logs() -> None:
+    import logging
+    import warnings
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # torch 2.13 deprecates a collective DeepSpeed's ZeRO still calls every step.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+
+
+def build(run: RunConfig, gpt: GPTConfig, ds_config: Dict[str, Any], resume: bool) -> Job:
+    """Process group, tokens (rank 0 tokenises once into the cache), model, engine, resume."""
+    import deepspeed
+
+    _quiet_engine_logs()
+    dm_ds.skip_cpu_jit_builds()
+    # Our init first (DeepSpeed's then finds the group made): it scopes torchrun's store per restart
+    # round, so a job restarted by `--max-restarts` does not meet the old round's addresses.
+    init_distributed_from_env(run.dist_timeout_s)
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo", verbose=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir = Path(run.run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data_mod.load_tokens(run.data, run.tokenizer, run.token_dtype)  # tokenise once into the cache
+    dist.barrier()
+    tokens = data_mod.load_tokens(run.data, run.tokenizer, run.token_dtype)
+    train_tokens, val_tokens = data_mod.split_train_val(tokens)
+    if int(tokens.max()) >= gpt.vocab_size:
+        raise ValueError(f"token id {int(tokens.max())} >= GPTConfig.vocab_size {gpt.vocab_size}")
+
+    torch.manual_seed(run.seed)  # same initial weights on every rank; the section shards experts
+    model = GPT(gpt)
+    ds_config = dict(ds_config)
+    ds_config["train_micro_batch_size_per_gpu"] = run.micro_batch
+    ds_config.setdefault("gradient_accumulation_steps", 1)
+    ds_config.pop("train_batch_size", None)
+    ds_config["optimizer"]["params"]["lr"] = run.lr
+    engine, _, _, scheduler = dm_ds.initialize(
+        model=model, model_parameters=list(model.parameters()), config=ds_config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run)),
+    )
+    job = Job(run=run, gpt=gpt, rank=rank, world=world, run_dir=run_dir, ckpt_dir=run_dir / "ckpt",
+              train_tokens=train_tokens, val_tokens=val_tokens, model=model, engine=engine, scheduler=scheduler,
+              gas=engine.gradient_accumulation_steps())
+    if resume:
+        # The newest complete checkpoint (torn saves skipped with a warning naming them).
+        load_path, client = engine.load_checkpoint(str(job.ckpt_dir))
+        if load_path is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint in {job.ckpt_dir}")
+        job.start_step, job.history = client["step"], client["history"]
+    if rank == 0:
+        from torch.utils.tensorboard import SummaryWriter
+
+        job.writer = SummaryWriter(str(run_dir / "tb"))
+    return job
+
+
+def announce(job: Job, resumed: bool) -> None:
+    """Rank 0 prints the run's shape once."""
+    if job.rank != 0:
+        return
+    cfg, gpt, engine, params = job.moe_config, job.gpt, job.engine, job.params()
+    print(f"[train] world={job.world} device={engine.device} router={cfg.router} ep_size={cfg.ep_size} "
+          f"experts={cfg.num_experts} top_k={cfg.top_k} beta={cfg.beta} "
+          f"zero={engine.zero_optimization_stage()} gas={job.gas}")
+    print(f"[train] model: d={gpt.d_model} layers={gpt.n_layers} vocab={gpt.vocab_size} seq={gpt.seq_len}; "
+          f"params {params['total']/1e6:.2f}M total, {params['active']/1e6:.2f}M active per token; "
+          f"data: {len(job.train_tokens):,} train / {len(job.val_tokens):,} val tokens"
+          + (f"; resumed at step {job.start_step}" if resumed else ""))

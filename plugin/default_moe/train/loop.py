@@ -1,0 +1,174 @@
+"""The main job's training loop: steps with gradient accumulation, logging, evaluation and router
+diagnostics, checkpoints; the per-step helpers it uses."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+from default_moe import data as data_mod
+from default_moe.models.gpt import GPTConfig
+from default_moe.train.config import RunConfig
+
+
+def _out_of_time(run: RunConfig, t_start: float, device) -> bool:
+    """Whether `max_minutes` has passed (rank 0's clock, so every rank stops at the same step)."""
+    if run.max_minutes is None:
+        return False
+    flag = torch.tensor([float(time.perf_counter() - t_start >= 60.0 * run.max_minutes)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
+
+
+def _mean_over_ranks(value: float, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item() / dist.get_world_size()
+
+
+@torch.no_grad()
+def evaluate(engine, val_tokens, run: RunConfig, gpt: GPTConfig, rank: int) -> float:
+    engine.eval()
+    losses = []
+    for i in range(run.eval_batches):
+        # A fixed validation set: the same windows at every evaluation.
+        x, y = data_mod.sample_batch(val_tokens, run.micro_batch, gpt.seq_len, run.seed + 1, 0, rank, i)
+        losses.append(engine(x.to(engine.device), y.to(engine.device)).item())
+    engine.train()
+    return _mean_over_ranks(sum(losses) / len(losses), engine.device)
+
+
+def _expert_load(model) -> Tuple[List[float], float]:
+    """Global load imbalance: per MoE layer, max/mean tokens over experts (1.0 = balanced), and
+    the worst layer's max/mean tokens over EP ranks (what sets an expert-parallel step's time)."""
+    per_layer, rank_load = [], 1.0
+    for layer in model.moe_layers:
+        # None when no forward ran: a run resumed at its final step (e.g. torchrun restarted the
+        # workers after they had finished) only evaluates and writes its outputs.
+        if layer.tokens_per_expert is None:
+            counts = torch.zeros(layer.config.num_experts, dtype=torch.float64, device=next(layer.parameters()).device)
+        else:
+            counts = layer.tokens_per_expert.to(torch.float64).clone()
+        dist.all_reduce(counts)
+        per_layer.append((counts.max() / counts.mean().clamp_min(1e-9)).item())
+        per_rank = counts.view(layer.config.ep_size, -1).sum(1)
+        rank_load = max(rank_load, (per_rank.max() / per_rank.mean().clamp_min(1e-9)).item())
+    return per_layer, rank_load
+
+
+def run_diagnostics(engine, model, val_tokens, run: RunConfig, gpt: GPTConfig, rank: int, state: dict) -> Dict[str, float]:
+    """Router diagnostics on a fixed probe batch (the first validation batch)."""
+    from default_moe import diagnostics as diag
+
+    x, _ = data_mod.sample_batch(val_tokens, run.micro_batch, gpt.seq_len, run.seed + 2, 0, rank, 0)
+    x = x.to(engine.device)
+    inputs = {}
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, args, kwargs, i=i: inputs.__setitem__(i, (args[0].detach(), kwargs.get("token_ids"))),
+            with_kwargs=True,
+        )
+        for i, layer in enumerate(model.moe_layers)
+    ]
+    engine.eval()
+    try:
+        with torch.no_grad():
+            engine(x)
+    finally:
+        engine.train()
+        for h in hooks:
+            h.remove()
+    out: Dict[str, float] = {}
+    for i, layer in enumerate(model.moe_layers):
+        h, ids = inputs[i]
+        fidelity = diag.router_gradient_fidelity(layer, h, ids, seed=run.seed + i)
+        if fidelity is not None:
+            out[f"fidelity_layer{i}"] = fidelity
+        frac, state[i] = diag.routing_fluctuation(layer, h, ids, state.get(i))
+        if frac is not None:
+            out[f"fluctuation_layer{i}"] = frac
+        report = diag.defaults_report(layer)
+        for k, v in (report or {}).items():
+            out[f"defaults_{k}_layer{i}"] = v
+    return out
+
+
+def train(job) -> None:
+    """Runs the steps from `job.start_step` to `run.steps` (or `max_minutes`), logging to the
+    progress bar and TensorBoard, evaluating and checkpointing on their schedules."""
+    from tqdm import tqdm
+
+    run, gpt, engine, rank, history = job.run, job.gpt, job.engine, job.rank, job.history
+    bar = tqdm(range(job.start_step, run.steps), initial=job.start_step, total=run.steps, disable=rank != 0,
+               desc="train", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    probe_state: Dict[int, torch.Tensor] = {}
+    job.t_start = time.perf_counter()
+    for step in bar:
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for micro in range(job.gas):
+            x, y = data_mod.sample_batch(job.train_tokens, run.micro_batch, gpt.seq_len, run.seed, step, rank, micro)
+            loss = engine(x.to(engine.device), y.to(engine.device))
+            engine.backward(loss)
+            engine.step()
+            loss_sum += loss.item()
+        history["step_time"].append(time.perf_counter() - t0)
+        done = step + 1
+        last = done == run.steps or _out_of_time(run, job.t_start, engine.device)
+        if done % run.log_every == 0 or last:
+            _log_train(job, bar, done, loss_sum / job.gas)
+        if done % run.eval_every == 0 or last:
+            _evaluate_and_diagnose(job, done, probe_state)
+        if done % run.ckpt_every == 0 or last:
+            engine.save_checkpoint(str(job.ckpt_dir), tag=f"step{done}", client_state={"step": done, "history": history})
+        if last:
+            break
+    bar.close()
+
+
+def _log_train(job, bar, done: int, local_loss: float) -> None:
+    history, writer, model, scheduler = job.history, job.writer, job.model, job.scheduler
+    train_loss = _mean_over_ranks(local_loss, job.engine.device)
+    history["train"].append((done, train_loss))
+    load, rank_load = _expert_load(model)
+    history["load"].append((done, max(load)))
+    history["rank_load"].append((done, rank_load))
+    if job.rank == 0:
+        aux = {k: float(v) for k, v in model.moe_layers[0].aux_losses.items()}
+        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", load=f"{max(load):.2f}")
+        writer.add_scalar("train/loss", train_loss, done)
+        writer.add_scalar("train/lr", scheduler.get_last_lr()[0], done)
+        for name, value in aux.items():
+            writer.add_scalar(f"train/aux_{name}_layer0", value, done)
+        for i, v in enumerate(load):
+            writer.add_scalar(f"load/max_over_mean_layer{i}", v, done)
+        writer.add_scalar("load/ep_rank_max_over_mean", rank_load, done)
+
+
+def _evaluate_and_diagnose(job, done: int, probe_state: dict) -> None:
+    from tqdm import tqdm
+
+    run, gpt, engine, model, rank, history, writer = job.run, job.gpt, job.engine, job.model, job.rank, job.history, job.writer
+    val = evaluate(engine, job.val_tokens, run, gpt, rank)
+    history["val"].append((done, val))
+    load, _ = _expert_load(model)
+    diag = run_diagnostics(engine, model, job.val_tokens, run, gpt, rank, probe_state)
+    history.setdefault("diagnostics", []).append((done, diag))
+    if rank == 0:
+        import math
+
+        for k, v in diag.items():
+            writer.add_scalar(f"diag/{k}", v, done)
+        fid = " ".join(f"{diag[k]:.2f}" for k in sorted(diag) if k.startswith("fidelity"))
+        flu = " ".join(f"{diag[k]:.2f}" for k in sorted(diag) if k.startswith("fluctuation"))
+        tqdm.write(f"[train] step {done:5d}  router-gradient fidelity per layer {fid or 'n/a'}"
+                   + (f"  routing fluctuation {flu}" if flu else ""), file=sys.stdout)
+        writer.add_scalar("val/loss", val, done)
+        writer.add_scalar("val/perplexity", math.exp(val), done)
+        tqdm.write(f"[train] step {done:5d}  train {history['train'][-1][1]:.4f}  val {val:.4f}  "
+                   f"ppl {math.exp(val):8.2f}  expert load max/mean per layer "
+                   f"{' '.join(f'{v:.2f}' for v in load)}", file=sys.stdout)
