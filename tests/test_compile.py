@@ -82,3 +82,27 @@ def test_a_training_forward_writes_no_python_attribute(kw):
     assert _python_state(layer) == before  # (the statistics' counters move in backward, outside)
     out.sum().backward()
     assert layer.num_training_forwards == 2  # a device counter
+
+
+def test_default_runs_at_most_10_percent_more_aten_ops_than_topk():
+    """Each aten op is a kernel launch on a GPU: Default MoE's term and statistics stay within
+    1.10x TopK's ops per forward+backward (launch/bench_compile.py prints the same count)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    ops = {}
+    for router in ("topk", "default"):
+        layer = _layer(router=router)
+        x = torch.randn(256, 32)
+        layer(x).square().mean().backward()
+        Count.n = 0
+        with Count():
+            layer(x).square().mean().backward()
+        ops[router] = Count.n
+    assert ops["default"] <= 1.10 * ops["topk"], ops

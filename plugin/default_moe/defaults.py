@@ -141,9 +141,11 @@ def dense_softmax(logits_TE: torch.Tensor) -> torch.Tensor:
 
 def ran_mask(num_experts: int, idx_TK: torch.Tensor, keep_TK: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[T, E] bool: the experts that processed each token (selected and not dropped over capacity)."""
+    if keep_TK is None:  # dropless: one scatter (two ops where counting takes four)
+        return torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.bool, device=idx_TK.device).scatter_(1, idx_TK, True)
     # Counted, not scattered: a dropped route may share its (placeholder) expert id with a kept one.
-    keep = torch.ones_like(idx_TK, dtype=torch.int32) if keep_TK is None else keep_TK.to(torch.int32)
-    ran = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.int32, device=idx_TK.device).scatter_add(1, idx_TK, keep)
+    ran = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.int32, device=idx_TK.device).scatter_add(
+        1, idx_TK, keep_TK.to(torch.int32))
     return ran > 0
 
 
@@ -278,7 +280,7 @@ class ExpertDefaults(StepState):
         """
         gate = self.gate
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
-            w_TE = gate.dense_weights(scores_TE) * ~ran_TE
+            w_TE = gate.dense_weights(scores_TE).masked_fill(ran_TE, 0.0)
             if gate.renormalized:
                 if routed_TD is None:
                     raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
