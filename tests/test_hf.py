@@ -29,7 +29,7 @@ def test_hf_refusals():
     from default_moe.integrations import hf
     import hf_workers
 
-    with pytest.raises(ValueError, match="router 'sparsemixer' is not available"):
+    with pytest.raises(ValueError, match=r"hf: router must be one of \['default', 'topk'\], got 'sparsemixer' \(in-place"):
         hf.convert(hf_workers.tiny("olmoe"), router="sparsemixer")
     with pytest.raises(ValueError, match="unknown setting"):
         hf.convert(hf_workers.tiny("olmoe"), router="default", betta=0.5)

@@ -381,6 +381,25 @@ def _named_fields_only(cls):
 MoEConfig = _named_fields_only(MoEConfig)
 
 
+def check_adapter_settings(settings: Mapping[str, Any], allowed, routers, where: str, elsewhere: str) -> dict:
+    """The part every engine adapter's settings check shares: unknown keys and an unsupported
+    router refused naming the allowed values, removed fields dropped with a warning. The adapter
+    then checks its own limits and calls `check_overrides`.
+
+    Args:
+        allowed: the adapter's setting names; routers: the routers it runs.
+        where: the adapter, as named in errors ("default_moe.integrations.hf").
+        elsewhere: where the other routers run, for the error.
+    """
+    unknown = sorted(set(settings) - set(allowed))
+    if unknown:
+        raise ValueError(f"{where}: unknown setting(s) {unknown}; allowed: {list(allowed)}")
+    router = settings.get("router", "default")
+    if router not in routers:
+        raise ValueError(f"{where}: router must be one of {list(routers)}, got {router!r} ({elsewhere})")
+    return drop_legacy(settings, where)
+
+
 def check_overrides(overrides: Mapping[str, Any]) -> None:
     """Validates a partial config (an engine section: no sizes) against shapes it can fit.
 

@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from default_moe.config import MoEConfig, check_overrides, drop_legacy
+from default_moe.config import MoEConfig, check_adapter_settings, check_overrides
 from default_moe.defaults import DefaultsForward, ExpertDefaults, GateForm, dense_scores, ran_mask
 
 
@@ -134,14 +134,9 @@ SETTINGS = ("router", "beta", "ema_weighting", "ema_stats_dtype", "nonfinite", "
 
 
 def check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"default_moe.integrations.hf: unknown setting(s) {unknown}; allowed: {list(SETTINGS)}")
-    router = settings.get("router", "default")
-    if router not in HF_ROUTERS:
-        raise ValueError(f"router {router!r} is not available for in-place HF conversion (supported: {list(HF_ROUTERS)}; "
-                         "the others run through AutoEP, DeepSpeed-MoE, Megatron or default_moe.MoELayer)")
-    settings = drop_legacy(settings, "default_moe.integrations.hf")
+    settings = check_adapter_settings(
+        settings, SETTINGS, HF_ROUTERS, "default_moe.integrations.hf",
+        "in-place HF conversion; the others run through AutoEP, DeepSpeed-MoE, Megatron or default_moe.MoELayer")
     if settings.get("normalize_topk") not in (None, True, False):
         raise ValueError(f"default_moe.integrations.hf: normalize_topk must be None (as the model), true or false, "
                          f"got {settings['normalize_topk']!r}")

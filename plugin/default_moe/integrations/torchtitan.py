@@ -35,7 +35,7 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed as dist
 
-from default_moe.config import MoEConfig, check_overrides, drop_legacy
+from default_moe.config import MoEConfig, check_adapter_settings, check_overrides
 from default_moe.defaults import ExpertDefaults, GateForm, ran_mask
 
 from torchtitan.config import derive, override
@@ -48,17 +48,12 @@ ROUTERS = ("default", "topk")
 
 def check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The override's keyword arguments, validated (before any process group exists)."""
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise ValueError(f"default_moe.integrations.torchtitan: unknown setting(s) {unknown}; allowed: {list(SETTINGS)}")
-    router = settings.get("router", "default")
-    if router not in ROUTERS:
-        raise ValueError(f"default_moe.integrations.torchtitan: router must be one of {list(ROUTERS)}, got {router!r} "
-                         "(the other routers run in default_moe.MoELayer, DeepSpeed, Megatron or HF models)")
+    settings = check_adapter_settings(
+        settings, SETTINGS, ROUTERS, "default_moe.integrations.torchtitan",
+        "the other routers run in default_moe.MoELayer, DeepSpeed, Megatron or HF models")
     if settings.get("ema_weighting", "mean") != "mean":
         raise ValueError("default_moe.integrations.torchtitan: ema_weighting must be 'mean' (torchtitan's dispatched "
                          f"rows carry no router scores), got {settings['ema_weighting']!r}")
-    settings = drop_legacy(dict(settings), "default_moe.integrations.torchtitan")
     check_overrides(settings)
     return settings
 
