@@ -139,9 +139,13 @@ class DefaultMoE(MoE):
         counts_e = args[1].reshape(-1).to(torch.long)
         e = counts_e.numel()
         first = self._ep_rank() * e
-        n = int(counts_e.sum())  # one host sync per layer and training forward (the rows' experts)
-        expert_R = torch.repeat_interleave(torch.arange(first, first + e, device=y_RD.device), counts_e)
-        self.defaults.observe_rows(fwd, y_RD[:n], expert_R, torch.ones(n, device=y_RD.device), anchor=y_RD)
+        # Each row's expert from the cumulative counts, on the device (no host sync): rows past the
+        # last count are torchtitan's padding and are masked out of the statistics.
+        R = y_RD.shape[0]
+        local_R = torch.bucketize(torch.arange(R, device=y_RD.device), counts_e.cumsum(0), right=True)
+        keep_R = local_R < e
+        expert_R = first + local_R.clamp_max(e - 1)
+        self.defaults.observe_rows(fwd, y_RD, expert_R, torch.ones(R, device=y_RD.device), keep_N=keep_R, anchor=y_RD)
 
     def _ep_rank(self) -> int:
         pd = self._parallel_dims
