@@ -42,18 +42,24 @@ def evaluate(engine, val_tokens, run: RunConfig, gpt: GPTConfig, rank: int) -> f
     return _mean_over_ranks(sum(losses) / len(losses), engine.device)
 
 
+def global_expert_counts(layer) -> torch.Tensor:
+    """[E] float64 token slots per expert of the layer's last forward, summed over all ranks."""
+    # None when no forward ran: a run resumed at its final step (e.g. torchrun restarted the
+    # workers after they had finished) only evaluates and writes its outputs.
+    if layer.tokens_per_expert is None:
+        counts = torch.zeros(layer.config.num_experts, dtype=torch.float64, device=next(layer.parameters()).device)
+    else:
+        counts = layer.tokens_per_expert.to(torch.float64).clone()
+    dist.all_reduce(counts)
+    return counts
+
+
 def _expert_load(model) -> Tuple[List[float], float]:
     """Global load imbalance: per MoE layer, max/mean tokens over experts (1.0 = balanced), and
     the worst layer's max/mean tokens over EP ranks (what sets an expert-parallel step's time)."""
     per_layer, rank_load = [], 1.0
     for layer in model.moe_layers:
-        # None when no forward ran: a run resumed at its final step (e.g. torchrun restarted the
-        # workers after they had finished) only evaluates and writes its outputs.
-        if layer.tokens_per_expert is None:
-            counts = torch.zeros(layer.config.num_experts, dtype=torch.float64, device=next(layer.parameters()).device)
-        else:
-            counts = layer.tokens_per_expert.to(torch.float64).clone()
-        dist.all_reduce(counts)
+        counts = global_expert_counts(layer)
         per_layer.append((counts.max() / counts.mean().clamp_min(1e-9)).item())
         per_rank = counts.view(layer.config.ep_size, -1).sum(1)
         rank_load = max(rank_load, (per_rank.max() / per_rank.mean().clamp_min(1e-9)).item())

@@ -9,23 +9,14 @@ import time
 from pathlib import Path
 from typing import Dict
 
-import torch
-import torch.distributed as dist
-
-from default_moe.train.loop import evaluate
+from default_moe.train.loop import evaluate, global_expert_counts
 
 
 def _expert_shares(model) -> list:
     """Per-expert share of token slots of the last forward (the final diagnostics' probe batch)."""
     shares = []
     for layer in model.moe_layers:
-        # None when no forward ran: a run resumed at its final step (e.g. torchrun restarted the
-        # workers after they had finished) only evaluates and writes its outputs.
-        if layer.tokens_per_expert is None:
-            counts = torch.zeros(layer.config.num_experts, dtype=torch.float64, device=next(layer.parameters()).device)
-        else:
-            counts = layer.tokens_per_expert.to(torch.float64).clone()
-        dist.all_reduce(counts)
+        counts = global_expert_counts(layer)
         shares.append((counts / counts.sum().clamp_min(1)).tolist())
     return shares
 
