@@ -40,21 +40,28 @@ def plan(cfg: dict) -> List[dict]:
     runs = []
     base_flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.get("run", {}).items()]
     for group in cfg["groups"]:
-        for seed in group.get("seeds", cfg["seeds"]):
-            for router in group["routers"]:
-                # "default@bf16" = router "default" with the group's variant "bf16" of run flags.
-                kind, _, variant = router.partition("@")
-                flags = list(base_flags)
-                for k, v in {**group.get("model", {}), **group.get("run", {})}.items():
-                    flags.append(f"--{k.replace('_', '-')}={v}")
-                if variant and variant not in group.get("variants", {}):
-                    raise SystemExit(f"group {group['name']}: router {router!r} names an unknown variant {variant!r}")
-                extra = group.get("variants", {}).get(variant, {}) if variant else {}
-                flags += [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
-                run_dir = Path(cfg["runs_dir"]) / group["name"] / f"{router.replace('@', '-')}_s{seed}"
-                runs.append({"group": group["name"], "router": router, "seed": seed, "run_dir": str(run_dir),
-                             "args": ["--config", cfg["base_config"], "--router", kind, "--seed", str(seed),
-                                      "--ep-size", "1", "--run-dir", str(run_dir), "--auto-resume", *flags]})
+        # "router_seeds": {"default@beta0.5": [1]} runs a variant on fewer seeds; those runs come
+        # after the group's full-seed runs, so a stopped sweep has the full-seed pairs first.
+        router_seeds = group.get("router_seeds", {})
+        unknown = sorted(set(router_seeds) - set(group["routers"]))
+        if unknown:
+            raise SystemExit(f"group {group['name']}: router_seeds names router(s) not in routers: {unknown}")
+        order = [(seed, r) for seed in group.get("seeds", cfg["seeds"]) for r in group["routers"] if r not in router_seeds]
+        order += [(seed, r) for r in group["routers"] if r in router_seeds for seed in router_seeds[r]]
+        for seed, router in order:
+            # "default@bf16" = router "default" with the group's variant "bf16" of run flags.
+            kind, _, variant = router.partition("@")
+            flags = list(base_flags)
+            for k, v in {**group.get("model", {}), **group.get("run", {})}.items():
+                flags.append(f"--{k.replace('_', '-')}={v}")
+            if variant and variant not in group.get("variants", {}):
+                raise SystemExit(f"group {group['name']}: router {router!r} names an unknown variant {variant!r}")
+            extra = group.get("variants", {}).get(variant, {}) if variant else {}
+            flags += [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
+            run_dir = Path(cfg["runs_dir"]) / group["name"] / f"{router.replace('@', '-')}_s{seed}"
+            runs.append({"group": group["name"], "router": router, "seed": seed, "run_dir": str(run_dir),
+                         "args": ["--config", cfg["base_config"], "--router", kind, "--seed", str(seed),
+                                  "--ep-size", "1", "--run-dir", str(run_dir), "--auto-resume", *flags]})
     return runs
 
 

@@ -20,6 +20,7 @@ ACTIVATIONS = ("swiglu", "gelu")
 EMA_WEIGHTINGS = ("mean", "prob")
 EMA_STATS_DTYPES = ("float32", "bfloat16")
 NONFINITE_MODES = ("skip", "raise")
+STALE_DEFAULTS = ("keep", "zero", "mean")
 DROP_POLICIES = ("probs", "position")
 EXPERTS_BACKENDS = ("auto", "loop", "grouped_mm")
 SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -160,6 +161,11 @@ class MoEConfig:
             e.g. d y / d pi_j = D_j for unselected j), separating it from D acting as a bias in the
             forward. None (auto): True for softmax scores, False for sigmoid scores (their dense
             mixture gives most of its mass to the unselected experts; `defaults.GateForm`).
+        stale_defaults: what the default D_i of an expert that received no token in a step does at
+            that step's commit: "keep" (the paper: D_i stays), "zero" (decays toward zero at the EMA
+            rate, D_i <- beta D_i) or "mean" (toward the mean of the other experts' D). A kept D of
+            an expert the router stopped using is a bias every token still receives through
+            pi_i D_i (docs/measurements.md, the collapse study).
         nonfinite: what a non-finite router probability or expert output does: "skip" (that
             expert's D keeps its value this step, counted) or "raise" (FloatingPointError naming
             the layer and step; costs a host sync per forward).
@@ -200,6 +206,7 @@ class MoEConfig:
     ema_weighting: str = "mean"
     ema_stats_dtype: str = "float32"
     nonfinite: str = "skip"
+    stale_defaults: str = "keep"
     default_in_forward: Optional[bool] = None
     score_function: str = "softmax"
     route_scale: float = 1.0
@@ -252,6 +259,7 @@ class MoEConfig:
         _check_choice("ema_weighting", self.ema_weighting, EMA_WEIGHTINGS)
         _check_choice("ema_stats_dtype", self.ema_stats_dtype, EMA_STATS_DTYPES)
         _check_choice("nonfinite", self.nonfinite, NONFINITE_MODES)
+        _check_choice("stale_defaults", self.stale_defaults, STALE_DEFAULTS)
         if self.default_in_forward is not None and not isinstance(self.default_in_forward, bool):
             raise ValueError(f"MoEConfig.default_in_forward must be true, false or null (auto), got {self.default_in_forward!r}")
         self._check_modern_routing()

@@ -27,7 +27,8 @@ At the optimizer step, `commit_defaults(modules)` all-reduces the statistics of 
 one bucketed collective per reduction group (two with `ema_stats_dtype="bfloat16"`: bf16 sums,
 fp32 counts) and commits D_i <- beta D_i + (1 - beta) m_i, m_i the mean of expert i's raw
 (pre-gate) outputs over the step's token slots routed to it across the group (optionally
-pi-weighted); experts that received no token keep D_i. Where it is called:
+pi-weighted); experts that received no token keep D_i (`stale_defaults="keep"`, the paper) or
+decay toward zero or the other experts' mean ("zero", "mean"). Where it is called:
 - any `torch.optim.Optimizer` step (a process-wide step pre-hook) commits the layers whose
   parameters that optimizer holds, unless an engine hook owns the layer (plain loops, DDP,
   FSDP2, accelerate and the HF Trainer without DeepSpeed);
@@ -171,6 +172,8 @@ class ExpertDefaults(StepState):
         stats_dtype: "float32" or "bfloat16" (dtype of the all-reduced sums; counts stay fp32).
         nonfinite: "skip" or "raise".
         name: the layer's name, for messages.
+        stale_defaults: "keep", "zero" or "mean": what D_i of an expert that received no token
+            does at a commit (see `MoEConfig.stale_defaults`).
     """
 
     def __init__(
@@ -182,15 +185,20 @@ class ExpertDefaults(StepState):
         stats_dtype: str = "float32",
         nonfinite: str = "skip",
         name: str = "",
+        stale_defaults: str = "keep",
     ) -> None:
         super().__init__(name)
         self.beta, self.weighting, self.stats_dtype, self.nonfinite = beta, weighting, stats_dtype, nonfinite
+        self.stale_defaults = stale_defaults
         self.gate = GateForm()
         self.default_in_forward = True
         self.register_buffer("defaults_ED", torch.zeros(num_experts, hidden_size, dtype=torch.float32))
         # Per-expert (sum of raw outputs, weight) since the last commit: local, on the device.
         self.register_buffer("stats_ED1", torch.zeros(num_experts, hidden_size + 1, dtype=torch.float32), persistent=False)
         self.register_buffer("nonfinite_skips", torch.zeros((), dtype=torch.long), persistent=False)
+        # Consecutive commits at which each expert received no token (diagnostics: which part of
+        # the default term comes from experts the router stopped using).
+        self.register_buffer("idle_commits_E", torch.zeros(num_experts, dtype=torch.long), persistent=False)
         # The last commit's batch means and which experts it saw (diagnostics only).
         self.register_buffer("last_batch_mean_ED", None, persistent=False)
         self.register_buffer("last_seen_E", None, persistent=False)
@@ -209,6 +217,7 @@ class ExpertDefaults(StepState):
         """Applies a (re)config's EMA settings and gate form; the defaults themselves are kept."""
         self.beta, self.weighting = config.beta, config.ema_weighting
         self.stats_dtype, self.nonfinite = config.ema_stats_dtype, config.nonfinite
+        self.stale_defaults = config.stale_defaults
         self.gate = gate if gate is not None else GateForm.from_config(config)
         in_forward = config.default_in_forward
         self.default_in_forward = self.gate.forward_default if in_forward is None else in_forward
@@ -373,8 +382,22 @@ class ExpertDefaults(StepState):
             # A renormalised gate's default starts at the first mean, not at beta * 0 + ...: a
             # zero D would pull the output toward zero where the model assumed y_S.
             new_ED = torch.where(self.defaults_ED.ne(0).any(dim=1, keepdim=True), new_ED, mean_ED)
+        kept_ED = self.defaults_ED
+        if self.stale_defaults != "keep":
+            # An expert that received no token (and no non-finite output) moves toward its target
+            # at the EMA rate instead of keeping a D that no longer describes any routed token.
+            idle_E = (weight_E == 0) & finite_E
+            if self.stale_defaults == "zero":
+                target_ED = torch.zeros_like(self.defaults_ED)
+            else:  # the mean of the other experts' defaults
+                E = self.defaults_ED.shape[0]
+                total_D = self.defaults_ED.sum(0, keepdim=True)
+                target_ED = (total_D - self.defaults_ED) / max(E - 1, 1)
+            decayed_ED = self.beta * self.defaults_ED + (1.0 - self.beta) * target_ED
+            kept_ED = torch.where(idle_E[:, None], decayed_ED, self.defaults_ED)
         # In place: the buffer object stays the one engines and optimisers may hold.
-        self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, self.defaults_ED))
+        self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, kept_ED))
+        self.idle_commits_E.copy_(torch.where(weight_E > 0, torch.zeros_like(self.idle_commits_E), self.idle_commits_E + 1))
         self.num_updates += 1
         self.last_batch_mean_ED, self.last_seen_E = mean_ED, seen_E
         self._clear()
@@ -406,7 +429,7 @@ class ExpertDefaults(StepState):
     def extra_repr(self) -> str:
         E, D = self.defaults_ED.shape
         return (f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, gate={self.gate}, "
-                f"default_in_forward={self.default_in_forward}, "
+                f"default_in_forward={self.default_in_forward}, stale_defaults={self.stale_defaults}, "
                 f"stats_dtype={self.stats_dtype}, nonfinite={self.nonfinite}, committed_by={self.committed_by}")
 
 

@@ -9,6 +9,8 @@
 - `routing_fluctuation`: fraction of a fixed probe set of tokens whose (deterministic, eval-mode)
   top-1 expert changed since the last snapshot (StableMoE's metric, online form).
 - `defaults_report`: norms of the EMA default vectors and their distance from the last batch means.
+- `default_term_share`: the default term's share of the layer's output on a probe batch, and the
+  part of it from experts that have received no token for a while (idle experts).
 - `count_host_syncs`: counts the calls that make the host wait for the device (on CUDA), for
   tests and benchmarks that hold the layer to one per forward.
 
@@ -24,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from default_moe import comm
+from default_moe.defaults import ran_mask
 from default_moe.layer import MoELayer
 from default_moe.layer_utils import frozen_state
 from default_moe.losses import AuxLossAutoScaler
@@ -149,6 +152,45 @@ def defaults_report(layer: MoELayer) -> Optional[Dict[str, float]]:
         dist_E = (d.defaults_ED - d.last_batch_mean_ED).norm(dim=1)[d.last_seen_E]
         out["distance_to_batch_mean"] = dist_E.mean().item()
     return out
+
+
+def default_term_share(layer: MoELayer, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None,
+                       idle_after: int = 10) -> Optional[Dict[str, float]]:
+    """How much of the layer's output the default term makes, on a probe batch (eval routing).
+
+    Returns None for a layer without defaults, else:
+        default_share: ||default term||_F / ||routed output + default term||_F (the shared
+            experts left out), as the forward computes it whether or not the term is in the
+            forward (`default_in_forward=False` layers report what it would be).
+        idle_share: the part of the term from experts that received no token at the last
+            `idle_after` commits, over the same denominator.
+        idle_experts: how many experts that is.
+    """
+    d = layer.defaults
+    if d is None:
+        return None
+    was_training = layer.training
+    layer.eval()
+    try:
+        with torch.no_grad():
+            x_TD = x.detach().reshape(-1, x.shape[-1])
+            route = layer.router(x_TD, layer.groups, token_ids.reshape(-1) if token_ids is not None else None)
+            x_local, plan = layer.dispatcher.dispatch(x_TD, route.idx_TK, None)
+            y_TKD = layer.dispatcher.combine(layer.experts(x_local, plan.tokens_per_local_expert, plan.counts_L), plan)
+            routed_TD = (y_TKD * route.gates_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(1).float()
+            if route.output_scale_D is not None:
+                routed_TD = routed_TD * route.output_scale_D.float()
+            ran_TE = ran_mask(layer.config.num_experts, route.idx_TK)
+            w_TE = d.gate.dense_weights(route.probs_TE).masked_fill(ran_TE, 0.0) * d.gate.scale
+            idle_E = d.idle_commits_E >= idle_after
+            term_TD = w_TE @ d.defaults_ED
+            idle_TD = (w_TE * idle_E) @ d.defaults_ED
+            norms = torch.stack([term_TD.norm(), idle_TD.norm(), (routed_TD + term_TD).norm()]).double()
+    finally:
+        layer.train(was_training)
+    denom = norms[2].clamp_min(1e-30)
+    return {"default_share": (norms[0] / denom).item(), "idle_share": (norms[1] / denom).item(),
+            "idle_experts": int(idle_E.sum().item())}
 
 
 # Calls that wait for the device on CUDA: reading values on the host, or ops whose output size

@@ -40,7 +40,7 @@ from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
 SECTION_KEYS = ("router", "beta", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe",
-                "ema_stats_dtype", "nonfinite", "default_in_forward",
+                "ema_stats_dtype", "nonfinite", "default_in_forward", "stale_defaults",
                 "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
 AUTOEP_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 

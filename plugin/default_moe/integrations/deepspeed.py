@@ -43,7 +43,7 @@ SECTION = "default_moe"
 SECTION_FIELDS = (
     "router", "top_k", "beta", "ema_weighting", "normalize_topk", "ep_size",
     "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe",
-    "ema_stats_dtype", "nonfinite", "default_in_forward", "experts_backend",
+    "ema_stats_dtype", "nonfinite", "default_in_forward", "stale_defaults", "experts_backend",
     "score_function", "route_scale", "expert_bias", "expert_bias_update_rate", "num_expert_groups", "group_topk",
 )
 

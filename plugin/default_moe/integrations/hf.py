@@ -129,7 +129,7 @@ REFUSED: Dict[str, str] = {
               "Phi-3.5-MoE through AutoEP or MoELayer with router 'sparsemixer'",
 }
 HF_ROUTERS = ("default", "topk")
-SETTINGS = ("router", "beta", "ema_weighting", "ema_stats_dtype", "nonfinite", "default_in_forward", "normalize_topk",
+SETTINGS = ("router", "beta", "ema_weighting", "ema_stats_dtype", "nonfinite", "default_in_forward", "stale_defaults", "normalize_topk",
             "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
 
 

@@ -77,7 +77,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 SETTINGS = ("router", "beta", "ema_weighting", "sparsemixer", "stablemoe", "ema_stats_dtype", "nonfinite",
-            "default_in_forward",
+            "default_in_forward", "stale_defaults",
             "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
 MEGATRON_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
@@ -540,6 +540,9 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     group.add_argument("--moe-default-in-forward", default="auto", choices=["auto", "true", "false"],
                        help="the default term in the forward (true: the paper) or in the backward only (false); "
                             "auto: true for softmax routers, false for sigmoid ones")
+    group.add_argument("--moe-default-stale-defaults", default="keep", choices=["keep", "zero", "mean"],
+                       help="D of an expert that received no token in a step: keep it (the paper), or decay it "
+                            "toward zero or the other experts' mean")
     group.add_argument("--moe-sparsemixer-version", default="auto", choices=["auto", "v1", "v2"])
     group.add_argument("--moe-sparsemixer-jitter-eps", type=float, default=None)
     group.add_argument("--moe-stablemoe-stage2-step", type=int, default=None,
@@ -553,6 +556,7 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
         "router": args.moe_router_type, "beta": args.moe_default_beta,
         "ema_weighting": args.moe_default_ema_weighting, "ema_stats_dtype": args.moe_default_ema_stats_dtype,
         "nonfinite": args.moe_nonfinite,
+        "stale_defaults": getattr(args, "moe_default_stale_defaults", "keep"),
     }
     in_forward = getattr(args, "moe_default_in_forward", "auto")
     if in_forward != "auto":

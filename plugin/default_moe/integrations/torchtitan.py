@@ -42,7 +42,7 @@ from torchtitan.config import derive, override
 from torchtitan.models.common.moe import MoE
 from torchtitan.protocols.module import Module
 
-SETTINGS = ("router", "beta", "ema_weighting", "ema_stats_dtype", "nonfinite", "default_in_forward")
+SETTINGS = ("router", "beta", "ema_weighting", "ema_stats_dtype", "nonfinite", "default_in_forward", "stale_defaults")
 ROUTERS = ("default", "topk")
 
 

@@ -50,6 +50,9 @@ class RunConfig:
     ema_weighting: Optional[str] = None
     ema_stats_dtype: Optional[str] = None
     default_in_forward: Optional[bool] = None
+    stale_defaults: Optional[str] = None
+    aux_loss_coeff: Optional[float] = None
+    expert_bias: Optional[bool] = None
     model: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -127,7 +130,8 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
         with open(run.deepspeed_config) as fh:
             ds_config = json.load(fh)
         section = dict(ds_config.get("default_moe", {"enabled": True}))
-        for key in ("router", "beta", "ep_size", "ema_weighting", "ema_stats_dtype", "default_in_forward"):
+        for key in ("router", "beta", "ep_size", "ema_weighting", "ema_stats_dtype", "default_in_forward",
+                    "stale_defaults", "aux_loss_coeff", "expert_bias"):
             if getattr(run, key) is not None:
                 section[key] = getattr(run, key)
         if section.get("router") == "stablemoe" and "stablemoe" not in section:

@@ -54,16 +54,18 @@ def global_expert_counts(layer) -> torch.Tensor:
     return counts
 
 
-def _expert_load(model) -> Tuple[List[float], float]:
-    """Global load imbalance: per MoE layer, max/mean tokens over experts (1.0 = balanced), and
-    the worst layer's max/mean tokens over EP ranks (what sets an expert-parallel step's time)."""
-    per_layer, rank_load = [], 1.0
+def _expert_load(model) -> Tuple[List[float], float, List[List[float]]]:
+    """Global load imbalance: per MoE layer, max/mean tokens over experts (1.0 = balanced), the
+    worst layer's max/mean tokens over EP ranks (what sets an expert-parallel step's time), and
+    per layer each expert's share of the token slots."""
+    per_layer, rank_load, shares = [], 1.0, []
     for layer in model.moe_layers:
         counts = global_expert_counts(layer)
         per_layer.append((counts.max() / counts.mean().clamp_min(1e-9)).item())
         per_rank = counts.view(layer.config.ep_size, -1).sum(1)
         rank_load = max(rank_load, (per_rank.max() / per_rank.mean().clamp_min(1e-9)).item())
-    return per_layer, rank_load
+        shares.append([round(v, 5) for v in (counts / counts.sum().clamp_min(1)).tolist()])
+    return per_layer, rank_load, shares
 
 
 def run_diagnostics(engine, model, val_tokens, run: RunConfig, gpt: GPTConfig, rank: int, state: dict) -> Dict[str, float]:
@@ -100,6 +102,8 @@ def run_diagnostics(engine, model, val_tokens, run: RunConfig, gpt: GPTConfig, r
         report = diag.defaults_report(layer)
         for k, v in (report or {}).items():
             out[f"defaults_{k}_layer{i}"] = v
+        for k, v in (diag.default_term_share(layer, h, ids) or {}).items():
+            out[f"{k}_layer{i}"] = v
     return out
 
 
@@ -140,9 +144,10 @@ def _log_train(job, bar, done: int, local_loss: float) -> None:
     history, writer, model, scheduler = job.history, job.writer, job.model, job.scheduler
     train_loss = _mean_over_ranks(local_loss, job.engine.device)
     history["train"].append((done, train_loss))
-    load, rank_load = _expert_load(model)
+    load, rank_load, shares = _expert_load(model)
     history["load"].append((done, max(load)))
     history["rank_load"].append((done, rank_load))
+    history.setdefault("expert_share", []).append((done, shares))
     if job.rank == 0:
         aux = {k: float(v) for k, v in model.moe_layers[0].aux_losses.items()}
         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", load=f"{max(load):.2f}")
@@ -161,7 +166,7 @@ def _evaluate_and_diagnose(job, done: int, probe_state: dict) -> None:
     run, gpt, engine, model, rank, history, writer = job.run, job.gpt, job.engine, job.model, job.rank, job.history, job.writer
     val = evaluate(engine, job.val_tokens, run, gpt, rank)
     history["val"].append((done, val))
-    load, _ = _expert_load(model)
+    load, _, _ = _expert_load(model)
     diag = run_diagnostics(engine, model, job.val_tokens, run, gpt, rank, probe_state)
     history.setdefault("diagnostics", []).append((done, diag))
     if rank == 0:
