@@ -54,6 +54,7 @@ def test_user_text_and_binary_tokens(tmp_path, monkeypatch):
         (["--n-heads", "3"], "GPTConfig.d_model (128) must be divisible by GPTConfig.n_heads (3)"),
         (["--top-k", "9"], "MoEConfig.top_k must be <= num_experts (8)"),
         (["--deepspeed-config", "nope.json"], "nope.json"),
+        (["--stale-defaults", "often"], "MoEConfig.stale_defaults must be one of ['keep', 'zero', 'mean']"),
     ],
 )
 def test_bad_run_config_is_rejected_before_start(argv, needle, capsys, monkeypatch):
