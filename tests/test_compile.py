@@ -106,3 +106,34 @@ def test_default_runs_at_most_10_percent_more_aten_ops_than_topk():
             layer(x).square().mean().backward()
         ops[router] = Count.n
     assert ops["default"] <= 1.10 * ops["topk"], ops
+
+
+def test_compiled_backward_reads_the_aux_scale_set_after_the_forward():
+    """Engines set the aux-loss scale between forward and backward (1/GAS, the fp16 loss scale). A
+    compiled backward (AOT autograd, as inductor runs it) saved the scale tensor at the forward: the
+    change must neither fail its saved-tensor version check nor be missed. Found by the main job's
+    per-block compile under DeepSpeed."""
+    from default_moe.losses import AuxLossAutoScaler
+
+    def router_grad(layer, fn, scale):
+        AuxLossAutoScaler.set_loss_scale(1.0)
+        out = fn(torch.randn(64, 32, generator=torch.Generator().manual_seed(5)))
+        AuxLossAutoScaler.set_loss_scale(scale)
+        out.square().mean().backward()
+        g = [p.grad.clone() for p in layer.router.parameters()]
+        layer.zero_grad()
+        return g
+
+    try:
+        for scale in (0.25, 3.0):
+            eager = _layer(router="default", aux_loss_coeff=1.0)
+            compiled = _layer(router="default", aux_loss_coeff=1.0)
+            torch._dynamo.reset()
+            fn = torch.compile(compiled, backend="aot_eager")
+            for a, b in zip(router_grad(eager, eager, scale), router_grad(compiled, fn, scale)):
+                torch.testing.assert_close(a, b)
+        # The scale reaches the gradient: a different scale, a different router gradient.
+        base = _layer(router="default", aux_loss_coeff=1.0)
+        assert not torch.allclose(router_grad(base, base, 0.25)[0], router_grad(base, base, 3.0)[0])
+    finally:
+        AuxLossAutoScaler.set_loss_scale(1.0)

@@ -59,9 +59,15 @@ class AuxLossAutoScaler(torch.autograd.Function):
     @staticmethod
     def set_loss_scale(scale: float) -> None:
         AuxLossAutoScaler.main_loss_backward_scale = float(scale)
+        if _SCALE_VALUE[0] == float(scale):
+            return
         _SCALE_VALUE[0] = float(scale)
         for t in _SCALES.values():
-            t.fill_(float(scale))
+            # Through `.data`: the fill must not bump the tensor's version counter. A compiled
+            # backward (AOT autograd) saved this tensor at the forward and refuses to run on a
+            # saved tensor modified since; reading the value set here, at backward time, is what
+            # the scale is for (an engine sets it between forward and backward).
+            t.data.fill_(float(scale))
 
 
 def switch_load_balancing_loss(

@@ -86,6 +86,16 @@ def build(run: RunConfig, gpt: GPTConfig, ds_config: Dict[str, Any], resume: boo
 
     torch.manual_seed(run.seed)  # same initial weights on every rank; the section shards experts
     model = GPT(gpt)
+    if run.compile:
+        import torch.fx.experimental._config as fx_config
+
+        # Per block, in place (state-dict keys unchanged): the MoE layer's data-dependent split
+        # sizes break each block's graph where the host needs them, and nowhere else. Without
+        # size-oblivious guards dynamo specialises an expert's token count of 0 or 1 (contiguity
+        # checks on its rows) and compiles a new graph whenever some expert gets 0 or 1 tokens.
+        fx_config.backed_size_oblivious = True
+        for block in model.blocks:
+            block.compile()
     ds_config = dict(ds_config)
     ds_config["train_micro_batch_size_per_gpu"] = run.micro_batch
     ds_config.setdefault("gradient_accumulation_steps", 1)

@@ -41,6 +41,9 @@ class RunConfig:
     seed: int = 1234
     # Every collective fails after this long instead of hanging (a dead or diverged rank).
     dist_timeout_s: float = 600.0
+    # torch.compile each transformer block (torchtitan's per-block compile, inductor, default
+    # mode); the compiled-graph count per log step goes to metrics.json ("compiled_graphs").
+    compile: bool = False
     # Stop (with a final eval and checkpoint) after the step that passes this much wall time.
     max_minutes: Optional[float] = None
     # Overrides of the DeepSpeed "default_moe" section (None: keep the JSON's value).

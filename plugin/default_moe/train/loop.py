@@ -148,6 +148,11 @@ def _log_train(job, bar, done: int, local_loss: float) -> None:
     history["load"].append((done, max(load)))
     history["rank_load"].append((done, rank_load))
     history.setdefault("expert_share", []).append((done, shares))
+    if job.run.compile:
+        from torch._dynamo.utils import counters
+
+        # Graphs compiled so far in this process: flat after warm-up means no recompiles.
+        history.setdefault("compiled_graphs", []).append((done, int(counters["stats"]["unique_graphs"])))
     if job.rank == 0:
         aux = {k: float(v) for k, v in model.moe_layers[0].aux_losses.items()}
         bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", load=f"{max(load):.2f}")
