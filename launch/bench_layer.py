@@ -4,6 +4,12 @@ Run on all local ranks with `bash launch/bench_layer.sh` (EP = world size). The 
 in interleaved rounds (same process, same data) so the ratio is not skewed by drift; each figure is
 the median over rounds. Prints tokens/s over all ranks, the ratio to TopK, and the collectives one
 step issues (calls and bytes, forward and backward) as counted by `default_moe.count_collectives`.
+
+"experts GEMMs only" times the same experts module alone (fwd+bwd) on rows already sorted by
+expert, with the per-expert counts TopK's routing gave: the work no MoE layer can avoid. A router's
+efficiency is that time over its step time (1.0: routing, dispatch, combine and Default MoE's term
+and statistics cost nothing). With `--experts-backend grouped_mm` the experts run as one grouped GEMM
+(`torch._grouped_mm`, which torch 2.13 also has on CPU; needs 16-byte rows).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from default_moe import MoEConfig, MoELayer, commit_defaults, count_collectives
 from default_moe.parallel import init_distributed_from_env
 
 VARIANTS = ["topk", "default"]
+GEMMS = "experts GEMMs only"
 
 
 def main() -> None:
@@ -31,6 +38,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--iters", type=int, default=3, help="timed steps per variant per round")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--experts-backend", default="auto", choices=["auto", "loop", "grouped_mm"])
     args = ap.parse_args()
 
     rank, world, device = init_distributed_from_env()
@@ -39,7 +47,7 @@ def main() -> None:
     for router in VARIANTS:
         torch.manual_seed(0)
         cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, ffn_hidden_size=args.ffn,
-                        top_k=args.top_k, router=router, ep_size=world)
+                        top_k=args.top_k, router=router, ep_size=world, experts_backend=args.experts_backend)
         layers[router] = MoELayer(cfg).to(device=device, dtype=dtype)
     x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, generator=None)
     g = torch.randn_like(x)
@@ -61,21 +69,41 @@ def main() -> None:
         with count_collectives() as c:
             step(layer)
         counts[key] = c.summary()
-    times = {key: [] for key in layers}
+    # The experts alone on this rank's rows (sorted by expert), with TopK's per-expert counts.
+    experts = layers["topk"].experts
+    counts_E = layers["topk"].tokens_per_expert.clone()
+    if world > 1:  # the rows this rank's experts receive: every rank's slots for them
+        dist.all_reduce(counts_E)
+    local_counts = [int(counts_E[e]) for e in layers["topk"].local_expert_ids]
+    rows = sum(local_counts)
+    xs = torch.randn(rows, args.hidden, device=device, dtype=dtype)
+    gs = torch.randn(rows, args.hidden, device=device, dtype=dtype)
+    counts_L = torch.tensor(local_counts, device=device)
+
+    def gemm_step(_):
+        xi = xs.detach().requires_grad_(True)
+        (experts(xi, local_counts, counts_L) * gs).sum().backward()
+
+    runners = {key: (lambda k=key: step(layers[k])) for key in VARIANTS}
+    runners[GEMMS] = lambda: gemm_step(None)
+    times = {key: [] for key in runners}
+    keys = [*VARIANTS, GEMMS]
     for r in range(args.rounds):
-        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        order = keys if r % 2 == 0 else keys[::-1]
         for key in order:
             sync_all()
             t0 = time.perf_counter()
             for _ in range(args.iters):
-                step(layers[key])
+                runners[key]()
             sync_all()
             times[key].append((time.perf_counter() - t0) / args.iters)
     if rank == 0:
         print(f"world={world} ep={world} device={device} dtype={args.dtype} tokens/rank={args.tokens} "
-              f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters}")
-        print("| router | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | all-to-all calls, KiB | all-reduce calls, KiB |")
-        print("|---|---|---|---|---|---|")
+              f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters} "
+              f"experts_backend={args.experts_backend} threads={torch.get_num_threads()}")
+        print("| router | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | "
+              "efficiency (experts GEMMs / step, paired) | all-to-all calls, KiB | all-reduce calls, KiB |")
+        print("|---|---|---|---|---|---|---|")
         for key in VARIANTS:
             t = statistics.median(times[key])
             c = counts[key]
@@ -84,8 +112,11 @@ def main() -> None:
             # Paired per-round ratios: both variants ran back to back, so drift cancels.
             ratios = sorted(a / b for a, b in zip(times[key], times[VARIANTS[0]]))
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+            eff = statistics.median(g / a for g, a in zip(times[GEMMS], times[key]))
             print(f"| {key} | {t*1e3:.1f} | {args.tokens*world/t:,.0f} | "
-                  f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f}) | {a2a[0]}, {a2a[1]/1024:.1f} | {ar[0]}, {ar[1]/1024:.2f} |")
+                  f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f}) | {eff:.3f} | "
+                  f"{a2a[0]}, {a2a[1]/1024:.1f} | {ar[0]}, {ar[1]/1024:.2f} |")
+        print(f"| {GEMMS} | {statistics.median(times[GEMMS])*1e3:.1f} | - | - | 1.000 | - | - |")
     if dist.is_initialized():
         dist.destroy_process_group()
 
