@@ -104,6 +104,9 @@ def summarise(cfg: dict, runs: List[dict], out_dir: Path) -> dict:
             "fidelity": {k: v for k, v in m["history"].get("diagnostics", [[0, {}]])[-1][1].items() if k.startswith("fidelity")},
             "load": m["history"]["load"], "expert_share": m.get("expert_share_per_layer"),
             "default_norm": m.get("default_norm_per_layer"), "median_step_s": m["median_step_s"],
+            "expert_share_history": m["history"].get("expert_share"),
+            "share_history": [(st, {k: v for k, v in d.items() if k.startswith(("default_share", "idle_share"))})
+                              for st, d in m["history"].get("diagnostics", [])],
         }
     summary: Dict[str, dict] = {}
     lines = [f"# Router sweep: {cfg.get('title', '')}", "",
@@ -159,11 +162,109 @@ def summarise(cfg: dict, runs: List[dict], out_dir: Path) -> dict:
             for i, st in enumerate(any_delta["steps"]):
                 lines.append(f"| {st} | " + " | ".join(f"{d['mean'][i]:+.4f}" for d in gs["paired_delta_vs_topk"].values()) + " |")
             lines.append("")
+    lines += collapse_report(results, summary, out_dir)
     (out_dir / "results.json").write_text(json.dumps({"config": {k: v for k, v in cfg.items() if k != '_path'},
                                                       "summary": summary, "raw": results}, indent=1))
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     plots(summary, results, out_dir)
     return summary
+
+
+DEAD_SHARE = 0.1  # an expert is dead when its share of the token slots is below 10% of uniform
+DEAD_WINDOW = 10  # ... averaged over the last this many logged steps (one micro-batch each)
+
+
+def _dead_counts(history: list, upto: int) -> List[int]:
+    """Per layer, the experts whose mean share over the DEAD_WINDOW logged steps up to `upto` is
+    below DEAD_SHARE of uniform."""
+    window = [sh for st, sh in history if st <= upto][-DEAD_WINDOW:]
+    if not window:
+        return []
+    out = []
+    for layer in range(len(window[0])):
+        E = len(window[0][layer])
+        mean = [statistics.mean(w[layer][e] for w in window) for e in range(E)]
+        out.append(sum(v < DEAD_SHARE / E for v in mean))
+    return out
+
+
+def collapse_report(results: dict, summary: dict, out_dir: Path) -> List[str]:
+    """Dead experts and the default term's share of the output, per router: a table per group and
+    the plots dead_experts.png, default_share.png and load_time.png (runs without the per-step
+    expert shares, from before they were logged, are left out)."""
+    lines: List[str] = []
+    groups = {g: r for g, r in results.items()
+              if any(s.get("expert_share_history") for seeds in r.values() for s in seeds.values())}
+    if not groups:
+        return lines
+    lines += ["## Dead experts and the default term", "",
+              f"Dead expert: mean share of the token slots over the last {DEAD_WINDOW} logged steps below "
+              f"{DEAD_SHARE:.0%} of uniform. Default share: ||default term|| / ||routed output + default term|| on the "
+              "probe batch (what the term would be where it is not in the forward); idle share: the part from "
+              "experts that received no token at the last 10 optimizer steps. Per layer, mean over seeds, at the "
+              "last evaluation.", ""]
+    for g, routers in groups.items():
+        lines += [f"### {g}", "", "| router | seeds | dead experts per layer (each seed) | default share per layer | "
+                  "idle share per layer | max/mean load |", "|---|---|---|---|---|---|"]
+        for rname, seeds in routers.items():
+            dead = [_dead_counts(s["expert_share_history"] or [], 10 ** 9) for s in seeds.values()]
+            last = [s["share_history"][-1][1] for s in seeds.values() if s["share_history"]]
+            nl = len(dead[0]) if dead and dead[0] else 0
+
+            def per_layer(key, last=last, nl=nl):
+                vals = [statistics.mean(d[f"{key}_layer{i}"] for d in last if f"{key}_layer{i}" in d)
+                        for i in range(nl) if any(f"{key}_layer{i}" in d for d in last)]
+                return " ".join(f"{v:.3f}" for v in vals) or "-"
+
+            lines.append(f"| {rname} | {len(seeds)} | {' / '.join(' '.join(map(str, d)) for d in dead)} | "
+                         f"{per_layer('default_share')} | {per_layer('idle_share')} | "
+                         f"{summary[g]['routers'][rname]['max_over_mean_load']:.2f} |")
+        lines.append("")
+    names = list(groups)
+    with _panels(out_dir / "dead_experts.png", len(names), 3.4) as axes:
+        for ax, g in zip(axes, names):
+            for rname, seeds in groups[g].items():
+                hist = [s["expert_share_history"] for s in seeds.values() if s["expert_share_history"]]
+                steps = [st for st, _ in hist[0]][DEAD_WINDOW - 1 :: DEAD_WINDOW // 2]
+                ax.plot(steps, [statistics.mean(sum(_dead_counts(h, st)) for h in hist) for st in steps], label=rname)
+            ax.set_title(f"{g}: dead experts (all layers, mean over seeds)", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+    with _panels(out_dir / "default_share.png", len(names), 3.4) as axes:
+        for ax, g in zip(axes, names):
+            for rname, seeds in groups[g].items():
+                if not rname.startswith("default"):
+                    continue
+                hist = [s["share_history"] for s in seeds.values() if s["share_history"]]
+                steps = [st for st, _ in hist[0]]
+
+                def curve(key, hist=hist, steps=steps):
+                    return [statistics.mean(statistics.mean(v for k, v in h[j][1].items() if k.startswith(key))
+                                            for h in hist) for j in range(len(steps))]
+
+                line, = ax.plot(steps, curve("default_share"), label=f"{rname}: all")
+                ax.plot(steps, curve("idle_share"), "--", color=line.get_color(), label=f"{rname}: idle experts")
+            ax.set_title(f"{g}: default term / output norm (mean of layers, seeds)", fontsize=9)
+            ax.set_xlabel("step")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=5)
+    for g in names:
+        routers = {r: s for r, s in groups[g].items() if next(iter(s.values()))["expert_share_history"]}
+        with _panels(out_dir / f"load_time_{g}.png", len(routers), 3.0) as axes:
+            for ax, (rname, seeds) in zip(axes, routers.items()):
+                seed = min(seeds)
+                hist = seeds[seed]["expert_share_history"]
+                steps = [st for st, _ in hist]
+                E = len(hist[0][1][0])
+                for e in range(E):
+                    ax.plot(steps, [E * sh[0][e] for _, sh in hist], lw=0.8)
+                ax.set_yscale("symlog", linthresh=0.1)
+                ax.axhline(DEAD_SHARE, color="k", lw=0.6, ls=":")
+                ax.set_title(f"{rname} (seed {seed}), layer 0", fontsize=8)
+                ax.set_xlabel("step")
+                ax.set_ylabel("load / uniform")
+    return lines
 
 
 @contextlib.contextmanager
