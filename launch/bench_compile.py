@@ -4,8 +4,11 @@
 ops per forward+backward (each a kernel launch on a GPU).
 
     python launch/bench_compile.py [--steps 20] [--threads 1]
+    python launch/bench_compile.py --main-job [--steps 60]    # the main job, eager vs --compile true
 
-Prints one table; same-run ratios only.
+Prints one table; same-run ratios only. `--main-job` runs `launch/train.py` (one process, one
+thread, its default 2048 tokens per step) eagerly and with per-block compile, and prints the
+median step time after warm-up, the compiled graphs over the run and the loss difference.
 """
 
 from __future__ import annotations
@@ -74,6 +77,43 @@ def ops_per_step(router, T, D, F, E, k):
     return c.n
 
 
+def main_job(steps: int, router: str) -> int:
+    """The main job eagerly and with `--compile true`, same seed: step time, graphs, losses."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import tempfile
+
+    root = Path(__file__).resolve().parents[1]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, extra in (("eager", []), ("compiled", ["--compile", "true"])):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+                   "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            run_dir = Path(tmp) / name
+            subprocess.run([sys.executable, str(root / "launch" / "train.py"), "--router", router, "--ep-size", "1",
+                            "--run-dir", str(run_dir), "--steps", str(steps), "--eval-every", str(steps),
+                            "--ckpt-every", str(steps), "--log-every", "1", *extra],
+                           cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
+            out[name] = json.loads((run_dir / "metrics.json").read_text())["history"]
+    warm = 5
+    t = {n: statistics.median(h["step_time"][warm:]) for n, h in out.items()}
+    graphs = [g for _, g in out["compiled"]["compiled_graphs"]]
+    diff = max(abs(a[1] - b[1]) for a, b in zip(out["eager"]["train"], out["compiled"]["train"]))
+    print("| router | steps | eager step ms | compiled step ms | eager/compiled | graphs after step 1, 5, last | "
+          "max loss difference |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| {router} | {steps} | {t['eager'] * 1e3:.0f} | {t['compiled'] * 1e3:.0f} | {t['eager'] / t['compiled']:.2f} | "
+          f"{graphs[0]}, {graphs[4]}, {graphs[-1]} | {diff:.1e} |")
+    print(f"main job (configs/gpt_tiny.json, 2048 tokens/step), 1 process, 1 thread, medians after step {warm}, "
+          f"torch {torch.__version__}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=20)
@@ -82,7 +122,11 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="2048,128,256,8,2", help="T,D,F,E,k of the compile runs")
     ap.add_argument("--ops-size", default="4096,256,512,8,2", help="T,D,F,E,k of the op count")
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU device check runs it)")
+    ap.add_argument("--main-job", action="store_true", help="time the main job eager vs --compile true instead")
+    ap.add_argument("--router", default="default", help="the main job's router (--main-job)")
     args = ap.parse_args(argv)
+    if args.main_job:
+        return main_job(args.steps, args.router)
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
