@@ -92,25 +92,60 @@ def main_job(steps: int, router: str) -> int:
             with socket.socket() as s:
                 s.bind(("127.0.0.1", 0))
                 port = s.getsockname()[1]
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-                   "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "RANK": "0",
+                "LOCAL_RANK": "0",
+                "WORLD_SIZE": "1",
+                "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
             run_dir = Path(tmp) / name
-            subprocess.run([sys.executable, str(root / "launch" / "train.py"), "--router", router, "--ep-size", "1",
-                            "--run-dir", str(run_dir), "--steps", str(steps), "--eval-every", str(steps),
-                            "--ckpt-every", str(steps), "--log-every", "1", *extra],
-                           cwd=root, env=env, check=True, stdout=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    sys.executable,
+                    str(root / "launch" / "train.py"),
+                    "--router",
+                    router,
+                    "--ep-size",
+                    "1",
+                    "--run-dir",
+                    str(run_dir),
+                    "--steps",
+                    str(steps),
+                    "--eval-every",
+                    str(steps),
+                    "--ckpt-every",
+                    str(steps),
+                    "--log-every",
+                    "1",
+                    *extra,
+                ],
+                cwd=root,
+                env=env,
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
             out[name] = json.loads((run_dir / "metrics.json").read_text())["history"]
     warm = 5
     t = {n: statistics.median(h["step_time"][warm:]) for n, h in out.items()}
     graphs = [g for _, g in out["compiled"]["compiled_graphs"]]
     diff = max(abs(a[1] - b[1]) for a, b in zip(out["eager"]["train"], out["compiled"]["train"]))
-    print("| router | steps | eager step ms | compiled step ms | eager/compiled | graphs after step 1, 5, last | "
-          "max loss difference |")
+    print(
+        "| router | steps | eager step ms | compiled step ms | eager/compiled | graphs after step 1, 5, last | "
+        "max loss difference |"
+    )
     print("|---|---|---|---|---|---|---|")
-    print(f"| {router} | {steps} | {t['eager'] * 1e3:.0f} | {t['compiled'] * 1e3:.0f} | {t['eager'] / t['compiled']:.2f} | "
-          f"{graphs[0]}, {graphs[4]}, {graphs[-1]} | {diff:.1e} |")
-    print(f"main job (configs/gpt_tiny.json, 2048 tokens/step), 1 process, 1 thread, medians after step {warm}, "
-          f"torch {torch.__version__}")
+    print(
+        f"| {router} | {steps} | {t['eager'] * 1e3:.0f} | {t['compiled'] * 1e3:.0f} | {t['eager'] / t['compiled']:.2f} | "
+        f"{graphs[0]}, {graphs[4]}, {graphs[-1]} | {diff:.1e} |"
+    )
+    print(
+        f"main job (configs/gpt_tiny.json, 2048 tokens/step), 1 process, 1 thread, medians after step {warm}, "
+        f"torch {torch.__version__}"
+    )
     return 0
 
 
@@ -143,22 +178,35 @@ def main(argv=None) -> int:
         _, t_eager = train_steps(eager, eager, args.steps, T, D)
         ops = ops_per_step(router, *map(int, args.ops_size.split(",")))
         w = args.warmup
-        rows.append({
-            "router": router, "graphs": ex.graph_count, "breaks": ex.graph_break_count,
-            "new_graphs_per_step": new_graphs, "recompiles_after_warmup": sum(new_graphs[w:]),
-            "eager_ms": statistics.median(t_eager[w:]) * 1e3, "compiled_ms": statistics.median(t_comp[w:]) * 1e3,
-            "first_steps_s": [round(t, 2) for t in t_comp[:w]], "ops": ops,
-            "break_reasons": sorted({b.reason.splitlines()[0] for b in ex.break_reasons}),
-        })
-    print(f"| router | graphs | breaks | new graphs per step (first {args.steps}) | graphs after step {args.warmup} | "
-          f"eager ms | compiled ms | eager/compiled | aten ops fwd+bwd ({args.ops_size}) |")
+        rows.append(
+            {
+                "router": router,
+                "graphs": ex.graph_count,
+                "breaks": ex.graph_break_count,
+                "new_graphs_per_step": new_graphs,
+                "recompiles_after_warmup": sum(new_graphs[w:]),
+                "eager_ms": statistics.median(t_eager[w:]) * 1e3,
+                "compiled_ms": statistics.median(t_comp[w:]) * 1e3,
+                "first_steps_s": [round(t, 2) for t in t_comp[:w]],
+                "ops": ops,
+                "break_reasons": sorted({b.reason.splitlines()[0] for b in ex.break_reasons}),
+            }
+        )
+    print(
+        f"| router | graphs | breaks | new graphs per step (first {args.steps}) | graphs after step {args.warmup} | "
+        f"eager ms | compiled ms | eager/compiled | aten ops fwd+bwd ({args.ops_size}) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['router']} | {r['graphs']} | {r['breaks']} | {' '.join(map(str, r['new_graphs_per_step']))} | "
-              f"{r['recompiles_after_warmup']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
-              f"{r['eager_ms'] / r['compiled_ms']:.2f} | {r['ops']} |")
-    print(f"Default/TopK aten ops: {rows[1]['ops'] / rows[0]['ops']:.3f}; break reasons: "
-          + "; ".join(f"{r['router']}: {', '.join(r['break_reasons'])}" for r in rows))
+        print(
+            f"| {r['router']} | {r['graphs']} | {r['breaks']} | {' '.join(map(str, r['new_graphs_per_step']))} | "
+            f"{r['recompiles_after_warmup']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | "
+            f"{r['eager_ms'] / r['compiled_ms']:.2f} | {r['ops']} |"
+        )
+    print(
+        f"Default/TopK aten ops: {rows[1]['ops'] / rows[0]['ops']:.3f}; break reasons: "
+        + "; ".join(f"{r['router']}: {', '.join(r['break_reasons'])}" for r in rows)
+    )
     print(f"T,D,F,E,k = {args.size}, EP 1, {DEVICE}, {args.threads} thread(s), torch {torch.__version__}")
     return 0
 

@@ -52,8 +52,17 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-_COLLECTIVES = ("all_to_all_single", "all_to_all", "all_reduce", "all_gather", "all_gather_into_tensor",
-                "reduce_scatter_tensor", "broadcast", "_all_gather_base", "_reduce_scatter_base")
+_COLLECTIVES = (
+    "all_to_all_single",
+    "all_to_all",
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "_all_gather_base",
+    "_reduce_scatter_base",
+)
 
 
 @contextlib.contextmanager
@@ -69,6 +78,7 @@ def count_all_collectives(records: list):
             elif isinstance(t, (list, tuple)):
                 records.append((name, sum(x.numel() * x.element_size() for x in t)))
             return fn(*args, **kwargs)
+
         return counted
 
     for name, fn in originals.items():
@@ -99,8 +109,7 @@ def saved_bytes(acc: list):
         yield acc
 
 
-IMPLS = ("ours topk", "ours default", "ours topk grouped_mm", "deepspeed cf1.25", "deepspeed dropless",
-         "megatron-core")
+IMPLS = ("ours topk", "ours default", "ours topk grouped_mm", "deepspeed cf1.25", "deepspeed dropless", "megatron-core")
 
 
 def _importable(name: str) -> bool:
@@ -113,13 +122,25 @@ def build(args, world, first=True):
     from default_moe import MoEConfig, MoELayer
 
     out = {}
-    for name, router, backend in (("ours topk", "topk", "loop"), ("ours default", "default", "loop"),
-                                  ("ours topk grouped_mm", "topk", "grouped_mm")):
+    for name, router, backend in (
+        ("ours topk", "topk", "loop"),
+        ("ours default", "default", "loop"),
+        ("ours topk grouped_mm", "topk", "grouped_mm"),
+    ):
         if name not in args.impls:
             continue
         torch.manual_seed(0)
-        out[name] = MoELayer(MoEConfig(hidden_size=args.hidden, num_experts=args.experts, ffn_hidden_size=args.ffn,
-                                       top_k=args.top_k, router=router, ep_size=world, experts_backend=backend))
+        out[name] = MoELayer(
+            MoEConfig(
+                hidden_size=args.hidden,
+                num_experts=args.experts,
+                ffn_hidden_size=args.ffn,
+                top_k=args.top_k,
+                router=router,
+                ep_size=world,
+                experts_backend=backend,
+            )
+        )
     if any(n.startswith("deepspeed") for n in args.impls) and _importable("deepspeed"):
         _build_deepspeed(out, args, world, first)
     if "megatron-core" in args.impls and _importable("megatron.core"):
@@ -140,9 +161,18 @@ def _build_deepspeed(out, args, world, first):
         if name not in args.impls:
             continue
         torch.manual_seed(0)
-        moe = MoE(hidden_size=args.hidden, expert=SwiGLU(args.hidden, args.ffn), num_experts=args.experts,
-                  ep_size=world, k=args.top_k, capacity_factor=1.25, eval_capacity_factor=1.25, min_capacity=4,
-                  drop_tokens=drop, use_rts=False)
+        moe = MoE(
+            hidden_size=args.hidden,
+            expert=SwiGLU(args.hidden, args.ffn),
+            num_experts=args.experts,
+            ep_size=world,
+            k=args.top_k,
+            capacity_factor=1.25,
+            eval_capacity_factor=1.25,
+            min_capacity=4,
+            drop_tokens=drop,
+            use_rts=False,
+        )
         moe.set_deepspeed_parallelism()
         out[name] = moe
 
@@ -162,11 +192,23 @@ def _build_megatron(out, args, world, first):
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_model_parallel_size=world)
     model_parallel_cuda_manual_seed(0)
-    cfg = TransformerConfig(num_layers=1, hidden_size=args.hidden, num_attention_heads=4, num_moe_experts=args.experts,
-                            moe_router_topk=args.top_k, moe_ffn_hidden_size=args.ffn, ffn_hidden_size=args.ffn,
-                            moe_token_dispatcher_type="alltoall", moe_router_pre_softmax=True,
-                            moe_aux_loss_coeff=0.01, use_cpu_initialization=True, add_bias_linear=False,
-                            gated_linear_unit=True, activation_func=F.silu, expert_model_parallel_size=world)
+    cfg = TransformerConfig(
+        num_layers=1,
+        hidden_size=args.hidden,
+        num_attention_heads=4,
+        num_moe_experts=args.experts,
+        moe_router_topk=args.top_k,
+        moe_ffn_hidden_size=args.ffn,
+        ffn_hidden_size=args.ffn,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_pre_softmax=True,
+        moe_aux_loss_coeff=0.01,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        expert_model_parallel_size=world,
+    )
     spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False)
     out["megatron-core"] = McoreMoE(cfg, compat.moe_spec_submodules(spec.submodules.mlp))
 
@@ -228,12 +270,18 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
         for op, nbytes in records:
             c, b = ops.get(op, (0, 0))
             ops[op] = (c + 1, b + nbytes)
-        extra[n] = {"mem_bytes": mem, "saved_bytes": acc[0], "host_syncs": syncs.count, "host_sync_calls": syncs.calls,
-                    "collectives": sum(c for c, _ in ops.values()),
-                    "collective_bytes": sum(b for _, b in ops.values()), "by_op": ops}
+        extra[n] = {
+            "mem_bytes": mem,
+            "saved_bytes": acc[0],
+            "host_syncs": syncs.count,
+            "host_sync_calls": syncs.calls,
+            "collectives": sum(c for c, _ in ops.values()),
+            "collective_bytes": sum(b for _, b in ops.values()),
+            "by_op": ops,
+        }
     times = {n: [] for n in names}
     for r in range(args.rounds):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in names if r % 2 == 0 else names[::-1]:
             sync()
             t0 = time.perf_counter()
             for _ in range(args.iters):
@@ -253,21 +301,33 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
     rows = []
     for n in names:
         t = statistics.median(times[n])
-        q1, q3 = (statistics.quantiles(times[n], n=4)[0], statistics.quantiles(times[n], n=4)[2]) if len(times[n]) > 1 \
-            else (t, t)
+        q1, q3 = (statistics.quantiles(times[n], n=4)[0], statistics.quantiles(times[n], n=4)[2]) if len(times[n]) > 1 else (t, t)
         # Expert FLOPs actually needed (3 GEMMs of T*k rows, x3 for forward+backward), all ranks.
         flops = 3 * 2 * 3 * a.tokens * a.top_k * a.hidden * a.ffn * world
-        rows.append({"name": n, **size, "world": world, "ms": t * 1e3, "ms_iqr": [q1 * 1e3, q3 * 1e3],
-                     "tokens_per_s": a.tokens * world / t, "ratio_to_ours_topk": t / base if base else float("nan"),
-                     "expert_tflops": flops / t / 1e12, **extra[n]})
+        rows.append(
+            {
+                "name": n,
+                **size,
+                "world": world,
+                "ms": t * 1e3,
+                "ms_iqr": [q1 * 1e3, q3 * 1e3],
+                "tokens_per_s": a.tokens * world / t,
+                "ratio_to_ours_topk": t / base if base else float("nan"),
+                "expert_tflops": flops / t / 1e12,
+                **extra[n],
+            }
+        )
     del layers
     return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sizes", default="4096:256:512:8:2",
-                    help="comma-separated T:D:F:E:k (tokens per rank, hidden, expert ffn, experts, top-k)")
+    ap.add_argument(
+        "--sizes",
+        default="4096:256:512:8:2",
+        help="comma-separated T:D:F:E:k (tokens per rank, hidden, expert ffn, experts, top-k)",
+    )
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--json", default=None, help="also write the rows here (rank 0)")
@@ -294,8 +354,11 @@ def main() -> None:
         if rank == 0:
             print(f"[bench] EP={world} size {i + 1}/{len(sizes)} done", file=sys.stderr, flush=True)
     if rank == 0:
-        dev = (f"{torch.cuda.get_device_name()}, {args.dtype}" if torch.cuda.is_available()
-               else f"CPU ({os.cpu_count()} cores), {args.dtype}, gloo")
+        dev = (
+            f"{torch.cuda.get_device_name()}, {args.dtype}"
+            if torch.cuda.is_available()
+            else f"CPU ({os.cpu_count()} cores), {args.dtype}, gloo"
+        )
         print(f"EP={world}: {world} process(es), {dev}; median of {args.rounds} interleaved rounds x {args.iters}")
         print(table(rows))
         if args.json:
@@ -306,13 +369,18 @@ def main() -> None:
 
 
 def table(rows: list) -> str:
-    out = ["| EP | T/rank | D | F | E | k | implementation | ms / fwd+bwd | tokens/s | / ours topk | memory MiB | "
-           "saved for bwd MiB | host syncs | collectives (bytes) |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| EP | T/rank | D | F | E | k | implementation | ms / fwd+bwd | tokens/s | / ours topk | memory MiB | "
+        "saved for bwd MiB | host syncs | collectives (bytes) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['world']} | {r['tokens']} | {r['hidden']} | {r['ffn']} | {r['experts']} | {r['top_k']} | "
-                   f"{r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_ours_topk']:.3f} | "
-                   f"{r['mem_bytes'] / 2**20:.1f} | {r.get('saved_bytes', 0) / 2**20:.1f} | {r.get('host_syncs', '-')} | "
-                   f"{r['collectives']} ({r['collective_bytes'] / 2**20:.2f} MiB) |")
+        out.append(
+            f"| {r['world']} | {r['tokens']} | {r['hidden']} | {r['ffn']} | {r['experts']} | {r['top_k']} | "
+            f"{r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_ours_topk']:.3f} | "
+            f"{r['mem_bytes'] / 2**20:.1f} | {r.get('saved_bytes', 0) / 2**20:.1f} | {r.get('host_syncs', '-')} | "
+            f"{r['collectives']} ({r['collective_bytes'] / 2**20:.2f} MiB) |"
+        )
     return "\n".join(out)
 
 
@@ -328,10 +396,18 @@ def report(paths: list, out_dir: str) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(runs, f, indent=1)
-    md = ["# MoE layer benchmark: ours vs DeepSpeed MoE vs megatron-core", "",
-          f"Device: {runs[0]['device'] if runs else '-'}. Command: `bash launch/bench_engines.sh`.", "", table(rows), ""]
+    md = [
+        "# MoE layer benchmark: ours vs DeepSpeed MoE vs megatron-core",
+        "",
+        f"Device: {runs[0]['device'] if runs else '-'}. Command: `bash launch/bench_engines.sh`.",
+        "",
+        table(rows),
+        "",
+    ]
     summary = []
-    for (world, key), group in _groupby(rows, lambda r: (r["world"], (r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]))):
+    for (world, key), group in _groupby(
+        rows, lambda r: (r["world"], (r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]))
+    ):
         by = {r["name"]: r for r in group}
         ours = by.get("ours topk")
         if ours is None:
@@ -343,12 +419,19 @@ def report(paths: list, out_dir: str) -> None:
             return f"{(ours['ms'] / by[name]['ms']) if inverse else (by[name]['ms'] / ours['ms']):.2f}"
 
         default_ratio = f"{by['ours default']['ratio_to_ours_topk']:.3f}" if "ours default" in by else "-"
-        summary.append(f"| {world} | {':'.join(map(str, key))} | {default_ratio} | {vs('ours topk grouped_mm', True)} | "
-                       f"{vs('deepspeed cf1.25')} | {vs('deepspeed dropless')} | {vs('megatron-core')} |")
-    md += ["Speed-ups (time of the other / time of ours topk; > 1: ours faster), the Default overhead, and the "
-           "grouped_mm backend's speed-up over the loop (time loop / time grouped_mm):", "",
-           "| EP | T:D:F:E:k | default / topk | grouped_mm speed-up | DeepSpeed cf1.25 | DeepSpeed dropless | megatron-core |",
-           "|---|---|---|---|---|---|---|", *summary, ""]
+        summary.append(
+            f"| {world} | {':'.join(map(str, key))} | {default_ratio} | {vs('ours topk grouped_mm', True)} | "
+            f"{vs('deepspeed cf1.25')} | {vs('deepspeed dropless')} | {vs('megatron-core')} |"
+        )
+    md += [
+        "Speed-ups (time of the other / time of ours topk; > 1: ours faster), the Default overhead, and the "
+        "grouped_mm backend's speed-up over the loop (time loop / time grouped_mm):",
+        "",
+        "| EP | T:D:F:E:k | default / topk | grouped_mm speed-up | DeepSpeed cf1.25 | DeepSpeed dropless | megatron-core |",
+        "|---|---|---|---|---|---|---|",
+        *summary,
+        "",
+    ]
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n".join(md))
     keys = sorted({(r["world"], r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]) for r in rows})
@@ -356,11 +439,23 @@ def report(paths: list, out_dir: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(keys)), 3.8))
     width = 0.8 / max(1, len(names))
     for j, n in enumerate(names):
-        vals = [next((r["tokens_per_s"] for r in rows if r["name"] == n and
-                      (r["world"], r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]) == k), 0) for k in keys]
+        vals = [
+            next(
+                (
+                    r["tokens_per_s"]
+                    for r in rows
+                    if r["name"] == n and (r["world"], r["tokens"], r["hidden"], r["ffn"], r["experts"], r["top_k"]) == k
+                ),
+                0,
+            )
+            for k in keys
+        ]
         ax.bar([i + j * width for i in range(len(keys))], [v / 1e3 for v in vals], width=width, label=n)
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(keys))],
-                  [f"EP{k[0]}\nT{k[1]} D{k[2]}\nF{k[3]} E{k[4]} k{k[5]}" for k in keys], fontsize=7)
+    ax.set_xticks(
+        [i + 0.4 - width / 2 for i in range(len(keys))],
+        [f"EP{k[0]}\nT{k[1]} D{k[2]}\nF{k[3]} E{k[4]} k{k[5]}" for k in keys],
+        fontsize=7,
+    )
     ax.set_ylabel("k tokens/s (fwd+bwd, all ranks)")
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)

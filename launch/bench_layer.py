@@ -46,8 +46,15 @@ def main() -> None:
     layers, counts = {}, {}
     for router in VARIANTS:
         torch.manual_seed(0)
-        cfg = MoEConfig(hidden_size=args.hidden, num_experts=args.experts, ffn_hidden_size=args.ffn,
-                        top_k=args.top_k, router=router, ep_size=world, experts_backend=args.experts_backend)
+        cfg = MoEConfig(
+            hidden_size=args.hidden,
+            num_experts=args.experts,
+            ffn_hidden_size=args.ffn,
+            top_k=args.top_k,
+            router=router,
+            ep_size=world,
+            experts_backend=args.experts_backend,
+        )
         layers[router] = MoELayer(cfg).to(device=device, dtype=dtype)
     x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, generator=None)
     g = torch.randn_like(x)
@@ -98,11 +105,15 @@ def main() -> None:
             sync_all()
             times[key].append((time.perf_counter() - t0) / args.iters)
     if rank == 0:
-        print(f"world={world} ep={world} device={device} dtype={args.dtype} tokens/rank={args.tokens} "
-              f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters} "
-              f"experts_backend={args.experts_backend} threads={torch.get_num_threads()}")
-        print("| router | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | "
-              "efficiency (experts GEMMs / step, paired) | all-to-all calls, KiB | all-reduce calls, KiB |")
+        print(
+            f"world={world} ep={world} device={device} dtype={args.dtype} tokens/rank={args.tokens} "
+            f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters} "
+            f"experts_backend={args.experts_backend} threads={torch.get_num_threads()}"
+        )
+        print(
+            "| router | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | "
+            "efficiency (experts GEMMs / step, paired) | all-to-all calls, KiB | all-reduce calls, KiB |"
+        )
         print("|---|---|---|---|---|---|---|")
         for key in VARIANTS:
             t = statistics.median(times[key])
@@ -113,10 +124,12 @@ def main() -> None:
             ratios = sorted(a / b for a, b in zip(times[key], times[VARIANTS[0]]))
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             eff = statistics.median(g / a for g, a in zip(times[GEMMS], times[key]))
-            print(f"| {key} | {t*1e3:.1f} | {args.tokens*world/t:,.0f} | "
-                  f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f}) | {eff:.3f} | "
-                  f"{a2a[0]}, {a2a[1]/1024:.1f} | {ar[0]}, {ar[1]/1024:.2f} |")
-        print(f"| {GEMMS} | {statistics.median(times[GEMMS])*1e3:.1f} | - | - | 1.000 | - | - |")
+            print(
+                f"| {key} | {t * 1e3:.1f} | {args.tokens * world / t:,.0f} | "
+                f"{statistics.median(ratios):.3f} ({q1:.3f}-{q3:.3f}) | {eff:.3f} | "
+                f"{a2a[0]}, {a2a[1] / 1024:.1f} | {ar[0]}, {ar[1] / 1024:.2f} |"
+            )
+        print(f"| {GEMMS} | {statistics.median(times[GEMMS]) * 1e3:.1f} | - | - | 1.000 | - | - |")
     if dist.is_initialized():
         dist.destroy_process_group()
 

@@ -34,9 +34,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, extra in rows:
             run_dir = Path(tmp) / name.split()[0]
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-                   "launch/train.py", "--steps", str(args.steps), "--eval-every", str(args.steps),
-                   "--ckpt-every", str(10 * args.steps), "--run-dir", str(run_dir), *extra]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(args.nproc),
+                "launch/train.py",
+                "--steps",
+                str(args.steps),
+                "--eval-every",
+                str(args.steps),
+                "--ckpt-every",
+                str(10 * args.steps),
+                "--run-dir",
+                str(run_dir),
+                *extra,
+            ]
             out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if out.returncode != 0:
                 print(out.stdout[-2000:], out.stderr[-4000:], file=sys.stderr)
@@ -47,14 +62,17 @@ def main() -> None:
             tokens = m["tokens_per_s"] * m["median_step_s"]
             loads = [v for _, v in m["history"]["load"]]
             rank_loads = [v for _, v in m["history"]["rank_load"]]
-            results.append((name, step, tokens / step, m["final_val_loss"], sum(loads) / len(loads),
-                            sum(rank_loads) / len(rank_loads)))
+            results.append(
+                (name, step, tokens / step, m["final_val_loss"], sum(loads) / len(loads), sum(rank_loads) / len(rank_loads))
+            )
     base = results[0][1]
     print(f"main job, {args.nproc} ranks, {args.steps} steps each (median step after the first 10)")
-    print("| default_moe flag | step ms | tokens/s | time / flag off | val loss at end | expert load max/mean | EP-rank load max/mean |")
+    print(
+        "| default_moe flag | step ms | tokens/s | time / flag off | val loss at end | expert load max/mean | EP-rank load max/mean |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name, step, tps, val, load, rload in results:
-        print(f"| {name} | {step*1e3:.0f} | {tps:,.0f} | {step/base:.3f} | {val:.3f} | {load:.2f} | {rload:.2f} |")
+        print(f"| {name} | {step * 1e3:.0f} | {tps:,.0f} | {step / base:.3f} | {val:.3f} | {load:.2f} | {rload:.2f} |")
 
 
 if __name__ == "__main__":

@@ -51,8 +51,10 @@ def main() -> None:
     train_text = text[: int(len(text) * 0.95)]
     tok.train_from_iterator([train_text[i : i + 100_000] for i in range(0, len(train_text), 100_000)], trainer)
     tok.save(str(OUT / f"pydocs_bpe{VOCAB}.json"))
-    print(f"{version}: {len(text)/1e6:.1f} M characters from {len(parts)} files, "
-          f"{(OUT / 'pydocs.txt.xz').stat().st_size/1e6:.2f} MB compressed; tokenizer vocab {tok.get_vocab_size()}")
+    print(
+        f"{version}: {len(text) / 1e6:.1f} M characters from {len(parts)} files, "
+        f"{(OUT / 'pydocs.txt.xz').stat().st_size / 1e6:.2f} MB compressed; tokenizer vocab {tok.get_vocab_size()}"
+    )
 
 
 if __name__ == "__main__":

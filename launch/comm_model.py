@@ -67,14 +67,20 @@ def main(argv=None) -> None:
     ap.add_argument("--gas", type=int, default=8, help="micro-batches per optimizer step")
     args = ap.parse_args(argv)
     gb = lambda b: f"{b / 1e9:,.3f} GB"  # noqa: E731
-    print(f"# Communication per rank per optimizer step ({args.tokens_per_rank} tokens/rank/micro-batch, "
-          f"{args.gas} micro-batches, bf16 activations and gradients)\n")
+    print(
+        f"# Communication per rank per optimizer step ({args.tokens_per_rank} tokens/rank/micro-batch, "
+        f"{args.gas} micro-batches, bf16 activations and gradients)\n"
+    )
     for s in SHAPES:
         m = model(s, args.tokens_per_rank, args.gas)
-        print(f"## {s.name}: {s.moe_layers} MoE layers, E={s.experts}, k={s.top_k}, D={s.hidden}, "
-              f"{s.total_params / 1e9:.0f}B params ({s.expert_params / 1e9:.0f}B in experts); {s.gpus} GPUs, EP={s.ep}\n")
-        print(f"EMA statistics payload: {s.moe_layers} x {s.experts} x ({s.hidden}+1) x 4 B = {gb(m['ema_payload'])} "
-              "per optimizer step\n")
+        print(
+            f"## {s.name}: {s.moe_layers} MoE layers, E={s.experts}, k={s.top_k}, D={s.hidden}, "
+            f"{s.total_params / 1e9:.0f}B params ({s.expert_params / 1e9:.0f}B in experts); {s.gpus} GPUs, EP={s.ep}\n"
+        )
+        print(
+            f"EMA statistics payload: {s.moe_layers} x {s.experts} x ({s.hidden}+1) x 4 B = {gb(m['ema_payload'])} "
+            "per optimizer step\n"
+        )
         print("| traffic | bytes / rank / step | vs gradient sync |")
         print("|---|---|---|")
         print(f"| MoE all-to-alls | {gb(m['a2a'])} | {m['a2a'] / m['grads']:.2f}x |")
@@ -83,8 +89,10 @@ def main(argv=None) -> None:
             flag = "" if b / m["grads"] < 0.01 else "  (over 1%)"
             print(f"| EMA sync, {name} | {gb(b)} | {100 * b / m['grads']:.3f}%{flag} |")
         print()
-    print("Options (MoEConfig): ema_stats_dtype=\"bfloat16\" about halves the EMA bytes (counts stay fp32). The "
-          "statistics of every micro-batch of the step are summed locally and all-reduced once, at the optimizer step.")
+    print(
+        'Options (MoEConfig): ema_stats_dtype="bfloat16" about halves the EMA bytes (counts stay fp32). The '
+        "statistics of every micro-batch of the step are summed locally and all-reduced once, at the optimizer step."
+    )
 
 
 if __name__ == "__main__":

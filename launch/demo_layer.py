@@ -30,15 +30,22 @@ def main() -> None:
     rank, world, device = init_distributed_from_env()
     torch.manual_seed(0)  # identical initial weights on every rank (dense params are replicated)
     cfg = MoEConfig(
-        hidden_size=args.hidden, num_experts=args.experts, ffn_hidden_size=2 * args.hidden,
-        top_k=args.top_k, router=args.router, ep_size=world, init_std=0.1,
+        hidden_size=args.hidden,
+        num_experts=args.experts,
+        ffn_hidden_size=2 * args.hidden,
+        top_k=args.top_k,
+        router=args.router,
+        ep_size=world,
+        init_std=0.1,
     )
     layers = torch.nn.ModuleList([MoELayer(cfg) for _ in range(2)]).to(device)
     teacher = torch.nn.Sequential(torch.nn.Linear(args.hidden, args.hidden), torch.nn.Tanh()).to(device)
     opt = torch.optim.Adam(layers.parameters(), lr=3e-3)
     if rank == 0:
-        print(f"[demo] world={world} ep_size={cfg.ep_size} device={device} router={cfg.router} "
-              f"experts={cfg.num_experts} (local {cfg.num_local_experts}) top_k={cfg.top_k} beta={cfg.beta}")
+        print(
+            f"[demo] world={world} ep_size={cfg.ep_size} device={device} router={cfg.router} "
+            f"experts={cfg.num_experts} (local {cfg.num_local_experts}) top_k={cfg.top_k} beta={cfg.beta}"
+        )
     gen = torch.Generator(device="cpu").manual_seed(100 + rank)  # each rank its own data
     for step in range(1, args.steps + 1):
         x = torch.randn(args.tokens, args.hidden, generator=gen).to(device)
@@ -63,9 +70,11 @@ def main() -> None:
         for i, layer in enumerate(layers):
             if layer.defaults is not None:
                 norms = layer.defaults.defaults_ED.norm(dim=1)
-                print(f"[demo] layer {i} default-vector norms {[round(v, 3) for v in norms.tolist()]} "
-                      f"after {layer.defaults.num_updates} EMA updates")
-        summary = {op: f"{calls} calls, {nbytes/1024:.1f} KiB" for op, (calls, nbytes) in counter.summary().items()}
+                print(
+                    f"[demo] layer {i} default-vector norms {[round(v, 3) for v in norms.tolist()]} "
+                    f"after {layer.defaults.num_updates} EMA updates"
+                )
+        summary = {op: f"{calls} calls, {nbytes / 1024:.1f} KiB" for op, (calls, nbytes) in counter.summary().items()}
         print(f"[demo] collectives in the last step on rank 0: {summary}")
     if dist.is_initialized():
         dist.destroy_process_group()

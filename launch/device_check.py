@@ -42,8 +42,9 @@ def _run(cmd, log: Path, timeout: float, env=None) -> dict:
         fh.write(f"$ {' '.join(cmd)}\n")
         fh.flush()
         try:
-            rc = subprocess.run(cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout,
-                                env={**os.environ, **(env or {})}).returncode
+            rc = subprocess.run(
+                cmd, cwd=ROOT, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout, env={**os.environ, **(env or {})}
+            ).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.perf_counter() - t0, 1)}
@@ -53,18 +54,43 @@ def step_tests(out: Path, device: str, dry: bool) -> dict:
     select = "dense_reference or grouped_mm or host_sync or weight_copy or moves or bit"
     if dry:
         select = "bf16_matches_dense_reference and default"
-    return _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_layer.py",
-                 "tests/test_gpu_standins.py", "--device", device, "-k", select], out / "device_check.log", 240)
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_layer.py",
+            "tests/test_gpu_standins.py",
+            "--device",
+            device,
+            "-k",
+            select,
+        ],
+        out / "device_check.log",
+        240,
+    )
 
 
 def step_bench(out: Path, dry: bool) -> dict:
     cmd = [sys.executable, "launch/bench_engines.py", "--json", str(out / "bench.json")]
     if dry:
-        cmd += ["--sizes", DRY_SIZES, "--rounds", "1", "--iters", "1",
-                "--impls", "ours topk,ours default,ours topk grouped_mm"]
+        cmd += ["--sizes", DRY_SIZES, "--rounds", "1", "--iters", "1", "--impls", "ours topk,ours default,ours topk grouped_mm"]
     else:
-        cmd += ["--sizes", GPU_SIZES, "--rounds", "5", "--iters", "3", "--dtype", "bfloat16",
-                "--impls", "ours topk,ours default,ours topk grouped_mm,megatron-core"]
+        cmd += [
+            "--sizes",
+            GPU_SIZES,
+            "--rounds",
+            "5",
+            "--iters",
+            "3",
+            "--dtype",
+            "bfloat16",
+            "--impls",
+            "ours topk,ours default,ours topk grouped_mm,megatron-core",
+        ]
     res = _run(cmd, out / "device_check.log", 200)
     if (out / "bench.json").exists():
         sys.path.insert(0, str(ROOT / "launch"))
@@ -77,8 +103,11 @@ def step_bench(out: Path, dry: bool) -> dict:
 
 def step_compile(out: Path, dry: bool) -> dict:
     cmd = [sys.executable, "launch/bench_compile.py", "--device", "cpu" if dry else "cuda"]
-    cmd += ["--steps", "4", "--warmup", "2", "--size", "256,32,64,4,2", "--ops-size", "256,32,64,4,2"] if dry else \
-        ["--steps", "20", "--size", "16384,2048,4096,8,2", "--ops-size", "16384,2048,4096,8,2"]
+    cmd += (
+        ["--steps", "4", "--warmup", "2", "--size", "256,32,64,4,2", "--ops-size", "256,32,64,4,2"]
+        if dry
+        else ["--steps", "20", "--size", "16384,2048,4096,8,2", "--ops-size", "16384,2048,4096,8,2"]
+    )
     log = out / "compile.md"
     return _run(cmd, log, 200)
 
@@ -88,20 +117,52 @@ def step_science(out: Path, runs_root: Path, minutes: float, dry: bool) -> dict:
     results = {}
     for router in ("topk", "default"):
         run_dir = runs_root / f"science_{router}"  # checkpoints stay off OUT (8 files come back)
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               "launch/train.py", "--router", router, "--ep-size", "1", "--run-dir", str(run_dir)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            "launch/train.py",
+            "--router",
+            router,
+            "--ep-size",
+            "1",
+            "--run-dir",
+            str(run_dir),
+        ]
         if dry:
-            cmd += ["--steps", "4", "--micro-batch", "2", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1",
-                    "--ckpt-every", "100", "--log-every", "1"]
+            cmd += [
+                "--steps",
+                "4",
+                "--micro-batch",
+                "2",
+                "--seq-len",
+                "32",
+                "--eval-every",
+                "2",
+                "--eval-batches",
+                "1",
+                "--ckpt-every",
+                "100",
+                "--log-every",
+                "1",
+            ]
         else:
             cmd += ["--config", "configs/gpt_gpu.json", "--max-minutes", str(minutes)]
         runs[router] = _run(cmd, out / "device_check.log", 60 * minutes + 120 if not dry else 300)
         metrics = run_dir / "metrics.json"
         if metrics.exists():
             m = json.loads(metrics.read_text())
-            results[router] = {"train": m["history"]["train"], "val": m["history"]["val"],
-                               "final_val_loss": m.get("final_val_loss"), "median_step_s": m.get("median_step_s"),
-                               "tokens_per_s": m.get("tokens_per_s"), "steps_done": m["history"]["train"][-1][0]}
+            results[router] = {
+                "train": m["history"]["train"],
+                "val": m["history"]["val"],
+                "final_val_loss": m.get("final_val_loss"),
+                "median_step_s": m.get("median_step_s"),
+                "tokens_per_s": m.get("tokens_per_s"),
+                "steps_done": m["history"]["train"][-1][0],
+            }
     (out / "science.json").write_text(json.dumps(results, indent=1))
     if results:
         import matplotlib
@@ -126,17 +187,23 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="CPU, tiny sizes: checks that every step runs")
     ap.add_argument("--science-minutes", type=float, default=1.5, help="wall minutes per router in step (c)")
     ap.add_argument("--runs-root", default="/tmp/default_moe_device_runs", help="run folders of step (c)")
-    ap.add_argument("--steps", default="tests,bench,compile,science",
-                    help="comma-separated subset of tests,bench,compile,science")
+    ap.add_argument(
+        "--steps", default="tests,bench,compile,science", help="comma-separated subset of tests,bench,compile,science"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("no CUDA device: run with --dry-run on CPU")
     device = "cpu" if args.dry_run else "cuda"
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": sys.version.split()[0],
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           "grouped_mm": hasattr(torch, "_grouped_mm"), "dry_run": args.dry_run}
+    env = {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": sys.version.split()[0],
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "grouped_mm": hasattr(torch, "_grouped_mm"),
+        "dry_run": args.dry_run,
+    }
     (out / "env.json").write_text(json.dumps(env, indent=1))
     summary = {"env": env}
     steps = [s.strip() for s in args.steps.split(",")]

@@ -34,7 +34,7 @@ def generated() -> dict:
 
     return {
         "deepspeed-section": ", ".join(f"`{k}`" for k in ("enabled", "checkpoint", *SECTION_FIELDS)),
-        "run-config": "### `RunConfig`\n\n" + _table(RunConfig) + "\n\n### `GPTConfig` (`\"model\"`)\n\n" + _table(GPTConfig),
+        "run-config": "### `RunConfig`\n\n" + _table(RunConfig) + '\n\n### `GPTConfig` (`"model"`)\n\n' + _table(GPTConfig),
     }
 
 

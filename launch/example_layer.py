@@ -1,7 +1,8 @@
 """The layer in a plain PyTorch training script (the README's first recipe, verbatim).
 
-    torchrun --nproc_per_node 2 launch/example_layer.py
+torchrun --nproc_per_node 2 launch/example_layer.py
 """
+
 import torch
 import torch.distributed as dist
 

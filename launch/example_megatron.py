@@ -1,7 +1,8 @@
 """Default MoE in a megatron-core GPT with megatron's DDP, optimizer and schedule (docs/megatron.md recipe).
 
-    torchrun --nproc_per_node 2 launch/example_megatron.py     # CPU (gloo, shims) or one GPU per rank
+torchrun --nproc_per_node 2 launch/example_megatron.py     # CPU (gloo, shims) or one GPU per rank
 """
+
 import torch
 import torch.distributed as dist
 
@@ -29,10 +30,19 @@ parallel_state.initialize_model_parallel(tensor_model_parallel_size=1, expert_mo
 model_parallel_cuda_manual_seed(0)  # megatron's RNG tracker (expert weights differ per EP rank)
 torch.manual_seed(0)
 config = TransformerConfig(
-    num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, add_bias_linear=False,
-    num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=128, moe_token_dispatcher_type="alltoall",
+    num_layers=2,
+    hidden_size=64,
+    num_attention_heads=4,
+    ffn_hidden_size=128,
+    add_bias_linear=False,
+    num_moe_experts=4,
+    moe_router_topk=2,
+    moe_ffn_hidden_size=128,
+    moe_token_dispatcher_type="alltoall",
     moe_router_pre_softmax=True,  # Default MoE needs the raw softmax over all experts
-    moe_aux_loss_coeff=0.01, expert_model_parallel_size=world, use_cpu_initialization=True,
+    moe_aux_loss_coeff=0.01,
+    expert_model_parallel_size=world,
+    use_cpu_initialization=True,
 )
 spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=4), router="default", beta=0.9)
 model = GPTModel(config=config, transformer_layer_spec=spec, vocab_size=128, max_sequence_length=32)
@@ -55,8 +65,15 @@ def forward_step(data_iterator, model_chunk):
 for step in range(10):
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    result = get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[ddp],
-                                         num_microbatches=1, seq_length=32, micro_batch_size=4, forward_only=False)
+    result = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter([None]),
+        model=[ddp],
+        num_microbatches=1,
+        seq_length=32,
+        micro_batch_size=4,
+        forward_only=False,
+    )
     optimizer.step()
     if rank == 0 and step % 3 == 0:
         print(f"step {step + 1} loss {result[0]['loss'].item():.4f}")

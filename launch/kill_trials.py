@@ -34,15 +34,48 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFEST = "default_moe_manifest.json"
-JOB = ["launch/train.py", "--micro-batch", "4", "--seq-len", "32", "--eval-batches", "1", "--ckpt-every", "1",
-       "--log-every", "1", "--keep-last", "3", "--auto-resume"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": f"{ROOT / 'plugin'}:{os.environ.get('PYTHONPATH', '')}"}
+JOB = [
+    "launch/train.py",
+    "--micro-batch",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-batches",
+    "1",
+    "--ckpt-every",
+    "1",
+    "--log-every",
+    "1",
+    "--keep-last",
+    "3",
+    "--auto-resume",
+]
+ENV = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PYTHONPATH": f"{ROOT / 'plugin'}:{os.environ.get('PYTHONPATH', '')}",
+}
 
 
 def _torchrun(run_dir: Path, steps: int, restarts: int):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "--max-restarts", str(restarts), *JOB, "--steps", str(steps), "--eval-every", str(steps),
-            "--run-dir", str(run_dir)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        *JOB,
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(steps),
+        "--run-dir",
+        str(run_dir),
+    ]
 
 
 def _newest_mtime(tag_dir: Path) -> float:
@@ -62,8 +95,9 @@ def _saving(ckpt: Path, since: float):
     complete = [int(p.name[4:]) for p in tags if (p / MANIFEST).exists()]
     # A save in progress is newer than every complete checkpoint (older torn folders are leftovers,
     # touched only when retention deletes them).
-    torn = [p for p in tags if not (p / MANIFEST).exists() and _newest_mtime(p) > since
-            and int(p.name[4:]) > max(complete, default=0)]
+    torn = [
+        p for p in tags if not (p / MANIFEST).exists() and _newest_mtime(p) > since and int(p.name[4:]) > max(complete, default=0)
+    ]
     return max(torn, key=lambda p: int(p.name[4:])).name if torn else None
 
 
@@ -73,8 +107,11 @@ def _committed_since(ckpt: Path, since: float) -> bool:
 
 def _workers(job: subprocess.Popen):
     try:
-        return [p for p in psutil.Process(job.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())
-                and "torch.distributed.run" not in " ".join(p.cmdline())]
+        return [
+            p
+            for p in psutil.Process(job.pid).children(recursive=True)
+            if "train.py" in " ".join(p.cmdline()) and "torch.distributed.run" not in " ".join(p.cmdline())
+        ]
     except psutil.NoSuchProcess:
         return []
 
@@ -89,8 +126,18 @@ def deepspeed_trials(n: int, steps: int, max_delay_ms: float, seed: int, workdir
     ckpt = faulty / "ckpt"
     kinds = ["one worker", "all workers", "whole job"]
     trials, logs = [], []
-    start = lambda: subprocess.Popen(_torchrun(faulty, steps, n + 1), cwd=ROOT, env=ENV, stdout=subprocess.PIPE,  # noqa: E731
-                                     stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    def start():
+        return subprocess.Popen(
+            _torchrun(faulty, steps, n + 1),
+            cwd=ROOT,
+            env=ENV,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
     job = start()
     since = time.time()
     deadline = time.time() + 60 * 30
@@ -132,8 +179,15 @@ def deepspeed_trials(n: int, steps: int, max_delay_ms: float, seed: int, workdir
             mid_save = not (ckpt / tag / MANIFEST).exists()
             since = time.time()
             complete = sorted((p.name for p in ckpt.glob("step*") if (p / MANIFEST).exists()), key=lambda t: int(t[4:]))
-            trials.append({"trial": len(trials) + 1, "killed": kind, "while_saving": tag, "mid_save": mid_save,
-                           "newest_complete_at_kill": complete[-1] if complete else None})
+            trials.append(
+                {
+                    "trial": len(trials) + 1,
+                    "killed": kind,
+                    "while_saving": tag,
+                    "mid_save": mid_save,
+                    "newest_complete_at_kill": complete[-1] if complete else None,
+                }
+            )
             if victims is None:
                 out, _ = job.communicate(timeout=60)
                 logs.append(out)
@@ -162,11 +216,17 @@ def deepspeed_trials(n: int, steps: int, max_delay_ms: float, seed: int, workdir
         t["resumed_at_step"] = step
         newest = t["newest_complete_at_kill"]
         t["resumed_from_newest_complete"] = step == (int(newest[4:]) if newest else 0)
-    return {"trials": trials, "job_rc": job.returncode, "starts": starts, "resumes": resumed,
-            "every_resume_took_the_newest_complete": len(resumed) == len(trials) and all(
-                t["resumed_from_newest_complete"] for t in trials), "fallbacks": [
-        {"skipped": s, "took": took} for s, took in skipped], "losses_equal_uninterrupted": equal,
-        "log_tail": text[-3000:] if not equal else ""}
+    return {
+        "trials": trials,
+        "job_rc": job.returncode,
+        "starts": starts,
+        "resumes": resumed,
+        "every_resume_took_the_newest_complete": len(resumed) == len(trials)
+        and all(t["resumed_from_newest_complete"] for t in trials),
+        "fallbacks": [{"skipped": s, "took": took} for s, took in skipped],
+        "losses_equal_uninterrupted": equal,
+        "log_tail": text[-3000:] if not equal else "",
+    }
 
 
 SAVE_CHILD = r"""
@@ -195,8 +255,9 @@ def save_trials(n: int, max_delay_ms: float, seed: int, workdir: Path):
     script = workdir / "save_child.py"
     script.write_text(SAVE_CHILD)
     for i in range(n):
-        child = subprocess.Popen([sys.executable, str(script), str(path), "1000000", str(ROOT / "plugin")],
-                                 env=ENV, stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, str(script), str(path), "1000000", str(ROOT / "plugin")], env=ENV, stdout=subprocess.PIPE, text=True
+        )
         first = child.stdout.readline()  # one save done: the next ones overwrite a complete file
         if not first:
             raise RuntimeError("the saving child failed before its first save")
@@ -206,15 +267,26 @@ def save_trials(n: int, max_delay_ms: float, seed: int, workdir: Path):
         child.wait()
         payload = checkpoint.read(str(path))
         step = payload["extra"]["step"]
-        values = {float(t.flatten()[0]) for k, t in payload["model"].items() if t.is_floating_point()
-                  and not k.endswith("defaults_ED")}
-        whole = values == {float(step)} and all(bool((t == step).all()) for k, t in payload["model"].items()
-                                                  if t.is_floating_point() and not k.endswith("defaults_ED"))
+        values = {
+            float(t.flatten()[0]) for k, t in payload["model"].items() if t.is_floating_point() and not k.endswith("defaults_ED")
+        }
+        whole = values == {float(step)} and all(
+            bool((t == step).all())
+            for k, t in payload["model"].items()
+            if t.is_floating_point() and not k.endswith("defaults_ED")
+        )
         leftovers = [p.name for p in workdir.iterdir() if ".tmp" in p.name]
         for p in leftovers:  # a killed save leaves its temporary file: harmless, never read
             (workdir / p).unlink()
-        trials.append({"trial": i + 1, "mid_save": tmp_present, "loaded_step": step, "weights_match_step": whole,
-                       "temporary_left": bool(leftovers)})
+        trials.append(
+            {
+                "trial": i + 1,
+                "mid_save": tmp_present,
+                "loaded_step": step,
+                "weights_match_step": whole,
+                "temporary_left": bool(leftovers),
+            }
+        )
     return {"trials": trials, "all_resumable": all(t["weights_match_step"] for t in trials)}
 
 
@@ -245,20 +317,27 @@ def main(argv=None) -> int:
         print("| main-job trial | killed | saving | mid-save | newest complete at kill | resumed at step |")
         print("|---|---|---|---|---|---|")
         for t in ds["trials"]:
-            print(f"| {t['trial']} | {t['killed']} | {t['while_saving']} | {t['mid_save']} | "
-                  f"{t['newest_complete_at_kill']} | {t.get('resumed_at_step')} |")
+            print(
+                f"| {t['trial']} | {t['killed']} | {t['while_saving']} | {t['mid_save']} | "
+                f"{t['newest_complete_at_kill']} | {t.get('resumed_at_step')} |"
+            )
         for f in ds["fallbacks"]:
             print(f"fallback: skipped {f['skipped']} -> took {f['took']}")
-        print(f"job rc {ds['job_rc']}; starts {len(ds['starts'])} (1 + one per trial: no spurious restart when "
-              f"{len(ds['starts']) == len(ds['trials']) + 1}); every resume took the newest complete checkpoint: "
-              f"{ds['every_resume_took_the_newest_complete']}; losses after every resume == uninterrupted run: "
-              f"{ds['losses_equal_uninterrupted']}")
+        print(
+            f"job rc {ds['job_rc']}; starts {len(ds['starts'])} (1 + one per trial: no spurious restart when "
+            f"{len(ds['starts']) == len(ds['trials']) + 1}); every resume took the newest complete checkpoint: "
+            f"{ds['every_resume_took_the_newest_complete']}; losses after every resume == uninterrupted run: "
+            f"{ds['losses_equal_uninterrupted']}"
+        )
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=1))
     ds = result.get("deepspeed", {})
-    ok = result.get("save", {}).get("all_resumable", True) and ds.get("losses_equal_uninterrupted", True) and ds.get(
-        "every_resume_took_the_newest_complete", True)
+    ok = (
+        result.get("save", {}).get("all_resumable", True)
+        and ds.get("losses_equal_uninterrupted", True)
+        and ds.get("every_resume_took_the_newest_complete", True)
+    )
     return 0 if ok else 1
 
 

@@ -59,9 +59,28 @@ def plan(cfg: dict) -> List[dict]:
             extra = group.get("variants", {}).get(variant, {}) if variant else {}
             flags += [f"--{k.replace('_', '-')}={v}" for k, v in extra.items()]
             run_dir = Path(cfg["runs_dir"]) / group["name"] / f"{router.replace('@', '-')}_s{seed}"
-            runs.append({"group": group["name"], "router": router, "seed": seed, "run_dir": str(run_dir),
-                         "args": ["--config", cfg["base_config"], "--router", kind, "--seed", str(seed),
-                                  "--ep-size", "1", "--run-dir", str(run_dir), "--auto-resume", *flags]})
+            runs.append(
+                {
+                    "group": group["name"],
+                    "router": router,
+                    "seed": seed,
+                    "run_dir": str(run_dir),
+                    "args": [
+                        "--config",
+                        cfg["base_config"],
+                        "--router",
+                        kind,
+                        "--seed",
+                        str(seed),
+                        "--ep-size",
+                        "1",
+                        "--run-dir",
+                        str(run_dir),
+                        "--auto-resume",
+                        *flags,
+                    ],
+                }
+            )
     return runs
 
 
@@ -70,12 +89,25 @@ def run_one(run: dict, threads: int) -> dict:
     if (run_dir / "metrics.json").exists():
         return {**run, "status": "skipped (done)"}
     run_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
     t0 = time.time()
     with open(run_dir / "train.log", "a") as log:
-        proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), *run["args"]], cwd=ROOT, env=env,
-                              stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "launch" / "train.py"), *run["args"]],
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     status = "done" if proc.returncode == 0 else f"FAILED (exit {proc.returncode}, see {run_dir / 'train.log'})"
     return {**run, "status": status, "wall_s": time.time() - t0}
 
@@ -99,28 +131,42 @@ def summarise(cfg: dict, runs: List[dict], out_dir: Path) -> dict:
         m = json.loads(path.read_text())
         g = results.setdefault(run["group"], {})
         g.setdefault(run["router"], {})[run["seed"]] = {
-            "val": m["history"]["val"], "final_val": m["final_val_loss"], "tokens_per_step": m["tokens_per_step"],
+            "val": m["history"]["val"],
+            "final_val": m["final_val_loss"],
+            "tokens_per_step": m["tokens_per_step"],
             "val_without_defaults": m.get("final_val_loss_without_defaults"),
             "fidelity": {k: v for k, v in m["history"].get("diagnostics", [[0, {}]])[-1][1].items() if k.startswith("fidelity")},
-            "load": m["history"]["load"], "expert_share": m.get("expert_share_per_layer"),
-            "default_norm": m.get("default_norm_per_layer"), "median_step_s": m["median_step_s"],
+            "load": m["history"]["load"],
+            "expert_share": m.get("expert_share_per_layer"),
+            "default_norm": m.get("default_norm_per_layer"),
+            "median_step_s": m["median_step_s"],
             "expert_share_history": m["history"].get("expert_share"),
-            "share_history": [(st, {k: v for k, v in d.items() if k.startswith(("default_share", "idle_share"))})
-                              for st, d in m["history"].get("diagnostics", [])],
+            "share_history": [
+                (st, {k: v for k, v in d.items() if k.startswith(("default_share", "idle_share"))})
+                for st, d in m["history"].get("diagnostics", [])
+            ],
         }
     summary: Dict[str, dict] = {}
-    lines = [f"# Router sweep: {cfg.get('title', '')}", "",
-             f"Command: `{cfg.get('command', 'bash launch/sweep.sh --config ' + cfg['_path'])}`", "",
-             cfg.get("description", ""), ""]
+    lines = [
+        f"# Router sweep: {cfg.get('title', '')}",
+        "",
+        f"Command: `{cfg.get('command', 'bash launch/sweep.sh --config ' + cfg['_path'])}`",
+        "",
+        cfg.get("description", ""),
+        "",
+    ]
     for gname, routers in results.items():
         group_cfg = next(g for g in cfg["groups"] if g["name"] == gname)
         topk = routers.get("topk", {})
         topk_final = statistics.mean(r["final_val"] for r in topk.values()) if topk else math.nan
         gs = summary.setdefault(gname, {"routers": {}, "paired_delta_vs_topk": {}})
-        lines += [f"## {gname}: {group_cfg.get('label', '')}", "",
-                  "| router | seeds | final val loss (mean ± 95% CI) | Δ vs TopK paired (mean ± CI) | "
-                  "reaches TopK's final loss at | val loss, D zeroed | fidelity (last eval, per layer) | max/mean load | step s |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"## {gname}: {group_cfg.get('label', '')}",
+            "",
+            "| router | seeds | final val loss (mean ± 95% CI) | Δ vs TopK paired (mean ± CI) | "
+            "reaches TopK's final loss at | val loss, D zeroed | fidelity (last eval, per layer) | max/mean load | step s |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for rname, seeds in routers.items():
             finals = [s["final_val"] for s in seeds.values()]
             mean, ci = _mean_ci(finals)
@@ -135,36 +181,58 @@ def summarise(cfg: dict, runs: List[dict], out_dir: Path) -> dict:
             # Only layers every seed has a fidelity for. An exact 0.0 is how runs made before the
             # diagnostics returned None recorded "no differentiable distribution" (SparseMixer v2,
             # StableMoE stage 2): treated as undefined too.
-            fid_keys = sorted(set.intersection(*({k for k, v in s["fidelity"].items() if v != 0.0}
-                                                  for s in seeds.values())))
+            fid_keys = sorted(set.intersection(*({k for k, v in s["fidelity"].items() if v != 0.0} for s in seeds.values())))
             fid = [statistics.mean(s["fidelity"][k] for s in seeds.values()) for k in fid_keys]
             load = statistics.mean(s["load"][-1][1] for s in seeds.values())
             step_s = statistics.mean(s["median_step_s"] for s in seeds.values())
-            gs["routers"][rname] = {"seeds": sorted(seeds), "final_val": finals, "final_val_mean": mean, "final_val_ci95": ci,
-                                    "reaches_topk_final_at_step": reach, "reaches_topk_final_at_tokens": reach and reach * tps,
-                                    "val_without_defaults": off, "fidelity_per_layer": fid, "max_over_mean_load": load,
-                                    "median_step_s": step_s, "curve_steps": steps, "curve_mean": curve}
+            gs["routers"][rname] = {
+                "seeds": sorted(seeds),
+                "final_val": finals,
+                "final_val_mean": mean,
+                "final_val_ci95": ci,
+                "reaches_topk_final_at_step": reach,
+                "reaches_topk_final_at_tokens": reach and reach * tps,
+                "val_without_defaults": off,
+                "fidelity_per_layer": fid,
+                "max_over_mean_load": load,
+                "median_step_s": step_s,
+                "curve_steps": steps,
+                "curve_mean": curve,
+            }
             if rname != "topk" and paired:
                 per_eval = [[seeds[s]["val"][i][1] - topk[s]["val"][i][1] for s in seeds if s in topk] for i in range(len(steps))]
-                gs["paired_delta_vs_topk"][rname] = {"steps": steps, "mean": [statistics.mean(d) for d in per_eval],
-                                                     "per_seed": per_eval, "final_mean": dmean, "final_ci95": dci}
+                gs["paired_delta_vs_topk"][rname] = {
+                    "steps": steps,
+                    "mean": [statistics.mean(d) for d in per_eval],
+                    "per_seed": per_eval,
+                    "final_mean": dmean,
+                    "final_ci95": dci,
+                }
             reach_txt = f"step {reach} ({reach * tps / 1e6:.2f}M tok)" if reach else "not reached"
             off_txt = f"{statistics.mean(off):.3f} ({statistics.mean(off) - mean:+.3f})" if off else "-"
-            lines.append(f"| {rname} | {len(finals)} | {mean:.4f} ± {ci:.4f} | "
-                         + (f"{dmean:+.4f} ± {dci:.4f}" if not math.isnan(dmean) else "-")
-                         + f" | {reach_txt} | {off_txt} | {' '.join(f'{f:.2f}' for f in fid) or '-'} | {load:.2f} | {step_s:.2f} |")
+            lines.append(
+                f"| {rname} | {len(finals)} | {mean:.4f} ± {ci:.4f} | "
+                + (f"{dmean:+.4f} ± {dci:.4f}" if not math.isnan(dmean) else "-")
+                + f" | {reach_txt} | {off_txt} | {' '.join(f'{f:.2f}' for f in fid) or '-'} | {load:.2f} | {step_s:.2f} |"
+            )
         lines.append("")
         if gs["paired_delta_vs_topk"]:
-            lines += ["Paired Δ (router - TopK, same seed) at every evaluation, mean over seeds:", "",
-                      "| step | " + " | ".join(gs["paired_delta_vs_topk"]) + " |",
-                      "|---|" + "---|" * len(gs["paired_delta_vs_topk"])]
+            lines += [
+                "Paired Δ (router - TopK, same seed) at every evaluation, mean over seeds:",
+                "",
+                "| step | " + " | ".join(gs["paired_delta_vs_topk"]) + " |",
+                "|---|" + "---|" * len(gs["paired_delta_vs_topk"]),
+            ]
             any_delta = next(iter(gs["paired_delta_vs_topk"].values()))
             for i, st in enumerate(any_delta["steps"]):
-                lines.append(f"| {st} | " + " | ".join(f"{d['mean'][i]:+.4f}" for d in gs["paired_delta_vs_topk"].values()) + " |")
+                lines.append(
+                    f"| {st} | " + " | ".join(f"{d['mean'][i]:+.4f}" for d in gs["paired_delta_vs_topk"].values()) + " |"
+                )
             lines.append("")
     lines += collapse_report(results, summary, out_dir)
-    (out_dir / "results.json").write_text(json.dumps({"config": {k: v for k, v in cfg.items() if k != '_path'},
-                                                      "summary": summary, "raw": results}, indent=1))
+    (out_dir / "results.json").write_text(
+        json.dumps({"config": {k: v for k, v in cfg.items() if k != "_path"}, "summary": summary, "raw": results}, indent=1)
+    )
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     plots(summary, results, out_dir)
     return summary
@@ -193,32 +261,47 @@ def collapse_report(results: dict, summary: dict, out_dir: Path) -> List[str]:
     the plots dead_experts.png, default_share.png and load_time.png (runs without the per-step
     expert shares, from before they were logged, are left out)."""
     lines: List[str] = []
-    groups = {g: r for g, r in results.items()
-              if any(s.get("expert_share_history") for seeds in r.values() for s in seeds.values())}
+    groups = {
+        g: r for g, r in results.items() if any(s.get("expert_share_history") for seeds in r.values() for s in seeds.values())
+    }
     if not groups:
         return lines
-    lines += ["## Dead experts and the default term", "",
-              f"Dead expert: mean share of the token slots over the last {DEAD_WINDOW} logged steps below "
-              f"{DEAD_SHARE:.0%} of uniform. Default share: ||default term|| / ||routed output + default term|| on the "
-              "probe batch (what the term would be where it is not in the forward); idle share: the part from "
-              "experts that received no token at the last 10 optimizer steps. Per layer, mean over seeds, at the "
-              "last evaluation.", ""]
+    lines += [
+        "## Dead experts and the default term",
+        "",
+        f"Dead expert: mean share of the token slots over the last {DEAD_WINDOW} logged steps below "
+        f"{DEAD_SHARE:.0%} of uniform. Default share: ||default term|| / ||routed output + default term|| on the "
+        "probe batch (what the term would be where it is not in the forward); idle share: the part from "
+        "experts that received no token at the last 10 optimizer steps. Per layer, mean over seeds, at the "
+        "last evaluation.",
+        "",
+    ]
     for g, routers in groups.items():
-        lines += [f"### {g}", "", "| router | seeds | dead experts per layer (each seed) | default share per layer | "
-                  "idle share per layer | max/mean load |", "|---|---|---|---|---|---|"]
+        lines += [
+            f"### {g}",
+            "",
+            "| router | seeds | dead experts per layer (each seed) | default share per layer | "
+            "idle share per layer | max/mean load |",
+            "|---|---|---|---|---|---|",
+        ]
         for rname, seeds in routers.items():
-            dead = [_dead_counts(s["expert_share_history"] or [], 10 ** 9) for s in seeds.values()]
+            dead = [_dead_counts(s["expert_share_history"] or [], 10**9) for s in seeds.values()]
             last = [s["share_history"][-1][1] for s in seeds.values() if s["share_history"]]
             nl = len(dead[0]) if dead and dead[0] else 0
 
             def per_layer(key, last=last, nl=nl):
-                vals = [statistics.mean(d[f"{key}_layer{i}"] for d in last if f"{key}_layer{i}" in d)
-                        for i in range(nl) if any(f"{key}_layer{i}" in d for d in last)]
+                vals = [
+                    statistics.mean(d[f"{key}_layer{i}"] for d in last if f"{key}_layer{i}" in d)
+                    for i in range(nl)
+                    if any(f"{key}_layer{i}" in d for d in last)
+                ]
                 return " ".join(f"{v:.3f}" for v in vals) or "-"
 
-            lines.append(f"| {rname} | {len(seeds)} | {' / '.join(' '.join(map(str, d)) for d in dead)} | "
-                         f"{per_layer('default_share')} | {per_layer('idle_share')} | "
-                         f"{summary[g]['routers'][rname]['max_over_mean_load']:.2f} |")
+            lines.append(
+                f"| {rname} | {len(seeds)} | {' / '.join(' '.join(map(str, d)) for d in dead)} | "
+                f"{per_layer('default_share')} | {per_layer('idle_share')} | "
+                f"{summary[g]['routers'][rname]['max_over_mean_load']:.2f} |"
+            )
         lines.append("")
     names = list(groups)
     with _panels(out_dir / "dead_experts.png", len(names), 3.4) as axes:
@@ -240,10 +323,12 @@ def collapse_report(results: dict, summary: dict, out_dir: Path) -> List[str]:
                 steps = [st for st, _ in hist[0]]
 
                 def curve(key, hist=hist, steps=steps):
-                    return [statistics.mean(statistics.mean(v for k, v in h[j][1].items() if k.startswith(key))
-                                            for h in hist) for j in range(len(steps))]
+                    return [
+                        statistics.mean(statistics.mean(v for k, v in h[j][1].items() if k.startswith(key)) for h in hist)
+                        for j in range(len(steps))
+                    ]
 
-                line, = ax.plot(steps, curve("default_share"), label=f"{rname}: all")
+                (line,) = ax.plot(steps, curve("default_share"), label=f"{rname}: all")
                 ax.plot(steps, curve("idle_share"), "--", color=line.get_color(), label=f"{rname}: idle experts")
             ax.set_title(f"{g}: default term / output norm (mean of layers, seeds)", fontsize=9)
             ax.set_xlabel("step")
@@ -379,8 +464,10 @@ def main(argv=None) -> int:
             for f in as_completed(futures):
                 r = f.result()
                 bar.update(1)
-                bar.write(f"[sweep] {r['group']}/{r['router']}_s{r['seed']}: {r['status']}"
-                          + (f" in {r['wall_s']:.0f} s" if "wall_s" in r else ""))
+                bar.write(
+                    f"[sweep] {r['group']}/{r['router']}_s{r['seed']}: {r['status']}"
+                    + (f" in {r['wall_s']:.0f} s" if "wall_s" in r else "")
+                )
                 if r["status"].startswith("FAILED"):
                     failed.append(r)
         if failed:

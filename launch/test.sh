@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The test command: sets up .venv (megatron-core 0.16.1, DeepSpeed, transformers) and .venv-mcore019
 # (megatron-core 0.19.2), runs the whole suite in the first, then the Megatron tests (marker
-# "megatron") again in the second. Lint (ruff, pinned) and the strict docs build first: a
-# finding or a broken link fails the command.
+# "megatron") again in the second. Lint and format check (ruff, pinned) and the strict docs build
+# first: a finding, an unformatted file or a broken link fails the command.
 # Extra args go to both pytest runs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/launch/env.sh"
 source "$ROOT/launch/env_mcore019.sh"
 cd "$ROOT"
-echo "[test] ruff check (pyproject.toml [tool.ruff])"
+echo "[test] ruff check and ruff format --check (pyproject.toml [tool.ruff])"
 python -m ruff check plugin launch tests
+python -m ruff format --check plugin launch tests
 echo "[test] docs site (mkdocs.yml), strict: a broken link or anchor fails"
 site="$(mktemp -d)"
 NO_MKDOCS_2_WARNING=1 python -m mkdocs build --strict --quiet --site-dir "$site"

@@ -53,6 +53,7 @@ def apply() -> None:
         dist.set_timeout = lambda timeout, group=None: distributed_c10d._set_pg_timeout(timeout, group)
     original = FSDPModule.set_gradient_divide_factor
     if not getattr(original, "_cpu_shim", False):
+
         def set_gradient_divide_factor(self, factor):
             original(self, factor)
             self.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
@@ -85,8 +86,19 @@ def _flex_cpu_class():
         class Config(FlexAttention.Config):
             pass
 
-        def forward(self, q_BLNH, k_BLNH, v_BLNH, *, attention_masks, score_mod=None, scale=None, enable_gqa=False,
-                    out_transform=None, **kwargs):
+        def forward(
+            self,
+            q_BLNH,
+            k_BLNH,
+            v_BLNH,
+            *,
+            attention_masks,
+            score_mod=None,
+            scale=None,
+            enable_gqa=False,
+            out_transform=None,
+            **kwargs,
+        ):
             assert score_mod is None and out_transform is None, "the CPU attention shim covers masks only"
             B, L, N, _ = q_BLNH.shape
             S = k_BLNH.shape[1]
@@ -96,8 +108,14 @@ def _flex_cpu_class():
             qi = torch.arange(L, device=dev)[None, None, :, None]
             ki = torch.arange(S, device=dev)[None, None, None, :]
             mask = attention_masks.mask_mod(b, h, qi, ki).expand(B, 1, L, S)
-            out = F.scaled_dot_product_attention(q_BLNH.transpose(1, 2), k_BLNH.transpose(1, 2), v_BLNH.transpose(1, 2),
-                                                 attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+            out = F.scaled_dot_product_attention(
+                q_BLNH.transpose(1, 2),
+                k_BLNH.transpose(1, 2),
+                v_BLNH.transpose(1, 2),
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=enable_gqa,
+            )
             return out.transpose(1, 2)
 
     return CPUFlexAttention

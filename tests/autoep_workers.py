@@ -16,9 +16,17 @@ def mixtral(seed=0, top_k=K):
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(seed)
-    cfg = MixtralConfig(vocab_size=V, hidden_size=H, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=E,
-                        num_experts_per_tok=top_k, max_position_embeddings=64)
+    cfg = MixtralConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=E,
+        num_experts_per_tok=top_k,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "eager"
     return MixtralForCausalLM(cfg)
 
@@ -27,9 +35,19 @@ def qwen3_moe(seed=0):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen3MoeConfig(vocab_size=V, hidden_size=H, intermediate_size=128, moe_intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, num_experts=E,
-                         num_experts_per_tok=K, max_position_embeddings=64, head_dim=16)
+    cfg = Qwen3MoeConfig(
+        vocab_size=V,
+        hidden_size=H,
+        intermediate_size=128,
+        moe_intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_experts=E,
+        num_experts_per_tok=K,
+        max_position_embeddings=64,
+        head_dim=16,
+    )
     cfg._attn_implementation = "eager"
     return Qwen3MoeForCausalLM(cfg)
 
@@ -114,11 +132,29 @@ def deepseek_v3_check(rank, world):
     from default_moe.defaults import GateForm
 
     torch.manual_seed(0)
-    ds3 = DeepseekV3ForCausalLM(DeepseekV3Config(
-        vocab_size=V, hidden_size=H, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        first_k_dense_replace=1, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=E, num_experts_per_tok=K,
-        n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        n_shared_experts=1, routed_scaling_factor=2.5))
+    ds3 = DeepseekV3ForCausalLM(
+        DeepseekV3Config(
+            vocab_size=V,
+            hidden_size=H,
+            intermediate_size=128,
+            moe_intermediate_size=32,
+            num_hidden_layers=2,
+            first_k_dense_replace=1,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            n_routed_experts=E,
+            num_experts_per_tok=K,
+            n_group=1,
+            topk_group=1,
+            kv_lora_rank=16,
+            q_lora_rank=16,
+            qk_rope_head_dim=8,
+            qk_nope_head_dim=8,
+            v_head_dim=8,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+        )
+    )
     section = {"enabled": True, "router": "default", "normalize_topk": True, "default_in_forward": True, "beta": 0.5}
     e, *_ = dm_ds.initialize(model=ds3, config=config(1, section, preset="deepseek_v3"))
     layer = moe_layers(ds3)[0]
@@ -147,8 +183,9 @@ def deepseek_v3_check(rank, world):
         xt = x[0].double()
         scores = torch.sigmoid(xt @ layer.router.gate.weight.double().t())
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter(1, captured["idx"].long(), True)
-        experts = torch.stack([(F.silu(xt @ w["w1"][e].double().t()) * (xt @ w["w3"][e].double().t()))
-                               @ w["w2"][e].double().t() for e in range(E)])
+        experts = torch.stack(
+            [(F.silu(xt @ w["w1"][e].double().t()) * (xt @ w["w3"][e].double().t())) @ w["w2"][e].double().t() for e in range(E)]
+        )
         wts = scores / scores.sum(-1, keepdim=True)
         E_hat = torch.where(chosen.t()[:, :, None], experts, D.double()[:, None, :])
         ref = 2.5 * (wts.t()[:, :, None] * E_hat).sum(0) + layer.shared_experts(x[0]).double()
@@ -230,8 +267,7 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     assert torch.equal(captured["idx"], hash_experts(ids.reshape(-1), E, K))
 
     m = mixtral(top_k=1)  # StableMoE is top-1; vocab_size comes from the HF config
-    e, *_ = dm_ds.initialize(model=m, config=config(1, {"enabled": True, "router": "stablemoe",
-                                                        "stablemoe": {"stage2_step": 2}}))
+    e, *_ = dm_ds.initialize(model=m, config=config(1, {"enabled": True, "router": "stablemoe", "stablemoe": {"stage2_step": 2}}))
     layer = moe_layers(m)[0]
     w0 = layer.distill.emb.weight.detach().clone()
     losses = train(e, 3)
@@ -247,8 +283,9 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     grads = {}
     for gas in (1, 2):
         m = mixtral(top_k=1)
-        e, *_ = dm_ds.initialize(model=m, config=config(0, {"enabled": True, "router": "stablemoe",
-                                                            "stablemoe": {"stage2_step": 100}}, gas=gas))
+        e, *_ = dm_ds.initialize(
+            model=m, config=config(0, {"enabled": True, "router": "stablemoe", "stablemoe": {"stage2_step": 100}}, gas=gas)
+        )
         ids = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(7 + rank))
         e.backward(e(input_ids=ids, labels=ids).loss)
         g = moe_layers(m)[0].distill.emb.weight.grad.clone()

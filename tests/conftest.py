@@ -11,7 +11,8 @@ sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--device", default=os.environ.get("DEFAULT_MOE_TEST_DEVICE", "cpu"),
+        "--device",
+        default=os.environ.get("DEFAULT_MOE_TEST_DEVICE", "cpu"),
         help="device for the layer tests that take one (cpu here; cuda in launch/device_check.py)",
     )
 

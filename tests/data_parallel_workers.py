@@ -36,8 +36,9 @@ def check_way(rank: int, world: int, ep: int, way: str, gas: int = 1, no_sync: b
     gas-1 under DDP's `no_sync()` / FSDP2's `set_requires_gradient_sync(False)` when `no_sync`;
     `reduce_gradients` once per optimizer step, after the last backward."""
     torch.manual_seed(0)
-    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=2, router="default", ep_size=ep,
-                    aux_loss_coeff=0.0, beta=0.5)
+    cfg = MoEConfig(
+        hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=2, router="default", ep_size=ep, aux_loss_coeff=0.0, beta=0.5
+    )
     layer = MoELayer(cfg)
     w = Weights.random(E, D, F_, True, seed=3)
     load_into_layer(layer, w)
@@ -75,9 +76,10 @@ def check_way(rank: int, world: int, ep: int, way: str, gas: int = 1, no_sync: b
         res = reference_moe(x.double(), wd, top_k=2, use_defaults=True, defaults_ED=D_prev, beta=0.5)
         ((res.out_TD * g_out.double()).sum() / world).backward()
         tag = f"{way} ep{ep} world{world} gas{gas}{' no_sync' if no_sync else ''} step {step}"
+
         def close(a, b, what, tag=tag):
-            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5,
-                                       msg=lambda m: f"{tag} {what}: {m}")
+            torch.testing.assert_close(a.double(), b.double(), rtol=1e-4, atol=1e-5, msg=lambda m: f"{tag} {what}: {m}")
+
         close(_full(layer.router.weight.grad), wd.router_ED.grad, "router grad")
         w13 = _full(layer.experts.w13_LD2F.grad)
         local = {"w1": w13[..., :F_], "w3": w13[..., F_:], "w2": _full(layer.experts.w2_LFD.grad)}

@@ -21,8 +21,14 @@ def free_port() -> int:
 def _entry(rank: int, fn: Callable, world_size: int, port: int, args: tuple) -> None:
     torch.set_num_threads(1)
     # What torchrun would set: engines (DeepSpeed) read these.
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -43,6 +49,4 @@ def run_distributed(fn: Callable, world_size: int, *args) -> None:
     `fn` must be a module-level function (it is pickled into spawned processes).
     """
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.start_processes(
-        _entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True, start_method="spawn"
-    )
+    mp.start_processes(_entry, args=(fn, world_size, free_port(), args), nprocs=world_size, join=True, start_method="spawn")

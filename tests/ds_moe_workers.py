@@ -25,8 +25,17 @@ class DSMoEModel(nn.Module):
         torch.manual_seed(seed)
         self.inp = nn.Linear(D_IN, D)
         expert = nn.Sequential(nn.Linear(D, 32), nn.GELU(), nn.Linear(32, D))
-        self.moe = MoE(hidden_size=D, expert=expert, num_experts=E, ep_size=ep_size, k=k, capacity_factor=1.0,
-                       min_capacity=2, use_rts=False, top2_2nd_expert_sampling=sampling)
+        self.moe = MoE(
+            hidden_size=D,
+            expert=expert,
+            num_experts=E,
+            ep_size=ep_size,
+            k=k,
+            capacity_factor=1.0,
+            min_capacity=2,
+            use_rts=False,
+            top2_2nd_expert_sampling=sampling,
+        )
         with torch.no_grad():  # DeepSpeed copies one expert E times: make them differ
             for p in self.moe.deepspeed_moe.experts.parameters():
                 p.normal_(0, 0.3)
@@ -63,8 +72,11 @@ def dense_reference_check(rank, world):
         with torch.no_grad():
             logits = x @ moe.deepspeed_moe.gate.wg.weight.t()
             probs = torch.softmax(logits, -1)
-            gating = top1gating(logits, 1.0, 2, None, None, True, False, None, True) if k == 1 else \
-                top2gating(logits, 1.0, 2, True, None, False, True)
+            gating = (
+                top1gating(logits, 1.0, 2, None, None, True, False, None, True)
+                if k == 1
+                else top2gating(logits, 1.0, 2, True, None, False, True)
+            )
             idx, kept = gating[3].long(), gating[3] >= 0
             experts = moe.deepspeed_moe.experts.deepspeed_experts
             all_out = torch.stack([experts[e](x) for e in range(E)])  # [E, S, D]
@@ -130,9 +142,11 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
     recompute_check(rank, world)
 
     # Bad sections for DeepSpeed MoE layers fail before the engine.
-    for bad, needle in [({"top_k": 2}, "differs from the deepspeed.moe.layer.MoE layer's top_k=1"),
-                        ({"aux_loss_coeff": 0.1}, "does not apply to deepspeed.moe.layer.MoE"),
-                        ({"router": "nope"}, "MoEConfig.router must be one of")]:
+    for bad, needle in [
+        ({"top_k": 2}, "differs from the deepspeed.moe.layer.MoE layer's top_k=1"),
+        ({"aux_loss_coeff": 0.1}, "does not apply to deepspeed.moe.layer.MoE"),
+        ({"router": "nope"}, "MoEConfig.router must be one of"),
+    ]:
         try:
             dm_ds.initialize(model=DSMoEModel(), config=ds_config(1, section={**section("default"), **bad}))
         except ValueError as e:
@@ -156,7 +170,7 @@ def all_checks(rank: int, world: int, tmpdir: str) -> None:
             m = DSMoEModel(k=k)
             e, *_ = dm_ds.initialize(model=m, config=ds_config(stage, 2, section=section("default")))
             losses = train_engine(e, 3, 2)
-            assert all(torch.isfinite(torch.tensor(losses))) and losses != base[:len(losses)]
+            assert all(torch.isfinite(torch.tensor(losses))) and losses != base[: len(losses)]
             Dm = m.moe.deepspeed_moe.defaults.defaults_ED
             assert Dm.shape == (E, D) and Dm.abs().sum() > 0
             got = [torch.empty_like(Dm) for _ in range(world)]
@@ -287,7 +301,9 @@ def filtered_defaults_check(rank, world, tmpdir):
     assert D_saved.abs().sum() > 0
     dist.barrier()
     tag = open(f"{tmpdir}/named/latest").read().strip()
-    module_state = torch.load(f"{tmpdir}/named/{tag}/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module_state = torch.load(f"{tmpdir}/named/{tag}/mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+        "module"
+    ]
     assert not any(k.endswith("defaults_ED") for k in module_state), "the filter no longer drops D: test premise gone"
     m2 = ExpertNamedModel(seed=3)
     e2, *_ = dm_ds.initialize(model=m2, config=ds_config(1, section=section("default")))

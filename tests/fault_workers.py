@@ -42,12 +42,12 @@ def empty_and_one_expert(rank: int, world: int) -> None:
     load_into_layer(layer2, w)
     x = _batch(0, 16 * world)
     x[:, 0] = 1.0
-    mine = x[rank * 16:(rank + 1) * 16]
+    mine = x[rank * 16 : (rank + 1) * 16]
     out = layer2(mine.clone().requires_grad_(True))
     out.sum().backward()
     commit_defaults(layer2)
     res = reference_moe(x.double(), w.double(), top_k=1, use_defaults=True, defaults_ED=torch.zeros(E, D))
-    torch.testing.assert_close(out.double(), res.out_TD[rank * 16:(rank + 1) * 16], rtol=3e-5, atol=3e-6)
+    torch.testing.assert_close(out.double(), res.out_TD[rank * 16 : (rank + 1) * 16], rtol=3e-5, atol=3e-6)
     counts = layer2.tokens_per_expert.clone()
     dist.all_reduce(counts)
     assert counts[0] == 16 * world and counts[1:].sum() == 0, counts
@@ -62,7 +62,7 @@ def nonfinite_modes(rank: int, world: int) -> None:
     for mode in ("skip", "raise"):
         layer, w = _layer(world, nonfinite=mode)
         layer.layer_name = "blocks.3.moe"
-        x = _batch(1, 8 * world)[rank * 8:(rank + 1) * 8]
+        x = _batch(1, 8 * world)[rank * 8 : (rank + 1) * 8]
         layer(x).sum().backward()  # a finite first step: every seen expert's D moves
         commit_defaults(layer)
         D_before = layer.defaults.defaults_ED.clone()
@@ -133,7 +133,7 @@ def ema_statistics_options(rank: int, world: int) -> None:
     with count_collectives() as c:
         opt.step()  # the torch optimizer's step commits
     assert len([r for r in c.records if r.op == "all_reduce"]) == 1
-    both = torch.cat([torch.cat([x0[r * per:(r + 1) * per], x1[r * per:(r + 1) * per]]) for r in range(world)])
+    both = torch.cat([torch.cat([x0[r * per : (r + 1) * per], x1[r * per : (r + 1) * per]]) for r in range(world)])
     res = reference_moe(both.double(), w.double(), top_k=2, use_defaults=True, defaults_ED=torch.zeros(E, D), beta=0.7)
     torch.testing.assert_close(layer.defaults.defaults_ED.double(), res.defaults_after_ED, rtol=3e-5, atol=3e-6)
 

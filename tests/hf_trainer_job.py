@@ -37,7 +37,8 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     a = p.parse_args()
     ds_config = {
-        "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
         "zero_optimization": {"stage": 1 if a.ep else 2},
         "optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": 0.0, "torch_adam": True}},
         "gradient_clipping": "auto",
@@ -46,14 +47,38 @@ def main() -> None:
     if a.ep:
         ds_config["expert_parallel"] = {"enabled": True, "autoep_size": 2, "preset_model": "qwen3_moe"}
     torch.manual_seed(0)
-    cfg = Qwen3MoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, moe_intermediate_size=32,
-                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, num_experts=4,
-                         num_experts_per_tok=2, max_position_embeddings=SEQ, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    cfg = Qwen3MoeConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=16,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=SEQ,
+        pad_token_id=0,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
     model = Qwen3MoeForCausalLM(cfg)
     args = TrainingArguments(
-        output_dir=a.out, per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=a.steps,
-        learning_rate=5e-3, lr_scheduler_type="constant", logging_steps=1, save_strategy="steps", save_steps=3,
-        report_to=[], deepspeed=ds_config, seed=0, dataloader_num_workers=0, disable_tqdm=True,
+        output_dir=a.out,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=a.steps,
+        learning_rate=5e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=3,
+        report_to=[],
+        deepspeed=ds_config,
+        seed=0,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=args, train_dataset=Blocks(200))
     trainer.train(resume_from_checkpoint=a.resume)

@@ -18,18 +18,45 @@ VOCAB, E, K = 64, 4, 2
 def tiny(kind: str, seed: int = 0, norm_topk_prob=None):
     import transformers as tr
 
-    base = dict(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                max_position_embeddings=32, num_experts_per_tok=K, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    base = dict(
+        vocab_size=VOCAB,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        num_experts_per_tok=K,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if kind == "mixtral":
         cls, cfg = tr.MixtralForCausalLM, tr.MixtralConfig(**base, intermediate_size=32, num_local_experts=E)
     elif kind == "qwen2_moe":
-        cls, cfg = tr.Qwen2MoeForCausalLM, tr.Qwen2MoeConfig(
-            **base, moe_intermediate_size=32, shared_expert_intermediate_size=32, intermediate_size=32, num_experts=E,
-            decoder_sparse_step=1, norm_topk_prob=bool(norm_topk_prob))
+        cls, cfg = (
+            tr.Qwen2MoeForCausalLM,
+            tr.Qwen2MoeConfig(
+                **base,
+                moe_intermediate_size=32,
+                shared_expert_intermediate_size=32,
+                intermediate_size=32,
+                num_experts=E,
+                decoder_sparse_step=1,
+                norm_topk_prob=bool(norm_topk_prob),
+            ),
+        )
     elif kind == "qwen3_moe":
-        cls, cfg = tr.Qwen3MoeForCausalLM, tr.Qwen3MoeConfig(
-            **base, moe_intermediate_size=32, intermediate_size=32, num_experts=E, decoder_sparse_step=1,
-            norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob)
+        cls, cfg = (
+            tr.Qwen3MoeForCausalLM,
+            tr.Qwen3MoeConfig(
+                **base,
+                moe_intermediate_size=32,
+                intermediate_size=32,
+                num_experts=E,
+                decoder_sparse_step=1,
+                norm_topk_prob=True if norm_topk_prob is None else norm_topk_prob,
+            ),
+        )
     else:
         cls, cfg = tr.OlmoeForCausalLM, tr.OlmoeConfig(**base, intermediate_size=32, num_experts=E)
     torch.manual_seed(seed)
@@ -148,8 +175,9 @@ def ddp_checks(rank, world, tmpdir):
         # Converting a pretrained model keeps its function at D = 0 (the model's own renormalisation).
         plain, conv = tiny(kind), hf.convert(tiny(kind), router="default")
         plain.train(), conv.train()
-        torch.testing.assert_close(conv(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, kind=kind: f"{kind} converted at D=0: {m}")
+        torch.testing.assert_close(
+            conv(ids).logits, plain(ids).logits, rtol=1e-5, atol=1e-6, msg=lambda m, kind=kind: f"{kind} converted at D=0: {m}"
+        )
         model = hf.convert(tiny(kind), router="default", beta=0.9)
         ddp, losses = train_ddp(model, rank, steps=3, gas=2)
         same_on_ranks(model, f"{kind} DDP")
@@ -217,8 +245,7 @@ def loops_as_users_run_them(rank) -> None:
         out = []
         for step in range(2):
             with torch.no_grad():  # RL rollout with the policy in train mode
-                model.generate(batch(rank, 50 + step)[:1, :3], max_new_tokens=4 + 3 * rank, do_sample=False,
-                               pad_token_id=0)
+                model.generate(batch(rank, 50 + step)[:1, :3], max_new_tokens=4 + 3 * rank, do_sample=False, pad_token_id=0)
             skipped = batch(rank, 60 + step)
             _ = model(skipped, labels=skipped).loss  # non-finite loss, say: no backward
             a, b = batch(rank, 70 + step), batch(rank, 80 + step)
@@ -233,7 +260,9 @@ def loops_as_users_run_them(rank) -> None:
         grads, D = results[mode]
         for step, (a, b) in enumerate(zip(ref_grads, grads)):
             for n in a:
-                torch.testing.assert_close(b[n], a[n], rtol=0, atol=0, msg=lambda m, mode=mode, step=step, n=n: f"{mode} step {step} {n}: {m}")
+                torch.testing.assert_close(
+                    b[n], a[n], rtol=0, atol=0, msg=lambda m, mode=mode, step=step, n=n: f"{mode} step {step} {n}: {m}"
+                )
         for a, b in zip(ref_D, D):
             assert torch.equal(a, b), mode
 
@@ -247,12 +276,17 @@ def padding_is_masked(rank) -> None:
     ids = ids.masked_fill(mask == 0, 0)
     padded(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
     for row, n in ((0, 5), (1, 8)):
-        alone(ids[row:row + 1, :n], labels=ids[row:row + 1, :n]).loss.backward()
+        alone(ids[row : row + 1, :n], labels=ids[row : row + 1, :n]).loss.backward()
     commit_defaults([padded, alone])
     for (name, a), (_, b) in zip(hf.moe_blocks(padded), hf.moe_blocks(alone)):
         assert a.defaults.defaults_ED.abs().sum() > 0
-        torch.testing.assert_close(a.defaults.defaults_ED, b.defaults.defaults_ED, rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, name=name: f"padded vs real tokens, {name}: {m}")
+        torch.testing.assert_close(
+            a.defaults.defaults_ED,
+            b.defaults.defaults_ED,
+            rtol=1e-5,
+            atol=1e-6,
+            msg=lambda m, name=name: f"padded vs real tokens, {name}: {m}",
+        )
 
 
 def deepspeed_checks(rank, world, tmpdir):
@@ -269,9 +303,14 @@ def deepspeed_checks(rank, world, tmpdir):
     for stage in (2, 3):
         model = tiny("qwen3_moe", seed=stage)
         reference = hf.convert(copy.deepcopy(model), router="default", beta=0.7)
-        config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
-                  "zero_optimization": {"stage": stage}, "steps_per_print": 10_000, "default_moe": section,
-                  "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}}}
+        config = {
+            "train_micro_batch_size_per_gpu": 2,
+            "gradient_accumulation_steps": 2,
+            "zero_optimization": {"stage": stage},
+            "steps_per_print": 10_000,
+            "default_moe": section,
+            "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
+        }
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
         assert all(getattr(b, "_default_moe", None) is not None for _, b in hf.moe_blocks(engine.module))
         reference.train()
@@ -284,8 +323,13 @@ def deepspeed_checks(rank, world, tmpdir):
                 if step == mb == 0:
                     reference(ids, labels=ids).loss.backward()
                     for (name, b), (_, r) in zip(hf.moe_blocks(engine.module), hf.moe_blocks(reference)):
-                        torch.testing.assert_close(b.defaults.stats_ED1, r.defaults.stats_ED1, rtol=1e-5, atol=1e-5,
-                                                   msg=lambda m, stage=stage, name=name: f"ZeRO-{stage} {name}: {m}")
+                        torch.testing.assert_close(
+                            b.defaults.stats_ED1,
+                            r.defaults.stats_ED1,
+                            rtol=1e-5,
+                            atol=1e-5,
+                            msg=lambda m, stage=stage, name=name: f"ZeRO-{stage} {name}: {m}",
+                        )
                 engine.step()
                 losses.append(float(loss))
         same_on_ranks(engine.module, f"ZeRO-{stage}")

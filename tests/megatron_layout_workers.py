@@ -43,16 +43,34 @@ def _layer(layout, weighting):
 
     tp, pp, cp, ep, etp = (layout.get(k, 1) for k in ("tp", "pp", "cp", "ep", "etp"))
     parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                             context_parallel_size=cp, expert_model_parallel_size=ep,
-                                             expert_tensor_parallel_size=etp)
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
     model_parallel_cuda_manual_seed(123)
     config = TransformerConfig(
-        num_layers=pp, hidden_size=H, num_attention_heads=2, num_moe_experts=E, moe_router_topk=K,
-        moe_ffn_hidden_size=FFN, ffn_hidden_size=FFN, moe_token_dispatcher_type="alltoall", moe_router_pre_softmax=True,
-        moe_aux_loss_coeff=0.0, use_cpu_initialization=True, add_bias_linear=False, init_method_std=0.3,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
-        expert_model_parallel_size=ep, expert_tensor_parallel_size=etp, sequence_parallel=tp > 1,
+        num_layers=pp,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_moe_experts=E,
+        moe_router_topk=K,
+        moe_ffn_hidden_size=FFN,
+        ffn_hidden_size=FFN,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_pre_softmax=True,
+        moe_aux_loss_coeff=0.0,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        init_method_std=0.3,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        sequence_parallel=tp > 1,
         pipeline_dtype=torch.float32,
     )
     spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=E), router="default", beta=BETA, ema_weighting=weighting)
@@ -83,10 +101,17 @@ def check_layout(layout, weighting):
     assert torch.equal(layer.defaults.defaults_ED, D0)
     commit_defaults(layer)  # the step: one all-reduce over the stage
     etp_rank = layer.token_dispatcher.tp_rank
-    experts = {int(e): (etp_rank, m.linear_fc1.weight.detach().clone(), m.linear_fc2.weight.detach().clone())
-               for e, m in zip(layer.local_expert_indices, layer.experts.local_experts)}
-    mine = dict(x=x.reshape(-1, H).clone(), W=layer.router.weight.detach().clone(), out=out.detach().reshape(-1, H).clone(),
-                D=layer.defaults.defaults_ED.clone(), experts=experts)
+    experts = {
+        int(e): (etp_rank, m.linear_fc1.weight.detach().clone(), m.linear_fc2.weight.detach().clone())
+        for e, m in zip(layer.local_expert_indices, layer.experts.local_experts)
+    }
+    mine = dict(
+        x=x.reshape(-1, H).clone(),
+        W=layer.router.weight.detach().clone(),
+        out=out.detach().reshape(-1, H).clone(),
+        D=layer.defaults.defaults_ED.clone(),
+        experts=experts,
+    )
     everyone = _gather(mine, stage)
 
     # Full expert weights: expert-TP shards of fc1 (output rows) and fc2 (input columns), in rank order.
@@ -116,8 +141,9 @@ def check_layout(layout, weighting):
 
     what = f"{layout['name']} (weighting {weighting})"
     torch.testing.assert_close(layer.defaults.defaults_ED.double(), D_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: D {m}")
-    torch.testing.assert_close(out.detach().reshape(-1, H).double(), out_ref, rtol=1e-4, atol=1e-5,
-                               msg=lambda m: f"{what}: output {m}")
+    torch.testing.assert_close(
+        out.detach().reshape(-1, H).double(), out_ref, rtol=1e-4, atol=1e-5, msg=lambda m: f"{what}: output {m}"
+    )
     for r in everyone:
         assert torch.equal(r["D"], everyone[0]["D"]), f"{what}: D differs between ranks of the stage"
 

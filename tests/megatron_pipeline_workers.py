@@ -29,11 +29,25 @@ def _run(recompute: str, router: str, top_k: int, vpp=None):
     elif recompute == "moe":
         extra = dict(recompute_granularity="selective", recompute_modules=["moe"])
     config = TransformerConfig(
-        num_layers=4, hidden_size=H, num_attention_heads=2, num_moe_experts=E, moe_router_topk=top_k,
-        moe_ffn_hidden_size=32, ffn_hidden_size=32, moe_token_dispatcher_type="alltoall", moe_router_pre_softmax=True,
-        moe_aux_loss_coeff=0.0, use_cpu_initialization=True, add_bias_linear=False, init_method_std=0.3,
-        pipeline_model_parallel_size=2, pipeline_dtype=torch.float32, hidden_dropout=0.0, attention_dropout=0.0,
-        virtual_pipeline_model_parallel_size=vpp, **extra,
+        num_layers=4,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_moe_experts=E,
+        moe_router_topk=top_k,
+        moe_ffn_hidden_size=32,
+        ffn_hidden_size=32,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_pre_softmax=True,
+        moe_aux_loss_coeff=0.0,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        init_method_std=0.3,
+        pipeline_model_parallel_size=2,
+        pipeline_dtype=torch.float32,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        virtual_pipeline_model_parallel_size=vpp,
+        **extra,
     )
     settings = dict(router=router, beta=0.5)
     if router == "stablemoe":
@@ -42,12 +56,18 @@ def _run(recompute: str, router: str, top_k: int, vpp=None):
     dm.install(**settings)
     try:
         torch.manual_seed(0)
-        chunks = [GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E),
-                           vocab_size=VOCAB, max_sequence_length=S,
-                           pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=v),
-                           post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=v),
-                           **({} if vpp is None else {"vp_stage": v}))
-                  for v in range(vpp or 1)]
+        chunks = [
+            GPTModel(
+                config=config,
+                transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E),
+                vocab_size=VOCAB,
+                max_sequence_length=S,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=vpp is None, vp_stage=v),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=vpp is None, vp_stage=v),
+                **({} if vpp is None else {"vp_stage": v}),
+            )
+            for v in range(vpp or 1)
+        ]
     finally:
         dm.uninstall()
     # Megatron-LM sets the real finalize_model_grads (it needs DDP-wrapped chunks); every schedule
@@ -74,15 +94,30 @@ def _run(recompute: str, router: str, top_k: int, vpp=None):
         return out, loss_fn
 
     data = iter(batches) if vpp is None else [iter(batches), iter(list(batches))]
-    get_forward_backward_func()(forward_step_func=step, data_iterator=data, model=chunks,
-                                num_microbatches=MICROBATCHES, seq_length=S, micro_batch_size=MB, forward_only=False)
+    get_forward_backward_func()(
+        forward_step_func=step,
+        data_iterator=data,
+        model=chunks,
+        num_microbatches=MICROBATCHES,
+        seq_length=S,
+        micro_batch_size=MB,
+        forward_only=False,
+    )
     if router == "default":
         for layer in layers:  # all micro-batches counted once, committed at finalize
             assert layer.defaults.pending == 0 and layer.defaults.num_updates == 1, (recompute, layer.defaults.pending)
-    grads = {f"{i}.{n}": p.grad.clone() for i, c in enumerate(chunks) for n, p in c.named_parameters()
-             if p.grad is not None and (".router." in n or ".experts." in n)}
-    state = {f"{i}.{n}": b.clone() for i, c in enumerate(chunks) for n, b in c.named_buffers()
-             if "defaults_ED" in n or "num_steps" in n}
+    grads = {
+        f"{i}.{n}": p.grad.clone()
+        for i, c in enumerate(chunks)
+        for n, p in c.named_parameters()
+        if p.grad is not None and (".router." in n or ".experts." in n)
+    }
+    state = {
+        f"{i}.{n}": b.clone()
+        for i, c in enumerate(chunks)
+        for n, b in c.named_buffers()
+        if "defaults_ED" in n or "num_steps" in n
+    }
     return grads, state
 
 
@@ -104,7 +139,8 @@ def pipeline_recompute(rank, world, vpp=None):
             for n in grads:
                 assert torch.equal(grads[n], want_grads[n]), (
                     f"{router}, recompute {recompute}: gradient of {n} differs from the run without recompute "
-                    f"(max diff {(grads[n] - want_grads[n]).abs().max():.3g})")
+                    f"(max diff {(grads[n] - want_grads[n]).abs().max():.3g})"
+                )
             for n in state:
                 assert torch.equal(state[n], want_state[n]), f"{router}, recompute {recompute}: {n} differs"
     parallel_state.destroy_model_parallel()

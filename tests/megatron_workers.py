@@ -29,10 +29,22 @@ def setup(ep=2):
 def tconfig(**kw):
     from megatron.core.transformer import TransformerConfig
 
-    base = dict(num_layers=2, hidden_size=H, num_attention_heads=2, num_moe_experts=E, moe_router_topk=K,
-                moe_ffn_hidden_size=FFN, ffn_hidden_size=FFN, moe_token_dispatcher_type="alltoall",
-                moe_router_pre_softmax=True, moe_aux_loss_coeff=0.0, use_cpu_initialization=True,
-                add_bias_linear=False, expert_model_parallel_size=2, init_method_std=0.3)
+    base = dict(
+        num_layers=2,
+        hidden_size=H,
+        num_attention_heads=2,
+        num_moe_experts=E,
+        moe_router_topk=K,
+        moe_ffn_hidden_size=FFN,
+        ffn_hidden_size=FFN,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_pre_softmax=True,
+        moe_aux_loss_coeff=0.0,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+        expert_model_parallel_size=2,
+        init_method_std=0.3,
+    )
     base.update(kw)
     return TransformerConfig(**base)
 
@@ -60,12 +72,20 @@ def gather_cat(t):
 GATE_FORMS = {
     "pre_softmax": dict(),
     "topk_softmax": dict(moe_router_pre_softmax=False),
-    "deepseek_v3": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                        moe_router_topk_scaling_factor=2.5, moe_router_pre_softmax=False,
-                        moe_router_load_balancing_type="none"),
-    "deepseek_v3_in_forward": dict(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
-                                   moe_router_topk_scaling_factor=2.5, moe_router_pre_softmax=False,
-                                   moe_router_load_balancing_type="none"),
+    "deepseek_v3": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        moe_router_pre_softmax=False,
+        moe_router_load_balancing_type="none",
+    ),
+    "deepseek_v3_in_forward": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        moe_router_pre_softmax=False,
+        moe_router_load_balancing_type="none",
+    ),
 }
 
 
@@ -79,8 +99,7 @@ def layer_vs_reference(rank, world, form="pre_softmax"):
     torch.manual_seed(0)
     kw = GATE_FORMS[form]
     settings = {"default_in_forward": True} if form.endswith("in_forward") else {}
-    spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False), router="default", beta=0.6,
-                         **settings)
+    spec = dm.patch_spec(get_gpt_layer_local_spec(num_experts=E, moe_grouped_gemm=False), router="default", beta=0.6, **settings)
     layer = compat.build_moe_layer(spec.submodules.mlp, tconfig(**kw))
     layer.train()
     sigmoid = kw.get("moe_router_score_function") == "sigmoid"
@@ -105,8 +124,12 @@ def layer_vs_reference(rank, world, form="pre_softmax"):
 
     # Reference on the union batch (float64), with every expert run.
     W = layer.router.weight.detach().double().requires_grad_(True)
-    fc1 = gather_cat(torch.stack([e.linear_fc1.weight.detach() for e in layer.experts.local_experts])).double().requires_grad_(True)
-    fc2 = gather_cat(torch.stack([e.linear_fc2.weight.detach() for e in layer.experts.local_experts])).double().requires_grad_(True)
+    fc1 = (
+        gather_cat(torch.stack([e.linear_fc1.weight.detach() for e in layer.experts.local_experts])).double().requires_grad_(True)
+    )
+    fc2 = (
+        gather_cat(torch.stack([e.linear_fc2.weight.detach() for e in layer.experts.local_experts])).double().requires_grad_(True)
+    )
     X = gather_cat(x.detach().reshape(-1, H)).double().requires_grad_(True)
     G = gather_cat(g_out.reshape(-1, H)).double()
     logits = X @ W.t()
@@ -221,7 +244,9 @@ def sparsemixer_layer_check(rank, world):
                 s1, s2 = gates[t, a] / m1, gates[t, b] / m2
                 ok = lambda s: torch.isclose(s, torch.tensor(1.0)) or torch.isclose(s, torch.tensor(1 / 3))  # noqa: E731
                 if m1 > 0 and m2 > 0 and ok(s1) and ok(s2):
-                    dz[t] = c[t, a] * m1 * (F.one_hot(torch.tensor(a), E) - p1[t]) + c[t, b] * m2 * (F.one_hot(torch.tensor(b), E) - p2)
+                    dz[t] = c[t, a] * m1 * (F.one_hot(torch.tensor(a), E) - p1[t]) + c[t, b] * m2 * (
+                        F.one_hot(torch.tensor(b), E) - p2
+                    )
                     break
             else:
                 raise AssertionError(f"token {t}: gates {gates[t]} match no SparseMixer v2 ordering")
@@ -257,10 +282,12 @@ def specs_and_install(rank, world):
     finally:
         dm.uninstall()
     assert compat.moe_spec_class(gpt_layer_specs.get_gpt_layer_local_spec(num_experts=E).submodules.mlp) is MoELayer
-    for bad, needle in [({"router": "nope"}, "router 'nope' is not available"),
-                        ({"router": "stablemoe"}, "MoEConfig.stablemoe.vocab_size is required"),
-                        ({"beta": 1.5}, "MoEConfig.beta"),
-                        ({"betta": 0.5}, "unknown default_moe setting")]:
+    for bad, needle in [
+        ({"router": "nope"}, "router 'nope' is not available"),
+        ({"router": "stablemoe"}, "MoEConfig.stablemoe.vocab_size is required"),
+        ({"beta": 1.5}, "MoEConfig.beta"),
+        ({"betta": 0.5}, "unknown default_moe setting"),
+    ]:
         try:
             dm.patch_spec(plain, **bad)
         except ValueError as e:
@@ -307,9 +334,11 @@ def train_gpt(rank, world, tmpdir):
 
     def step_fn(data_iterator, model_chunk):
         out = model_chunk(tokens, pos, None, labels=labels)
+
         def loss_fn(output):
             loss = output.float().mean()
             return loss, {"loss": loss.detach()}
+
         return out, loss_fn
 
     fb = get_forward_backward_func()
@@ -319,8 +348,15 @@ def train_gpt(rank, world, tmpdir):
         for _ in range(n):
             ddp_model.zero_grad_buffer()
             optimizer.zero_grad()
-            res = fb(forward_step_func=step_fn, data_iterator=iter([None]), model=[ddp_model], num_microbatches=1,
-                     seq_length=16, micro_batch_size=2, forward_only=False)
+            res = fb(
+                forward_step_func=step_fn,
+                data_iterator=iter([None]),
+                model=[ddp_model],
+                num_microbatches=1,
+                seq_length=16,
+                micro_batch_size=2,
+                forward_only=False,
+            )
             optimizer.step()
             mean = res[0]["loss"].clone()
             dist.all_reduce(mean)
@@ -346,8 +382,9 @@ def train_gpt(rank, world, tmpdir):
     torch.manual_seed(5)
     dm.install(router="default", beta=0.9)
     try:
-        model2 = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E),
-                          vocab_size=64, max_sequence_length=16)
+        model2 = GPTModel(
+            config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(num_experts=E), vocab_size=64, max_sequence_length=16
+        )
     finally:
         dm.uninstall()
     loaded = dist_checkpointing.load(model2.sharded_state_dict(), tmpdir)
@@ -380,8 +417,7 @@ def token_routers(rank, world):
         finally:
             dm.uninstall()
         torch.manual_seed(0)
-        model = GPTModel(config=tconfig(moe_router_topk=topk), transformer_layer_spec=spec, vocab_size=64,
-                         max_sequence_length=16)
+        model = GPTModel(config=tconfig(moe_router_topk=topk), transformer_layer_spec=spec, vocab_size=64, max_sequence_length=16)
         dm.capture_token_ids(model)
         layers = [m for m in model.modules() if isinstance(m, dm.DefaultMoELayer)]
         assert all(isinstance(lyr.router, dm.TokenIdTopKRouter) for lyr in layers)
@@ -424,6 +460,7 @@ def recompute_check(rank, world):
         outs = []
         for _ in range(3):
             x = torch.randn(6, 2, H, generator=g, requires_grad=True)
+
             def run(t, layer=layer):
                 return layer(t)[0]
 
@@ -448,10 +485,12 @@ def settings_and_padding(rank, world):
     (topk scaling); padding_mask keeps padded tokens out of the EMA without changing outputs."""
     from default_moe.integrations import megatron as dm
 
-    for attr, value, words in (("moe_router_load_balancing_type", "sinkhorn", "sinkhorn"),
-                               ("moe_router_padding_for_quantization", True, "moe_router_padding_for_quantization"),
-                               ("moe_router_padding_for_fp8", True, "moe_router_padding_for_fp8"),
-                               ("cuda_graph_impl", "local", "CUDA graphs over the router")):
+    for attr, value, words in (
+        ("moe_router_load_balancing_type", "sinkhorn", "sinkhorn"),
+        ("moe_router_padding_for_quantization", True, "moe_router_padding_for_quantization"),
+        ("moe_router_padding_for_fp8", True, "moe_router_padding_for_fp8"),
+        ("cuda_graph_impl", "local", "CUDA graphs over the router"),
+    ):
         cfg = tconfig()
         setattr(cfg, attr, value)  # past TransformerConfig's own checks: our refusal is what is tested
         try:
@@ -503,15 +542,38 @@ def deepseek_v3_routing_equals_megatron(rank, world):
     from default_moe import MoEConfig, MoELayer
 
     E8, K4, rate = 8, 4, 0.01
-    cfg = tconfig(num_moe_experts=E8, moe_router_topk=K4, moe_router_score_function="sigmoid",
-                  moe_router_enable_expert_bias=True, moe_router_bias_update_rate=rate, moe_router_num_groups=4,
-                  moe_router_group_topk=2, moe_router_topk_scaling_factor=2.5, moe_router_load_balancing_type="none",
-                  moe_router_pre_softmax=False, expert_model_parallel_size=1)
+    cfg = tconfig(
+        num_moe_experts=E8,
+        moe_router_topk=K4,
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=rate,
+        moe_router_num_groups=4,
+        moe_router_group_topk=2,
+        moe_router_topk_scaling_factor=2.5,
+        moe_router_load_balancing_type="none",
+        moe_router_pre_softmax=False,
+        expert_model_parallel_size=1,
+    )
     torch.manual_seed(0)
     theirs = TopKRouter(config=cfg, pg_collection=get_default_pg_collection(), **compat.router_kwargs(False))
-    ours = MoELayer(MoEConfig(hidden_size=H, num_experts=E8, ffn_hidden_size=FFN, top_k=K4, router="topk",
-                              score_function="sigmoid", normalize_topk=True, route_scale=2.5, expert_bias=True,
-                              expert_bias_update_rate=rate, num_expert_groups=4, group_topk=2, aux_loss_coeff=0.0))
+    ours = MoELayer(
+        MoEConfig(
+            hidden_size=H,
+            num_experts=E8,
+            ffn_hidden_size=FFN,
+            top_k=K4,
+            router="topk",
+            score_function="sigmoid",
+            normalize_topk=True,
+            route_scale=2.5,
+            expert_bias=True,
+            expert_bias_update_rate=rate,
+            num_expert_groups=4,
+            group_topk=2,
+            aux_loss_coeff=0.0,
+        )
+    )
     with torch.no_grad():
         ours.router.weight.copy_(theirs.weight)
     opt = torch.optim.SGD(ours.parameters(), lr=0.0)

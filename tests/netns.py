@@ -23,8 +23,12 @@ def can_make_namespaces():
 
 def env(prefix):
     venv_bin = str(Path(sys.executable).parent)
-    return {**os.environ, "DM_NETNS_PREFIX": prefix, "OMP_NUM_THREADS": "1",
-            "PATH": venv_bin + os.pathsep + os.environ.get("PATH", "")}
+    return {
+        **os.environ,
+        "DM_NETNS_PREFIX": prefix,
+        "OMP_NUM_THREADS": "1",
+        "PATH": venv_bin + os.pathsep + os.environ.get("PATH", ""),
+    }
 
 
 def left_behind(prefix):

@@ -175,9 +175,12 @@ def reference_moe(
             dense = torch.zeros(T, D, dtype=torch.float64)
             for e in range(E):
                 observed = bool(used[e].ne(0).any())
-                E_hat = torch.where(kept_TE[:, e:e + 1], all_ETD[e] if in_forward else all_ETD[e].detach(),
-                                    used[e][None, :] if observed else y_ref / route_scale)
-                dense = dense + route_scale * w_TE[:, e:e + 1] * E_hat
+                E_hat = torch.where(
+                    kept_TE[:, e : e + 1],
+                    all_ETD[e] if in_forward else all_ETD[e].detach(),
+                    used[e][None, :] if observed else y_ref / route_scale,
+                )
+                dense = dense + route_scale * w_TE[:, e : e + 1] * E_hat
         else:
             dense = y_ref
             for e in range(E):

@@ -44,7 +44,9 @@ def test_checkpoint_errors_and_atomic_write(tmp_path, monkeypatch):
         checkpoint.load(torch.nn.Sequential(_layer(ema_weighting="prob")), path)
     # Settings that do not change what the saved state is load, and are reported.
     other = torch.nn.Sequential(_layer(beta=0.5, ema_stats_dtype="bfloat16", nonfinite="raise", init_std=0.1, aux_loss_coeff=0.0))
-    with pytest.warns(UserWarning, match=r"0: aux_loss_coeff=0.01 -> 0.0; 0: beta=0.9 -> 0.5; 0: ema_stats_dtype='float32' -> 'bfloat16'"):
+    with pytest.warns(
+        UserWarning, match=r"0: aux_loss_coeff=0.01 -> 0.0; 0: beta=0.9 -> 0.5; 0: ema_stats_dtype='float32' -> 'bfloat16'"
+    ):
         assert checkpoint.load(other, path) == {"step": 1}
     assert torch.equal(other[0].defaults.defaults_ED, model[0].defaults.defaults_ED)
     with pytest.raises(ValueError, match="MoE layers"):

@@ -28,8 +28,24 @@ import netns
 ROOT = Path(__file__).resolve().parents[1]
 SLURM = str(ROOT / "launch" / "slurm_netns.sh")
 SSH = str(ROOT / "launch" / "ssh_netns.sh")
-JOB = ["--steps", "9", "--ep-size", "4", "--micro-batch", "4", "--seq-len", "32", "--eval-every", "9",
-       "--eval-batches", "1", "--ckpt-every", "3", "--log-every", "1"]
+JOB = [
+    "--steps",
+    "9",
+    "--ep-size",
+    "4",
+    "--micro-batch",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-every",
+    "9",
+    "--eval-batches",
+    "1",
+    "--ckpt-every",
+    "3",
+    "--log-every",
+    "1",
+]
 PACKAGES = {"slurmctld": "slurm-wlm", "slurmd": "slurm-wlm", "munged": "munge", "pdsh": "pdsh", "sshd": "openssh-server"}
 
 pytestmark = pytest.mark.distributed
@@ -39,8 +55,9 @@ def _skip_reason():
     reason = netns.can_make_namespaces()
     if reason:
         return reason
-    missing = sorted({pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None
-                      and not Path("/usr/sbin", tool).exists()})
+    missing = sorted(
+        {pkg for tool, pkg in PACKAGES.items() if shutil.which(tool) is None and not Path("/usr/sbin", tool).exists()}
+    )
     if missing:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", *missing]):
@@ -64,9 +81,25 @@ def cluster_ok():
 def single_node(tmp_path_factory, cluster_ok):
     """The same command on one node, 4 processes: the losses the cluster runs must reproduce."""
     out = tmp_path_factory.mktemp("single")
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                          "launch/train.py", *JOB, "--run-dir", str(out)], cwd=ROOT, env=netns.env("unused"),
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "4",
+            "launch/train.py",
+            *JOB,
+            "--run-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=netns.env("unused"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return _history(out)
 
@@ -76,8 +109,13 @@ def _history(run_dir: Path):
 
 
 def _job_state(state_dir, env, job_id):
-    out = subprocess.run(["bash", SLURM, "run", str(state_dir), "scontrol", "show", "job", job_id],
-                         capture_output=True, text=True, env=env, timeout=30).stdout
+    out = subprocess.run(
+        ["bash", SLURM, "run", str(state_dir), "scontrol", "show", "job", job_id],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=30,
+    ).stdout
     return next((w.split("=", 1)[1] for w in out.split() if w.startswith("JobState=")), "UNKNOWN")
 
 
@@ -100,8 +138,9 @@ def _complete(ckpt: Path, tag: str) -> bool:
 
 def _workers_of(run_dir):
     cmdlines = {p.pid: " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"])}
-    return [pid for pid, c in cmdlines.items()
-            if "launch/train.py" in c and str(run_dir) in c and "torch.distributed.run" not in c]
+    return [
+        pid for pid, c in cmdlines.items() if "launch/train.py" in c and str(run_dir) in c and "torch.distributed.run" not in c
+    ]
 
 
 def test_slurm_sbatch_two_nodes_a_killed_rank_and_a_lost_node(tmp_path, single_node):
@@ -122,11 +161,29 @@ def test_slurm_sbatch_two_nodes_a_killed_rank_and_a_lost_node(tmp_path, single_n
         up_s = time.time() - t0
         for name, port in (("faulty", 29592),):
             run_dir = tmp_path / name
-            cmd = ["bash", SLURM, "run", str(state), *sbatch_env, f"MASTER_PORT={port}", "sbatch", "--parsable",
-                   "--nodes", "2", "--output", str(tmp_path / f"{name}-%j.out"), "launch/slurm.sbatch", *JOB,
-                   "--run-dir", str(run_dir)]
-            job = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True,
-                                 timeout=30).stdout.strip().split(";")[0]
+            cmd = [
+                "bash",
+                SLURM,
+                "run",
+                str(state),
+                *sbatch_env,
+                f"MASTER_PORT={port}",
+                "sbatch",
+                "--parsable",
+                "--nodes",
+                "2",
+                "--output",
+                str(tmp_path / f"{name}-%j.out"),
+                "launch/slurm.sbatch",
+                *JOB,
+                "--run-dir",
+                str(run_dir),
+            ]
+            job = (
+                subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=True, timeout=30)
+                .stdout.strip()
+                .split(";")[0]
+            )
             t0 = time.time()
             events = []
 
@@ -143,8 +200,13 @@ def test_slurm_sbatch_two_nodes_a_killed_rank_and_a_lost_node(tmp_path, single_n
                     subprocess.run(["bash", SLURM, "lose", str(state), "B"], env=env, check=True, timeout=30)
                     events.append(("node lost", time.time()))
                 elif len(events) == 2:
-                    out = subprocess.run(["bash", SLURM, "run", str(state), "scontrol", "show", "job", job], env=env,
-                                         capture_output=True, text=True, timeout=30).stdout
+                    out = subprocess.run(
+                        ["bash", SLURM, "run", str(state), "scontrol", "show", "job", job],
+                        env=env,
+                        capture_output=True,
+                        text=True,
+                        timeout=30,
+                    ).stdout
                     if "Restarts=1" in out:  # failed and requeued: the node comes back
                         subprocess.run(["bash", SLURM, "node-up", str(state), "B"], env=env, check=True, timeout=60)
                         events.append(("requeued, node back", time.time()))
@@ -157,8 +219,10 @@ def test_slurm_sbatch_two_nodes_a_killed_rank_and_a_lost_node(tmp_path, single_n
             assert final == "COMPLETED", f"{name} job {job}: {final} {events}\n{out[-4000:]}{logs}"
             hist = _history(run_dir)
             assert hist["train"] == single_node["train"] and hist["val"] == single_node["val"], name
-            print(f"[slurm] {name} job: {time.time() - t0:.1f} s (cluster up {up_s:.1f} s); "
-                  + ", ".join(f"{e} at +{t - t0:.1f} s" for e, t in events))
+            print(
+                f"[slurm] {name} job: {time.time() - t0:.1f} s (cluster up {up_s:.1f} s); "
+                + ", ".join(f"{e} at +{t - t0:.1f} s" for e, t in events)
+            )
             if name == "faulty":
                 assert [e for e, _ in events] == ["rank killed", "node lost", "requeued, node back"], events
                 assert "resumed at step 3" in out and "resumed at step 6" in out and "(start 1)" in out, out[-3000:]
@@ -183,12 +247,23 @@ def test_deepspeed_hostfile_runner_over_ssh(tmp_path, single_node):
     run_dir = tmp_path / "run"
     try:
         subprocess.run(["bash", SSH, "up", str(state)], env=env, check=True, timeout=60)
-        launch_env = {**env, "PATH": f"{state / 'bin'}{os.pathsep}{env['PATH']}", "HOSTFILE": str(state / "hostfile"),
-                      "MASTER_ADDR": "10.77.0.1", "MASTER_PORT": "29611", "DS_ENV_FILE": str(state / "ds_env")}
+        launch_env = {
+            **env,
+            "PATH": f"{state / 'bin'}{os.pathsep}{env['PATH']}",
+            "HOSTFILE": str(state / "hostfile"),
+            "MASTER_ADDR": "10.77.0.1",
+            "MASTER_PORT": "29611",
+            "DS_ENV_FILE": str(state / "ds_env"),
+        }
         t0 = time.time()
-        res = subprocess.run(["ip", "netns", "exec", f"{prefix}A", "bash", "launch/deepspeed_launch.sh", *JOB,
-                              "--run-dir", str(run_dir)], cwd=ROOT, env=launch_env, capture_output=True, text=True,
-                             timeout=300)
+        res = subprocess.run(
+            ["ip", "netns", "exec", f"{prefix}A", "bash", "launch/deepspeed_launch.sh", *JOB, "--run-dir", str(run_dir)],
+            cwd=ROOT,
+            env=launch_env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         print(f"[deepspeed runner] {time.time() - t0:.1f} s")
     finally:
         subprocess.run(["bash", SSH, "down", str(state)], env=env, timeout=60)

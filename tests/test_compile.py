@@ -11,8 +11,11 @@ from torch._dynamo.utils import counters
 from default_moe import MoEConfig, MoELayer
 
 SIZE = dict(hidden_size=32, ffn_hidden_size=64, num_experts=8, top_k=2)
-ROUTERS = [dict(router="topk"), dict(router="default"), dict(router="default", score_function="sigmoid",
-                                                            normalize_topk=True, expert_bias=True)]
+ROUTERS = [
+    dict(router="topk"),
+    dict(router="default"),
+    dict(router="default", score_function="sigmoid", normalize_topk=True, expert_bias=True),
+]
 
 
 def _layer(**kw):
@@ -26,8 +29,9 @@ def _breaks(**kw):
     return ex.graph_break_count, {b.reason.splitlines()[0] for b in ex.break_reasons}
 
 
-@pytest.mark.parametrize("gate", [{}, dict(score_function="sigmoid", normalize_topk=True, expert_bias=True)],
-                         ids=["softmax", "dsv3-sigmoid-bias"])
+@pytest.mark.parametrize(
+    "gate", [{}, dict(score_function="sigmoid", normalize_topk=True, expert_bias=True)], ids=["softmax", "dsv3-sigmoid-bias"]
+)
 def test_default_adds_no_graph_break_and_only_split_sizes_break(gate):
     topk, default = _breaks(router="topk", **gate), _breaks(router="default", **gate)
     assert default == topk, (default, topk)
@@ -69,8 +73,12 @@ def test_no_recompile_across_steps_with_different_routing(kw):
 
 def _python_state(module):
     skip = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
-    return {f"{name}.{k}": repr(v) for name, mod in module.named_modules() for k, v in vars(mod).items()
-            if k not in skip and not k.endswith("hooks") and isinstance(v, (int, float, str, bool, list, tuple, set))}
+    return {
+        f"{name}.{k}": repr(v)
+        for name, mod in module.named_modules()
+        for k, v in vars(mod).items()
+        if k not in skip and not k.endswith("hooks") and isinstance(v, (int, float, str, bool, list, tuple, set))
+    }
 
 
 @pytest.mark.parametrize("kw", ROUTERS[:2], ids=["topk", "default"])

@@ -67,13 +67,15 @@ def test_cli_check_config(tmp_path):
     good.write_text(json.dumps({"train_batch_size": 8, "default_moe": {"enabled": True, "beta": 0.8}}))
     out = subprocess.run(
         [sys.executable, "-m", "default_moe.cli", "check-config", str(good), "--section", "default_moe"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 0 and json.loads(out.stdout)["beta"] == 0.8
     good.write_text(json.dumps({"train_batch_size": 8, "default_moe": {"enabled": True, **BASE}}))
     out = subprocess.run(
         [sys.executable, "-m", "default_moe.cli", "check-config", str(good), "--section", "default_moe"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert out.returncode == 2 and "unknown key(s) ['ffn_hidden_size', 'hidden_size', 'num_experts']" in out.stderr
     bad = tmp_path / "bad.json"
@@ -93,16 +95,22 @@ def test_check_config_accepts_the_readme_deepspeed_section(tmp_path):
     from pathlib import Path
 
     page = (Path(__file__).resolve().parents[1] / "docs" / "deepspeed.md").read_text()
-    after = page[page.index("# DeepSpeed: switch it on"):]
+    after = page[page.index("# DeepSpeed: switch it on") :]
     block = re.search(r"```json\n(.*?)```", after, re.S).group(1)
     (tmp_path / "ds.json").write_text(block)
-    out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(tmp_path / "ds.json"),
-                          "--section", "default_moe"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "default_moe.cli", "check-config", str(tmp_path / "ds.json"), "--section", "default_moe"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     assert '"router": "default"' in out.stdout and "valid DeepSpeed" in out.stderr
     (tmp_path / "bad.json").write_text(block.replace('"beta": 0.9', '"beta": 1.5'))
-    out = subprocess.run([sys.executable, "-m", "default_moe.cli", "check-config", str(tmp_path / "bad.json"),
-                          "--section", "default_moe"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "default_moe.cli", "check-config", str(tmp_path / "bad.json"), "--section", "default_moe"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 2 and "MoEConfig.beta must be a number" in out.stderr, out.stderr
 
 
@@ -114,7 +122,7 @@ def test_docs_section_table_lists_every_section_key():
     docs = (Path(__file__).resolve().parents[1] / "docs" / "hf.md").read_text()
     row = next(line for line in docs.splitlines() if line.startswith("| `router`, `top_k`"))
     missing = [k for k in SECTION_FIELDS if f"`{k}`" not in row]
-    assert not missing, f"docs/hf.md's \"default_moe\" key table lacks {missing}"
+    assert not missing, f'docs/hf.md\'s "default_moe" key table lacks {missing}'
 
 
 def test_removed_ema_sync_fields_still_load_with_a_warning():

@@ -53,8 +53,15 @@ def test_section_guard_without_importing_the_integration(tmp_path):
         "except ValueError as e:\n"
         "    print('REFUSED' if \"was not built by default_moe's initialize\" in str(e) else 'OTHER: ' + str(e))\n"
         "else:\n"
-        "    print('ACCEPTED')\n")
+        "    print('ACCEPTED')\n"
+    )
     root = Path(__file__).resolve().parents[1]
-    res = subprocess.run([sys.executable, str(script)], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    res = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert "REFUSED" in res.stdout, (res.stdout + res.stderr)[-3000:]

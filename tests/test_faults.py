@@ -16,8 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(run_dir, steps, *extra):
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            *kill_trials.JOB, "--steps", str(steps), "--eval-every", str(steps), "--run-dir", str(run_dir), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        *kill_trials.JOB,
+        "--steps",
+        str(steps),
+        "--eval-every",
+        str(steps),
+        "--run-dir",
+        str(run_dir),
+        *extra,
+    ]
 
 
 @pytest.mark.distributed
@@ -41,8 +55,9 @@ def test_kills_during_saves_resume_from_the_newest_complete_checkpoint(tmp_path)
     (ckpt / newest / "default_moe_experts_ep2_rank1.pt").unlink()
     with pytest.raises(manifest.TornCheckpointError, match="rank1.pt is missing"):  # named explicitly: refused
         manifest.resolve_tag(str(ckpt), newest)
-    again = subprocess.run(_torchrun(tmp_path / "faulty", 18, "--resume"), cwd=ROOT, env=kill_trials.ENV,
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        _torchrun(tmp_path / "faulty", 18, "--resume"), cwd=ROOT, env=kill_trials.ENV, capture_output=True, text=True, timeout=300
+    )
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-3000:]
     assert f"skipped '{newest}' (default_moe_experts_ep2_rank1.pt is missing)" in out, out[-3000:]

@@ -59,14 +59,17 @@ def tensors_held(obj, seen=None):
             yield from tensors_held(v, seen)
 
 
-@pytest.mark.parametrize("router,kw", [
-    ("default", {}),
-    ("default", {"capacity_factor": 1.0}),
-    ("default", {"ema_stats_dtype": "bfloat16"}),
-    ("topk", {}),
-    ("stablemoe", {}),
-    ("sparsemixer", {"top_k": 1}),
-])
+@pytest.mark.parametrize(
+    "router,kw",
+    [
+        ("default", {}),
+        ("default", {"capacity_factor": 1.0}),
+        ("default", {"ema_stats_dtype": "bfloat16"}),
+        ("topk", {}),
+        ("stablemoe", {}),
+        ("sparsemixer", {"top_k": 1}),
+    ],
+)
 def test_to_moves_every_tensor_the_layer_holds(router, kw):
     layer = layer_for(router, **kw)
     train_step(layer, 1)  # fills counters, diagnostics tensors, pending / accumulated statistics
@@ -183,13 +186,16 @@ def _assert_same_state(a, b, what):
             assert va == vb, f"{what}: {k} changed ({va} -> {vb})"
 
 
-@pytest.mark.parametrize("router,kw", [
-    ("default", {}),
-    ("default", {"capacity_factor": 1.0}),
-    ("default", {"ema_stats_dtype": "bfloat16", "ema_weighting": "prob"}),
-    ("stablemoe", {}),
-    ("sparsemixer", {"top_k": 2}),
-])
+@pytest.mark.parametrize(
+    "router,kw",
+    [
+        ("default", {}),
+        ("default", {"capacity_factor": 1.0}),
+        ("default", {"ema_stats_dtype": "bfloat16", "ema_weighting": "prob"}),
+        ("stablemoe", {}),
+        ("sparsemixer", {"top_k": 2}),
+    ],
+)
 def test_fidelity_diagnostic_changes_no_state(router, kw):
     plain = layer_for(router, **kw)
     probed = copy.deepcopy(plain)
@@ -223,15 +229,22 @@ def test_reconfigure_rebuilds_the_router_and_keeps_parameters():
 
     st = MoELayer(MoEConfig(**base, router="stablemoe", top_k=1, stablemoe={"vocab_size": 10, "stage2_step": 5}))
     st.router.num_steps.fill_(3)
-    st.reconfigure(MoEConfig(**base, router="stablemoe", top_k=1,
-                             stablemoe={"vocab_size": 20, "router_dim": 8, "stage2_step": 5}))
+    st.reconfigure(
+        MoEConfig(**base, router="stablemoe", top_k=1, stablemoe={"vocab_size": 20, "router_dim": 8, "stage2_step": 5})
+    )
     assert st.router.distill.emb.weight.shape == (20, 8) and int(st.router.num_steps) == 3
 
 
-@pytest.mark.parametrize("router,kw", [
-    ("topk", {}), ("default", {}), ("default", {"capacity_factor": 1.0}),
-    ("topk", {"capacity_factor": 0.5, "drop_policy": "position"}), ("default", {"experts_backend": "grouped_mm"}),
-])
+@pytest.mark.parametrize(
+    "router,kw",
+    [
+        ("topk", {}),
+        ("default", {}),
+        ("default", {"capacity_factor": 1.0}),
+        ("topk", {"capacity_factor": 0.5, "drop_policy": "position"}),
+        ("default", {"experts_backend": "grouped_mm"}),
+    ],
+)
 def test_at_most_one_host_sync_per_forward(router, kw):
     layer = layer_for(router, **kw)
     train_step(layer, 1)
@@ -249,8 +262,13 @@ def test_sync_counter_sees_what_syncs():
     with count_host_syncs() as s:
         t.tolist(), int(t[0]), torch.bincount(t), t[t > 1], torch.repeat_interleave(t, t)
         torch.repeat_interleave(t, t, output_size=5)
-    assert s.calls == ["tolist", "__int__", "bincount", "__getitem__ with a boolean mask",
-                       "repeat_interleave without output_size"]
+    assert s.calls == [
+        "tolist",
+        "__int__",
+        "bincount",
+        "__getitem__ with a boolean mask",
+        "repeat_interleave without output_size",
+    ]
 
 
 def test_no_weight_copy_is_saved_for_backward():

@@ -67,8 +67,18 @@ def _trainer_job(out, *flags):
     import torch
 
     root = Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/hf_trainer_job.py", "--out", str(out), *flags]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/hf_trainer_job.py",
+        "--out",
+        str(out),
+        *flags,
+    ]
     res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
     return [torch.load(Path(out) / f"result_rank{r}.pt") for r in (0, 1)]

@@ -18,53 +18,163 @@ from default_moe import commit_defaults  # noqa: E402
 from default_moe.integrations import hf  # noqa: E402
 
 V, H, E, K = 64, 16, 4, 2
-BASE = dict(vocab_size=V, hidden_size=H, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-            max_position_embeddings=32, num_experts_per_tok=K, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_num_value_heads=2, linear_num_key_heads=1,
-              linear_key_head_dim=8, linear_value_head_dim=8, head_dim=8)
+BASE = dict(
+    vocab_size=V,
+    hidden_size=H,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+    num_experts_per_tok=K,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+LINEAR = dict(
+    layer_types=["linear_attention", "full_attention"],
+    linear_num_value_heads=2,
+    linear_num_key_heads=1,
+    linear_key_head_dim=8,
+    linear_value_head_dim=8,
+    head_dim=8,
+)
 MLA = dict(kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=4, num_key_value_heads=2)
 # name: (model class, config class, config kwargs, (score, renormalised, scale) as the test reads the family)
 SPECS = {
     "mixtral": ("MixtralForCausalLM", "MixtralConfig", dict(intermediate_size=8, num_local_experts=E), ("softmax", True, 1.0)),
-    "qwen3_next": ("Qwen3NextForCausalLM", "Qwen3NextConfig",
-                   dict(moe_intermediate_size=8, shared_expert_intermediate_size=8, intermediate_size=32, num_experts=E,
-                        decoder_sparse_step=1, norm_topk_prob=True, **LINEAR), ("softmax", True, 1.0)),
-    "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeTextConfig",
-                    dict(moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=E, **LINEAR),
-                    ("softmax", True, 1.0)),
-    "flex_olmo": ("FlexOlmoForCausalLM", "FlexOlmoConfig", dict(intermediate_size=8, num_experts=E, norm_topk_prob=False),
-                  ("softmax", False, 1.0)),
-    "minimax": ("MiniMaxForCausalLM", "MiniMaxConfig",
-                dict(intermediate_size=8, num_local_experts=E, head_dim=8, layer_types=["full_attention"] * 2),
-                ("softmax", True, 1.0)),
-    "ernie4_5_moe": ("Ernie4_5_MoeForCausalLM", "Ernie4_5_MoeConfig",
-                     dict(intermediate_size=32, moe_intermediate_size=8, moe_num_experts=E, moe_k=K, moe_layer_start_index=0,
-                          moe_num_shared_experts=1, head_dim=8), ("softmax", True, 1.0)),
-    "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepseekV2Config",
-                    dict(intermediate_size=32, moe_intermediate_size=8, first_k_dense_replace=0, n_routed_experts=E,
-                         n_shared_experts=1, routed_scaling_factor=1.5, n_group=1, topk_group=1, topk_method="greedy", **MLA),
-                    ("softmax", False, 1.5)),
-    "hunyuan_v1_moe": ("HunYuanMoEV1ForCausalLM", "HunYuanMoEV1Config",
-                       dict(intermediate_size=8, num_experts=E, moe_topk=K, head_dim=8, num_shared_expert=1),
-                       ("softmax", True, 1.0)),
-    "gpt_oss": ("GptOssForCausalLM", "GptOssConfig",
-                dict(intermediate_size=8, num_local_experts=E, head_dim=8, layer_types=["full_attention"] * 2),
-                ("softmax", True, 1.0)),
-    "granitemoe": ("GraniteMoeForCausalLM", "GraniteMoeConfig", dict(intermediate_size=8, num_local_experts=E),
-                   ("softmax", True, 1.0)),
-    "granitemoeshared": ("GraniteMoeSharedForCausalLM", "GraniteMoeSharedConfig",
-                         dict(intermediate_size=8, num_local_experts=E, shared_intermediate_size=8), ("softmax", True, 1.0)),
-    "granitemoehybrid": ("GraniteMoeHybridForCausalLM", "GraniteMoeHybridConfig",
-                         dict(intermediate_size=8, num_local_experts=E, shared_intermediate_size=8,
-                              layer_types=["attention", "attention"], mamba_n_heads=2), ("softmax", True, 1.0)),
-    "deepseek_v3": ("DeepseekV3ForCausalLM", "DeepseekV3Config",
-                    dict(intermediate_size=32, moe_intermediate_size=8, first_k_dense_replace=0, n_routed_experts=E,
-                         n_shared_experts=1, routed_scaling_factor=2.5, n_group=2, topk_group=1, norm_topk_prob=True, **MLA),
-                    ("sigmoid", True, 2.5)),
-    "glm4_moe": ("Glm4MoeForCausalLM", "Glm4MoeConfig",
-                 dict(intermediate_size=32, moe_intermediate_size=8, first_k_dense_replace=0, n_routed_experts=E,
-                      n_shared_experts=1, routed_scaling_factor=2.5, n_group=1, topk_group=1, norm_topk_prob=True, head_dim=8),
-                 ("sigmoid", True, 2.5)),
+    "qwen3_next": (
+        "Qwen3NextForCausalLM",
+        "Qwen3NextConfig",
+        dict(
+            moe_intermediate_size=8,
+            shared_expert_intermediate_size=8,
+            intermediate_size=32,
+            num_experts=E,
+            decoder_sparse_step=1,
+            norm_topk_prob=True,
+            **LINEAR,
+        ),
+        ("softmax", True, 1.0),
+    ),
+    "qwen3_5_moe": (
+        "Qwen3_5MoeForCausalLM",
+        "Qwen3_5MoeTextConfig",
+        dict(moe_intermediate_size=8, shared_expert_intermediate_size=8, num_experts=E, **LINEAR),
+        ("softmax", True, 1.0),
+    ),
+    "flex_olmo": (
+        "FlexOlmoForCausalLM",
+        "FlexOlmoConfig",
+        dict(intermediate_size=8, num_experts=E, norm_topk_prob=False),
+        ("softmax", False, 1.0),
+    ),
+    "minimax": (
+        "MiniMaxForCausalLM",
+        "MiniMaxConfig",
+        dict(intermediate_size=8, num_local_experts=E, head_dim=8, layer_types=["full_attention"] * 2),
+        ("softmax", True, 1.0),
+    ),
+    "ernie4_5_moe": (
+        "Ernie4_5_MoeForCausalLM",
+        "Ernie4_5_MoeConfig",
+        dict(
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            moe_num_experts=E,
+            moe_k=K,
+            moe_layer_start_index=0,
+            moe_num_shared_experts=1,
+            head_dim=8,
+        ),
+        ("softmax", True, 1.0),
+    ),
+    "deepseek_v2": (
+        "DeepseekV2ForCausalLM",
+        "DeepseekV2Config",
+        dict(
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            first_k_dense_replace=0,
+            n_routed_experts=E,
+            n_shared_experts=1,
+            routed_scaling_factor=1.5,
+            n_group=1,
+            topk_group=1,
+            topk_method="greedy",
+            **MLA,
+        ),
+        ("softmax", False, 1.5),
+    ),
+    "hunyuan_v1_moe": (
+        "HunYuanMoEV1ForCausalLM",
+        "HunYuanMoEV1Config",
+        dict(intermediate_size=8, num_experts=E, moe_topk=K, head_dim=8, num_shared_expert=1),
+        ("softmax", True, 1.0),
+    ),
+    "gpt_oss": (
+        "GptOssForCausalLM",
+        "GptOssConfig",
+        dict(intermediate_size=8, num_local_experts=E, head_dim=8, layer_types=["full_attention"] * 2),
+        ("softmax", True, 1.0),
+    ),
+    "granitemoe": (
+        "GraniteMoeForCausalLM",
+        "GraniteMoeConfig",
+        dict(intermediate_size=8, num_local_experts=E),
+        ("softmax", True, 1.0),
+    ),
+    "granitemoeshared": (
+        "GraniteMoeSharedForCausalLM",
+        "GraniteMoeSharedConfig",
+        dict(intermediate_size=8, num_local_experts=E, shared_intermediate_size=8),
+        ("softmax", True, 1.0),
+    ),
+    "granitemoehybrid": (
+        "GraniteMoeHybridForCausalLM",
+        "GraniteMoeHybridConfig",
+        dict(
+            intermediate_size=8,
+            num_local_experts=E,
+            shared_intermediate_size=8,
+            layer_types=["attention", "attention"],
+            mamba_n_heads=2,
+        ),
+        ("softmax", True, 1.0),
+    ),
+    "deepseek_v3": (
+        "DeepseekV3ForCausalLM",
+        "DeepseekV3Config",
+        dict(
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            first_k_dense_replace=0,
+            n_routed_experts=E,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            n_group=2,
+            topk_group=1,
+            norm_topk_prob=True,
+            **MLA,
+        ),
+        ("sigmoid", True, 2.5),
+    ),
+    "glm4_moe": (
+        "Glm4MoeForCausalLM",
+        "Glm4MoeConfig",
+        dict(
+            intermediate_size=32,
+            moe_intermediate_size=8,
+            first_k_dense_replace=0,
+            n_routed_experts=E,
+            n_shared_experts=1,
+            routed_scaling_factor=2.5,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            head_dim=8,
+        ),
+        ("sigmoid", True, 2.5),
+    ),
 }
 
 
@@ -131,7 +241,7 @@ def test_family_converts_and_matches_the_float64_derivation(name):
     converted = hf.convert(build(name), router="default").train()
     torch.testing.assert_close(converted(x_ids).logits, ref_logits, rtol=1e-5, atol=1e-6)
 
-    for in_forward in ([None, True] if score == "sigmoid" else [None]):
+    for in_forward in [None, True] if score == "sigmoid" else [None]:
         check_block_float64(name, score, renorm, scale, in_forward)
 
 
@@ -176,8 +286,9 @@ def check_block_float64(name, score, renorm, scale, in_forward):
     on = in_forward if in_forward is not None else score == "softmax"
     if on:
         if renorm:
-            E_hat = torch.where(chosen.t()[:, :, None], Y, torch.where(observed[:, None, None], Dd[:, None, :],
-                                                                        (y_S / scale)[None]))
+            E_hat = torch.where(
+                chosen.t()[:, :, None], Y, torch.where(observed[:, None, None], Dd[:, None, :], (y_S / scale)[None])
+            )
             ref = scale * torch.einsum("te,eth->th", w, E_hat)
         else:
             ref = y_S + scale * (w * ~chosen) @ Dd
@@ -190,8 +301,9 @@ def check_block_float64(name, score, renorm, scale, in_forward):
         ref = y_S + extra - extra.detach()
     (ref * G.double()).sum().backward()
     what = f"{name} (default_in_forward={in_forward})"
-    torch.testing.assert_close(cap["out"].detach().double(), ref.detach(), rtol=1e-5, atol=1e-6,
-                               msg=lambda m: f"{what} output: {m}")
+    torch.testing.assert_close(
+        cap["out"].detach().double(), ref.detach(), rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} output: {m}"
+    )
     torch.testing.assert_close(grad.double(), Wd.grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{what} router grad: {m}")
     with torch.no_grad():
         counts = chosen.sum(0).double()
@@ -200,8 +312,7 @@ def check_block_float64(name, score, renorm, scale, in_forward):
         if renorm:  # a renormalised gate's default starts at the first mean
             ema = torch.where(observed[:, None], ema, mean)
         D_ref = torch.where(counts[:, None] > 0, ema, Dd)
-    torch.testing.assert_close(block.defaults.defaults_ED.double(), D_ref, rtol=1e-5, atol=1e-6,
-                               msg=lambda m: f"{what} D: {m}")
+    torch.testing.assert_close(block.defaults.defaults_ED.double(), D_ref, rtol=1e-5, atol=1e-6, msg=lambda m: f"{what} D: {m}")
 
 
 @pytest.mark.parametrize("name", ["minimax", "deepseek_v3"])
@@ -248,14 +359,30 @@ def test_family_table_in_docs_is_the_codes():
 
 
 def test_refused_families_say_why():
-    dbrx = tr.DbrxForCausalLM(tr.DbrxConfig(
-        d_model=16, n_heads=2, n_layers=2, max_seq_len=32, vocab_size=64,
-        attn_config={"kv_n_heads": 1, "rope_theta": 10000.0}, ffn_config={"moe_num_experts": 4, "moe_top_k": 2,
-                                                                          "ffn_hidden_size": 8}))
+    dbrx = tr.DbrxForCausalLM(
+        tr.DbrxConfig(
+            d_model=16,
+            n_heads=2,
+            n_layers=2,
+            max_seq_len=32,
+            vocab_size=64,
+            attn_config={"kv_n_heads": 1, "rope_theta": 10000.0},
+            ffn_config={"moe_num_experts": 4, "moe_top_k": 2, "ffn_hidden_size": 8},
+        )
+    )
     with pytest.raises(ValueError, match="'dbrx' MoE block.*Lp norm"):
         hf.convert(dbrx, router="default")
-    phimoe = tr.PhimoeForCausalLM(tr.PhimoeConfig(vocab_size=64, hidden_size=16, intermediate_size=8, num_hidden_layers=2,
-                                                  num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
-                                                  num_experts_per_tok=2))
+    phimoe = tr.PhimoeForCausalLM(
+        tr.PhimoeConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
+    )
     with pytest.raises(ValueError, match="'phimoe' MoE block.*SparseMixer"):
         hf.convert(phimoe, router="default")

@@ -14,9 +14,23 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_demo_runs_under_torchrun():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(ROOT / "launch" / "demo_layer.py"), "--steps", "3", "--tokens", "64"],
-        capture_output=True, text=True, env=env, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(ROOT / "launch" / "demo_layer.py"),
+            "--steps",
+            "3",
+            "--tokens",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world=2 ep_size=2" in out.stdout
@@ -29,13 +43,32 @@ def test_sweep_runs_skips_and_summarises(tmp_path):
     paired delta, and a second invocation skips the finished runs."""
     import json
 
-    cfg = {"base_config": "configs/gpt_tiny.json", "runs_dir": str(tmp_path / "runs"), "out_dir": str(tmp_path / "out"),
-           "parallel": 2, "threads_per_run": 1, "seeds": [7],
-           "run": {"steps": 4, "eval_every": 2, "eval_batches": 1, "ckpt_every": 2, "log_every": 1, "micro_batch": 2,
-                   "seq_len": 16, "warmup_steps": 1},
-           "groups": [{"name": "g", "routers": ["topk", "default", "default@bf16"],
-                       "variants": {"bf16": {"ema_stats_dtype": "bfloat16"}},
-                       "model": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32}}]}
+    cfg = {
+        "base_config": "configs/gpt_tiny.json",
+        "runs_dir": str(tmp_path / "runs"),
+        "out_dir": str(tmp_path / "out"),
+        "parallel": 2,
+        "threads_per_run": 1,
+        "seeds": [7],
+        "run": {
+            "steps": 4,
+            "eval_every": 2,
+            "eval_batches": 1,
+            "ckpt_every": 2,
+            "log_every": 1,
+            "micro_batch": 2,
+            "seq_len": 16,
+            "warmup_steps": 1,
+        },
+        "groups": [
+            {
+                "name": "g",
+                "routers": ["topk", "default", "default@bf16"],
+                "variants": {"bf16": {"ema_stats_dtype": "bfloat16"}},
+                "model": {"num_experts": 4, "top_k": 2, "ffn_hidden_size": 32},
+            }
+        ],
+    }
     path = tmp_path / "sweep.json"
     path.write_text(json.dumps(cfg))
     cmd = [sys.executable, str(ROOT / "launch" / "sweep.py"), "--config", str(path)]
@@ -57,14 +90,35 @@ def test_engine_benchmark_and_comm_model_run(tmp_path):
     every implementation, with collectives counted), and the cost model's EMA payloads."""
     import json
 
-    out = subprocess.run([sys.executable, str(ROOT / "launch" / "bench_engines.py"), "--sizes", "64:16:32:4:2",
-                          "--rounds", "2", "--iters", "1", "--json", str(tmp_path / "ep1.json")],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch" / "bench_engines.py"),
+            "--sizes",
+            "64:16:32:4:2",
+            "--rounds",
+            "2",
+            "--iters",
+            "1",
+            "--json",
+            str(tmp_path / "ep1.json"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = json.loads((tmp_path / "ep1.json").read_text())["rows"]
-    assert [r["name"] for r in rows] == ["ours topk", "ours default", "ours topk grouped_mm", "deepspeed cf1.25",
-                                         "deepspeed dropless", "megatron-core"]
+    assert [r["name"] for r in rows] == [
+        "ours topk",
+        "ours default",
+        "ours topk grouped_mm",
+        "deepspeed cf1.25",
+        "deepspeed dropless",
+        "megatron-core",
+    ]
     assert all(r["mem_bytes"] > 0 and r["ms"] > 0 and r["saved_bytes"] > 0 for r in rows)
     assert all(r["host_syncs"] == 1 for r in rows if r["name"].startswith("ours")), [r["host_sync_calls"] for r in rows]
     sys.path.insert(0, str(ROOT / "launch"))
@@ -80,14 +134,35 @@ def test_device_check_dry_run(tmp_path):
     """The prepared GPU check runs every step end to end on CPU at tiny sizes (--dry-run)."""
     import json
 
-    out = subprocess.run([sys.executable, "launch/device_check.py", "--dry-run", "--out", str(tmp_path / "out"),
-                          "--runs-root", str(tmp_path / "runs")], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "launch/device_check.py",
+            "--dry-run",
+            "--out",
+            str(tmp_path / "out"),
+            "--runs-root",
+            str(tmp_path / "runs"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     log = (tmp_path / "out" / "device_check.log").read_text() if (tmp_path / "out" / "device_check.log").exists() else ""
     assert out.returncode == 0, out.stdout[-2000:] + log[-3000:]
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert files == ["bench.json", "bench.md", "compile.md", "device_check.log", "env.json", "science.json",
-                     "science.png", "summary.md"], files
+    assert files == [
+        "bench.json",
+        "bench.md",
+        "compile.md",
+        "device_check.log",
+        "env.json",
+        "science.json",
+        "science.png",
+        "summary.md",
+    ], files
     assert "graphs after step" in (tmp_path / "out" / "compile.md").read_text()
     science = json.loads((tmp_path / "out" / "science.json").read_text())
     assert set(science) == {"topk", "default"} and all(v["final_val_loss"] > 0 for v in science.values())
@@ -104,9 +179,14 @@ def test_readme_first_recipe_is_the_tested_example():
     assert block == code, "README's first recipe differs from launch/example_layer.py"
     page = (ROOT / "docs" / "layer.md").read_text()
     assert re.search(r"```python\n(.*?)```", page, re.S).group(1) == code, "docs/layer.md's recipe differs"
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "launch/example_layer.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/example_layer.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(m) for m in re.findall(r"loss ([0-9.]+)", out.stdout)]
     assert len(losses) == 4 and losses[-1] < 0.6 * losses[0], out.stdout

@@ -39,11 +39,22 @@ def run_ref(w, x, g_out, layer, **kw):
     xd = x.double().requires_grad_(True)
     D0 = kw.pop("defaults", torch.zeros(E, D))
     res = reference_moe(
-        xd, wd, top_k=cfg.top_k, use_defaults=cfg.router == "default", defaults_ED=D0, beta=cfg.beta,
-        weighting=cfg.ema_weighting, normalize_topk=cfg.normalize_topk,
-        aux_coeff=cfg.aux_loss_coeff, z_coeff=cfg.z_loss_coeff, capacity_factor=cfg.capacity_factor,
-        drop_policy=cfg.drop_policy, score_function=cfg.score_function, route_scale=cfg.route_scale,
-        default_in_forward=cfg.default_in_forward, **kw,
+        xd,
+        wd,
+        top_k=cfg.top_k,
+        use_defaults=cfg.router == "default",
+        defaults_ED=D0,
+        beta=cfg.beta,
+        weighting=cfg.ema_weighting,
+        normalize_topk=cfg.normalize_topk,
+        aux_coeff=cfg.aux_loss_coeff,
+        z_coeff=cfg.z_loss_coeff,
+        capacity_factor=cfg.capacity_factor,
+        drop_policy=cfg.drop_policy,
+        score_function=cfg.score_function,
+        route_scale=cfg.route_scale,
+        default_in_forward=cfg.default_in_forward,
+        **kw,
     )
     ((res.out_TD * g_out.double()).sum() + res.loss_aux).backward()
     return res, xd.grad, wd
@@ -269,8 +280,11 @@ def test_default_in_forward_false_is_topk_forward_with_default_gradient():
     w = Weights.random(8, 12, 16, True, seed=3)
     D_ED = torch.randn(8, 12)
     layers = {}
-    for name, kw in {"topk": dict(router="topk"), "default": dict(router="default"),
-                     "grad_only": dict(router="default", default_in_forward=False)}.items():
+    for name, kw in {
+        "topk": dict(router="topk"),
+        "default": dict(router="default"),
+        "grad_only": dict(router="default", default_in_forward=False),
+    }.items():
         layer = MoELayer(MoEConfig(hidden_size=12, num_experts=8, ffn_hidden_size=16, top_k=2, **kw))
         load_into_layer(layer, w)
         if layer.defaults is not None:
@@ -311,8 +325,13 @@ def test_bf16_matches_dense_reference(router, backend, device):
     commit_defaults(layer)
     if layer.defaults is not None:
         assert layer.defaults.defaults_ED.dtype == torch.float32
-        assert_close(layer.defaults.defaults_ED, res.defaults_after_ED, "bf16 defaults", rtol=3e-2,
-                     atol=3e-2 * res.defaults_after_ED.abs().max().item())
+        assert_close(
+            layer.defaults.defaults_ED,
+            res.defaults_after_ED,
+            "bf16 defaults",
+            rtol=3e-2,
+            atol=3e-2 * res.defaults_after_ED.abs().max().item(),
+        )
 
 
 def test_grouped_mm_refuses_unaligned_sizes():

@@ -29,8 +29,9 @@ def make(router="default", **kw):
 
 def micro_batches(n=3, seed=0):
     g = torch.Generator().manual_seed(1 + seed)
-    return [(torch.randn(T, D, generator=g), torch.randn(T, D, generator=g), torch.randint(0, V, (T,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(T, D, generator=g), torch.randn(T, D, generator=g), torch.randint(0, V, (T,), generator=g)) for _ in range(n)
+    ]
 
 
 def run(layer, batches, recompute=None, order="1f1b", skip=()):
@@ -42,8 +43,9 @@ def run(layer, batches, recompute=None, order="1f1b", skip=()):
     for x, g, ids in batches:
         xi = x.clone().requires_grad_(True)
         if recompute:
-            y = torch.utils.checkpoint.checkpoint(lambda a, b=ids: layer(a, token_ids=b), xi,
-                                                  use_reentrant=recompute == "reentrant")
+            y = torch.utils.checkpoint.checkpoint(
+                lambda a, b=ids: layer(a, token_ids=b), xi, use_reentrant=recompute == "reentrant"
+            )
         else:
             y = layer(xi, token_ids=ids)
         outs.append((xi, y, g))
@@ -57,8 +59,7 @@ def run(layer, batches, recompute=None, order="1f1b", skip=()):
         for xi, y, g in live:
             layer.zero_grad(set_to_none=True)
             (y * g).sum().backward()
-            grads.append({"x": xi.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()
-                                                   if p.grad is not None}})
+            grads.append({"x": xi.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}})
     if order == "sum":
         grads.append({n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
     return grads
@@ -78,26 +79,43 @@ ROUTERS = [
     ("default", {"capacity_factor": 0.75}),
     # DeepSeek-V3's gate (sigmoid, bias, renormalised x scale) with the term in the forward: the
     # renormalised form reads the routed output, which a recompute recomputes.
-    ("default", {"score_function": "sigmoid", "normalize_topk": True, "route_scale": 2.5, "expert_bias": True,
-                 "default_in_forward": True}),
+    (
+        "default",
+        {
+            "score_function": "sigmoid",
+            "normalize_topk": True,
+            "route_scale": 2.5,
+            "expert_bias": True,
+            "default_in_forward": True,
+        },
+    ),
     ("stablemoe", {"stablemoe": {"vocab_size": V, "stage2_step": 1}}),  # the stage boundary between forwards 1 and 2
 ]
 
 
 @pytest.mark.parametrize("recompute", ["reentrant", "non_reentrant"])
 @pytest.mark.parametrize("router,kw", ROUTERS)
-@pytest.mark.parametrize("order,skip", [("1f1b", ()), ("sum", ()), ("1f1b", (1,))],
-                         ids=["interleaved", "two_forwards_one_backward", "skipped_backward"])
+@pytest.mark.parametrize(
+    "order,skip",
+    [("1f1b", ()), ("sum", ()), ("1f1b", (1,))],
+    ids=["interleaved", "two_forwards_one_backward", "skipped_backward"],
+)
 def test_recompute_equals_no_recompute_over_two_steps(router, kw, recompute, order, skip, request):
     """Pipeline-like interleaving, two forwards in one backward, a forward whose backward never
     runs: gradients bit-identical to no checkpointing, the same D after each step's commit, each
     trained micro-batch counted once and nothing recorded per forward."""
     if router == "stablemoe" and (order, skip, recompute) in STABLEMOE_KNOWN_WRONG:
         # Run, and must fail: a fix turns this red so the mark comes off.
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=(
-            "known limit, not fixed yet: StableMoE's stage replays per-forward records oldest first, wrong when "
-            "the stage flips inside a step whose backwards run out of forward order or are skipped (Default MoE's "
-            "D no longer uses records)")))
+        request.node.add_marker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "known limit, not fixed yet: StableMoE's stage replays per-forward records oldest first, wrong when "
+                    "the stage flips inside a step whose backwards run out of forward order or are skipped (Default MoE's "
+                    "D no longer uses records)"
+                ),
+            )
+        )
     plain, ckpt = make(router, **kw), make(router, **kw)
     for step in range(2):
         batches = micro_batches(seed=step)
@@ -255,11 +273,12 @@ def test_gate_forms_and_dense_scores():
     assert torch.equal(GateForm("sigmoid").dense_weights(s), s)
     torch.testing.assert_close(GateForm("sigmoid", True).dense_weights(s).sum(-1), torch.ones(4))
     # Auto: the term in the forward for softmax gates, in the backward only for sigmoid gates.
-    for cfg_kw, gate, in_forward in [({}, GateForm(), True),
-                                     ({"score_function": "sigmoid", "normalize_topk": True, "route_scale": 2.5},
-                                      GateForm("sigmoid", True, 2.5), False),
-                                     ({"score_function": "sigmoid", "default_in_forward": True}, GateForm("sigmoid"), True),
-                                     ({"default_in_forward": False}, GateForm(), False)]:
+    for cfg_kw, gate, in_forward in [
+        ({}, GateForm(), True),
+        ({"score_function": "sigmoid", "normalize_topk": True, "route_scale": 2.5}, GateForm("sigmoid", True, 2.5), False),
+        ({"score_function": "sigmoid", "default_in_forward": True}, GateForm("sigmoid"), True),
+        ({"default_in_forward": False}, GateForm(), False),
+    ]:
         layer = make(**cfg_kw)
         assert layer.defaults.gate == gate and layer.defaults.default_in_forward is in_forward, cfg_kw
 
@@ -284,8 +303,14 @@ def test_renormalised_gate_at_zero_defaults_is_the_model_and_starts_d_at_the_fir
 def test_the_formula_and_the_update_live_in_one_place():
     """grep: no adapter computes the default term or the EMA statistics/update itself."""
     pkg = ROOT / "plugin" / "default_moe"
-    patterns = [r"@\s*D_\w+", r"\(1(\.0)? - \w*\.?beta\)", r"index_add_\(0,\s*expert", r"\.local_statistics\(",
-                r"\.commit\(stats", r"defaults_ED\.detach\(\)"]
+    patterns = [
+        r"@\s*D_\w+",
+        r"\(1(\.0)? - \w*\.?beta\)",
+        r"index_add_\(0,\s*expert",
+        r"\.local_statistics\(",
+        r"\.commit\(stats",
+        r"defaults_ED\.detach\(\)",
+    ]
     offenders = []
     for path in pkg.rglob("*.py"):
         if path.name == "defaults.py":

@@ -21,10 +21,25 @@ def test_megatron_lm_arguments():
     from default_moe.integrations import megatron as dm
 
     parser = dm.extra_args_provider(argparse.ArgumentParser())
-    args = parser.parse_args(["--moe-router-type", "default", "--moe-default-beta", "0.95",
-                              "--moe-default-ema-stats-dtype", "bfloat16", "--moe-nonfinite", "raise"])
-    assert dm.settings_from_args(args) == {"router": "default", "beta": 0.95, "ema_weighting": "mean",
-                                           "ema_stats_dtype": "bfloat16", "nonfinite": "raise"}
+    args = parser.parse_args(
+        [
+            "--moe-router-type",
+            "default",
+            "--moe-default-beta",
+            "0.95",
+            "--moe-default-ema-stats-dtype",
+            "bfloat16",
+            "--moe-nonfinite",
+            "raise",
+        ]
+    )
+    assert dm.settings_from_args(args) == {
+        "router": "default",
+        "beta": 0.95,
+        "ema_weighting": "mean",
+        "ema_stats_dtype": "bfloat16",
+        "nonfinite": "raise",
+    }
     # The removed EMA-sync flags still parse (old launch scripts) and warn that they are ignored.
     with pytest.warns(FutureWarning, match="ema_sync was removed and is ignored"):
         old = dm.settings_from_args(parser.parse_args(["--moe-router-type", "default", "--moe-default-ema-sync", "async"]))
@@ -45,8 +60,14 @@ def test_megatron_lm_arguments():
     assert dm.settings_from_args(sm)["stablemoe"] == {"vocab_size": 512, "stage2_step": 100, "router_dim": 50}
     with pytest.raises(ValueError, match="stablemoe.vocab_size is required"):
         dm.settings_from_args(parser.parse_args(["--moe-router-type", "stablemoe"]))
-    for bad in (["--moe-router-type", "nope"], ["--moe-default-beta", "1.0"], ["--moe-default-beta", "x"],
-                ["--moe-default-ema-sync", "later"], ["--moe-nonfinite", "warn"], ["--moe-default-in-forward", "yes"]):
+    for bad in (
+        ["--moe-router-type", "nope"],
+        ["--moe-default-beta", "1.0"],
+        ["--moe-default-beta", "x"],
+        ["--moe-default-ema-sync", "later"],
+        ["--moe-nonfinite", "warn"],
+        ["--moe-default-in-forward", "yes"],
+    ):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
 
@@ -83,9 +104,14 @@ def test_megatron_example_runs_on_cpu():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "launch/example_megatron.py"], cwd=root, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/example_megatron.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out.stdout)]
     norm = float(re.search(r"mean norm ([0-9.]+)", out.stdout).group(1))
@@ -105,8 +131,16 @@ def test_install_reaches_every_spec_path_and_refuses_the_rest():
     from default_moe.integrations import megatron as dm
     from default_moe.integrations import megatron_compat as compat
 
-    cfg = TransformerConfig(num_layers=2, hidden_size=16, num_attention_heads=2, num_moe_experts=4, moe_router_topk=2,
-                            moe_router_pre_softmax=True, use_cpu_initialization=True, add_bias_linear=False)
+    cfg = TransformerConfig(
+        num_layers=2,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_moe_experts=4,
+        moe_router_topk=2,
+        moe_router_pre_softmax=True,
+        use_cpu_initialization=True,
+        add_bias_linear=False,
+    )
     init = MoELayer.__init__
     before = {(m.__name__, a): getattr(m, a) for m, a in compat.spec_builder_sites() + compat.prebuilt_spec_sites()}
     dm.install(router="default", beta=0.7)

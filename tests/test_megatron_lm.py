@@ -56,8 +56,7 @@ def _checkout(ref: str) -> Path:
         for candidate in (base, base / ref):
             if (candidate / "pretrain_gpt.py").is_file():
                 return candidate
-    pytest.skip(f"no Megatron-LM checkout at {' or '.join(map(str, bases))} "
-                f"(set DEFAULT_MOE_MEGATRON_LM to a checkout of {ref})")
+    pytest.skip(f"no Megatron-LM checkout at {' or '.join(map(str, bases))} (set DEFAULT_MOE_MEGATRON_LM to a checkout of {ref})")
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +76,26 @@ def megatron_lm(tmp_path_factory):
 
 
 def _run(checkout: Path, *flags: str) -> list:
-    env = {**os.environ, "DEFAULT_MOE_MEGATRON_CPU_SHIMS": "1", "DEFAULT_MOE_LAUNCH_DIR": str(ROOT / "launch"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "megatron_lm_site"), str(checkout)]),
-           "TORCHDYNAMO_DISABLE": "1", "CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "pretrain_gpt.py", *FLAGS, *flags]
+    env = {
+        **os.environ,
+        "DEFAULT_MOE_MEGATRON_CPU_SHIMS": "1",
+        "DEFAULT_MOE_LAUNCH_DIR": str(ROOT / "launch"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests" / "megatron_lm_site"), str(checkout)]),
+        "TORCHDYNAMO_DISABLE": "1",
+        "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "pretrain_gpt.py",
+        *FLAGS,
+        *flags,
+    ]
     out = subprocess.run(cmd, cwd=checkout, env=env, capture_output=True, text=True, timeout=300)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
@@ -108,8 +122,9 @@ def test_patched_pretrain_gpt_trains_saves_and_resumes(megatron_lm, tmp_path):
     _, patched = megatron_lm
     default = ["--moe-router-type", "default", "--moe-default-beta", "0.9"]
     # Interrupted at 4 of 6 iterations (as a job that hit its time limit), with a checkpoint.
-    first = _run(patched, *default, "--train-iters", "6", "--exit-interval", "4", "--save", str(tmp_path / "a"),
-                 "--save-interval", "4")
+    first = _run(
+        patched, *default, "--train-iters", "6", "--exit-interval", "4", "--save", str(tmp_path / "a"), "--save-interval", "4"
+    )
     assert [i for i, _ in first] == [1, 2, 3, 4] and all(math.isfinite(v) for _, v in first), first
     saved = _defaults(tmp_path / "a", 4)
     assert len(saved) == 2, saved.keys()  # one file per expert-parallel rank
@@ -121,10 +136,23 @@ def test_patched_pretrain_gpt_trains_saves_and_resumes(megatron_lm, tmp_path):
 
     # Plain Megatron-LM's own resume is exact for the next iteration only (measured with
     # --moe-router-type topk: iteration 6 differs after a --load at 4), so both runs stop at 5.
-    straight = _run(patched, *default, "--train-iters", "6", "--exit-interval", "5", "--save", str(tmp_path / "c"),
-                    "--save-interval", "5")
-    resumed = _run(patched, *default, "--train-iters", "6", "--exit-interval", "5", "--load", str(tmp_path / "a"),
-                   "--save", str(tmp_path / "b"), "--save-interval", "5")
+    straight = _run(
+        patched, *default, "--train-iters", "6", "--exit-interval", "5", "--save", str(tmp_path / "c"), "--save-interval", "5"
+    )
+    resumed = _run(
+        patched,
+        *default,
+        "--train-iters",
+        "6",
+        "--exit-interval",
+        "5",
+        "--load",
+        str(tmp_path / "a"),
+        "--save",
+        str(tmp_path / "b"),
+        "--save-interval",
+        "5",
+    )
     assert straight[:4] == first
     assert resumed == straight[4:5], (resumed, straight)  # D restored: the step after the resume is the same
     after, want = _defaults(tmp_path / "b", 5), _defaults(tmp_path / "c", 5)

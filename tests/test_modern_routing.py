@@ -26,25 +26,29 @@ def reference(x, w, cfg, bias, shared, D_ED=None):
         if cfg.num_expert_groups:
             size = E // cfg.num_expert_groups
             per = cfg.top_k // cfg.group_topk
-            group_score = [sorted(select[t, g * size:(g + 1) * size].tolist(), reverse=True)[:per]
-                           for g in range(cfg.num_expert_groups)]
+            group_score = [
+                sorted(select[t, g * size : (g + 1) * size].tolist(), reverse=True)[:per] for g in range(cfg.num_expert_groups)
+            ]
             ranked = sorted(range(cfg.num_expert_groups), key=lambda g: -sum(group_score[g]))
-            allowed_groups = ranked[:cfg.group_topk]
+            allowed_groups = ranked[: cfg.group_topk]
             experts = [e for e in experts if e // size in allowed_groups]
-        chosen = sorted(experts, key=lambda e: -select[t, e].item())[:cfg.top_k]
+        chosen = sorted(experts, key=lambda e: -select[t, e].item())[: cfg.top_k]
         chosen_all.append(chosen)
         g = scores[t, chosen]
         if cfg.normalize_topk:
             g = g / g.sum()
         g = g * cfg.route_scale
         for gi, e in zip(g, chosen):
-            out[t] = out[t] + gi * expert_mlp(x[t:t + 1], w.w1_EDF[e], w.w3_EDF[e], w.w2_EFD[e])[0]
+            out[t] = out[t] + gi * expert_mlp(x[t : t + 1], w.w1_EDF[e], w.w3_EDF[e], w.w2_EFD[e])[0]
         if D_ED is not None:  # docs/method.md, per gate form
             a = torch.exp(logits[t]) if cfg.score_function == "softmax" else torch.sigmoid(logits[t])
             renorm = cfg.normalize_topk
             wts = a / a.sum() if (renorm or cfg.score_function == "softmax") else a
-            y_S = out[t] if cfg.default_in_forward or (cfg.default_in_forward is None and cfg.score_function == "softmax") \
+            y_S = (
+                out[t]
+                if cfg.default_in_forward or (cfg.default_in_forward is None and cfg.score_function == "softmax")
                 else out[t].detach()
+            )
             term = torch.zeros_like(out[t])
             for e in range(E):
                 if e not in chosen and (not renorm or bool(D_ED[e].ne(0).any())):
@@ -61,20 +65,53 @@ def reference(x, w, cfg, bias, shared, D_ED=None):
 
 
 CASES = {
-    "deepseek_v3": dict(router="topk", top_k=4, score_function="sigmoid", normalize_topk=True, route_scale=2.5,
-                        expert_bias=True, num_expert_groups=4, group_topk=2, shared_expert_ffn_hidden_size=FS),
+    "deepseek_v3": dict(
+        router="topk",
+        top_k=4,
+        score_function="sigmoid",
+        normalize_topk=True,
+        route_scale=2.5,
+        expert_bias=True,
+        num_expert_groups=4,
+        group_topk=2,
+        shared_expert_ffn_hidden_size=FS,
+    ),
     "sigmoid_plain": dict(router="topk", top_k=2, score_function="sigmoid"),
-    "softmax_groups_gated_shared": dict(router="topk", top_k=2, num_expert_groups=2, group_topk=1,
-                                        shared_expert_ffn_hidden_size=FS, shared_expert_gate=True),
-    "default_deepseek_v3": dict(router="default", top_k=4, score_function="sigmoid", normalize_topk=True,
-                                route_scale=2.5, expert_bias=True, num_expert_groups=4, group_topk=2,
-                                shared_expert_ffn_hidden_size=FS),
-    "default_deepseek_v3_in_forward": dict(router="default", top_k=4, score_function="sigmoid", normalize_topk=True,
-                                           route_scale=2.5, expert_bias=True, num_expert_groups=4, group_topk=2,
-                                           default_in_forward=True),
+    "softmax_groups_gated_shared": dict(
+        router="topk", top_k=2, num_expert_groups=2, group_topk=1, shared_expert_ffn_hidden_size=FS, shared_expert_gate=True
+    ),
+    "default_deepseek_v3": dict(
+        router="default",
+        top_k=4,
+        score_function="sigmoid",
+        normalize_topk=True,
+        route_scale=2.5,
+        expert_bias=True,
+        num_expert_groups=4,
+        group_topk=2,
+        shared_expert_ffn_hidden_size=FS,
+    ),
+    "default_deepseek_v3_in_forward": dict(
+        router="default",
+        top_k=4,
+        score_function="sigmoid",
+        normalize_topk=True,
+        route_scale=2.5,
+        expert_bias=True,
+        num_expert_groups=4,
+        group_topk=2,
+        default_in_forward=True,
+    ),
     "default_sigmoid_plain": dict(router="default", top_k=1, score_function="sigmoid", route_scale=1.5),
-    "default_bias_scale_shared": dict(router="default", top_k=2, expert_bias=True, route_scale=1.5,
-                                      normalize_topk=True, shared_expert_ffn_hidden_size=FS, aux_loss_coeff=0.0),
+    "default_bias_scale_shared": dict(
+        router="default",
+        top_k=2,
+        expert_bias=True,
+        route_scale=1.5,
+        normalize_topk=True,
+        shared_expert_ffn_hidden_size=FS,
+        aux_loss_coeff=0.0,
+    ),
 }
 
 
@@ -93,8 +130,11 @@ def test_modern_routing_matches_float64_reference(name):
     shared = None
     if layer.shared_experts is not None:
         se = layer.shared_experts
-        shared = {"w13": se.w13_D2F.detach().double().requires_grad_(True), "w2": se.w2_FD.detach().double().requires_grad_(True),
-                  "gate": None if se.gate_D is None else se.gate_D.detach().double().requires_grad_(True)}
+        shared = {
+            "w13": se.w13_D2F.detach().double().requires_grad_(True),
+            "w2": se.w2_FD.detach().double().requires_grad_(True),
+            "gate": None if se.gate_D is None else se.gate_D.detach().double().requires_grad_(True),
+        }
     x = torch.randn(T, D, generator=g)
     g_out = torch.randn(T, D, generator=g)
     xl = x.clone().requires_grad_(True)
@@ -120,8 +160,16 @@ def test_modern_routing_matches_float64_reference(name):
 
 
 def test_expert_bias_updates_once_per_step_from_the_load():
-    cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router="topk", top_k=2, score_function="sigmoid",
-                    expert_bias=True, expert_bias_update_rate=0.01)
+    cfg = MoEConfig(
+        hidden_size=D,
+        num_experts=E,
+        ffn_hidden_size=F_,
+        router="topk",
+        top_k=2,
+        score_function="sigmoid",
+        expert_bias=True,
+        expert_bias_update_rate=0.01,
+    )
     layer = MoELayer(cfg)
     opt = torch.optim.SGD(layer.parameters(), lr=0.0)
     bias = layer.router.expert_bias

@@ -18,8 +18,25 @@ import netns
 
 ROOT = Path(__file__).resolve().parents[1]
 NETNS = str(ROOT / "launch" / "multinode_netns.sh")
-JOB = ["launch/train.py", "--steps", "3", "--ep-size", "4", "--micro-batch", "4", "--seq-len", "32",
-       "--eval-every", "3", "--eval-batches", "1", "--ckpt-every", "100", "--log-every", "1"]
+JOB = [
+    "launch/train.py",
+    "--steps",
+    "3",
+    "--ep-size",
+    "4",
+    "--micro-batch",
+    "4",
+    "--seq-len",
+    "32",
+    "--eval-every",
+    "3",
+    "--eval-batches",
+    "1",
+    "--ckpt-every",
+    "100",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.mark.distributed
@@ -33,14 +50,29 @@ def test_two_nodes_in_network_namespaces_equal_single_node(tmp_path):
     try:
         subprocess.run(["bash", NETNS, "up"], env=env, check=True, timeout=30)
         for node, rank in (("A", 0), ("B", 1)):
-            cmd = ["bash", NETNS, "run", node, "env", "NNODES=2", f"NODE_RANK={rank}", "MASTER_ADDR=10.77.0.1",
-                   "MASTER_PORT=29571", "NPROC_PER_NODE=2", "bash", "launch/torchrun_multinode.sh", *JOB,
-                   "--run-dir", str(tmp_path / "two")]
+            cmd = [
+                "bash",
+                NETNS,
+                "run",
+                node,
+                "env",
+                "NNODES=2",
+                f"NODE_RANK={rank}",
+                "MASTER_ADDR=10.77.0.1",
+                "MASTER_PORT=29571",
+                "NPROC_PER_NODE=2",
+                "bash",
+                "launch/torchrun_multinode.sh",
+                *JOB,
+                "--run-dir",
+                str(tmp_path / "two"),
+            ]
             log = open(tmp_path / f"node{node}.log", "w")
-            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True))
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         for p in procs:
-            assert p.wait(timeout=300) == 0, (tmp_path / "nodeA.log").read_text()[-3000:] + (tmp_path / "nodeB.log").read_text()[-3000:]
+            assert p.wait(timeout=300) == 0, (tmp_path / "nodeA.log").read_text()[-3000:] + (tmp_path / "nodeB.log").read_text()[
+                -3000:
+            ]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -48,9 +80,24 @@ def test_two_nodes_in_network_namespaces_equal_single_node(tmp_path):
         subprocess.run(["bash", NETNS, "down"], env=env, timeout=30)
     assert not netns.left_behind(prefix)
 
-    one = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
-                          *JOB, "--run-dir", str(tmp_path / "one")], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "4",
+            *JOB,
+            "--run-dir",
+            str(tmp_path / "one"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     two_hist = json.loads((tmp_path / "two" / "metrics.json").read_text())["history"]
     one_hist = json.loads((tmp_path / "one" / "metrics.json").read_text())["history"]

@@ -103,8 +103,18 @@ def test_sparsemixer_expected_gradient_closer_to_dense_than_switch():
     """Toy problem: average many sampled SparseMixer v1 router gradients and compare with the dense
     gradient of y = sum_i p_i E_i(x), against the straight-through Switch (TopK top-1) gradient."""
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(hidden_size=D, num_experts=4, ffn_hidden_size=16, top_k=1, router="sparsemixer",
-                               aux_loss_coeff=0.0, init_std=0.5, sparsemixer={"jitter_eps": 0.9}))
+    layer = MoELayer(
+        MoEConfig(
+            hidden_size=D,
+            num_experts=4,
+            ffn_hidden_size=16,
+            top_k=1,
+            router="sparsemixer",
+            aux_loss_coeff=0.0,
+            init_std=0.5,
+            sparsemixer={"jitter_eps": 0.9},
+        )
+    )
     layer.train()
     x = torch.randn(16, D, generator=torch.Generator().manual_seed(7))
     g = torch.randn(16, D, generator=torch.Generator().manual_seed(8))
@@ -127,8 +137,16 @@ def test_sparsemixer_expected_gradient_closer_to_dense_than_switch():
 
 def stable_layer(stage2=5, **kw):
     torch.manual_seed(0)
-    return MoELayer(MoEConfig(hidden_size=D, num_experts=4, ffn_hidden_size=16, top_k=1, router="stablemoe",
-                              stablemoe={"vocab_size": 50, "stage2_step": stage2, **kw}))
+    return MoELayer(
+        MoEConfig(
+            hidden_size=D,
+            num_experts=4,
+            ffn_hidden_size=16,
+            top_k=1,
+            router="stablemoe",
+            stablemoe={"vocab_size": 50, "stage2_step": stage2, **kw},
+        )
+    )
 
 
 def test_stablemoe_balance_loss_and_stages():
@@ -178,7 +196,7 @@ def test_stablemoe_distillation_and_frozen_stage2():
         opt.zero_grad()
         out = layer(emb[ids] + 0.5 * torch.randn(64, D), token_ids=ids)
         assert not any(k.startswith("stablemoe") for k in layer.aux_losses)
-        (out ** 2).mean().backward()
+        (out**2).mean().backward()
         opt.step()
         assert torch.equal(r(emb[probe], SINGLE, probe).idx_TK, frozen)
     # Resume keeps the stage.

@@ -54,7 +54,7 @@ def test_commit_matches_a_float64_reference(mode):
     if mode == "keep":
         torch.testing.assert_close(d.defaults_ED[7], D0[7])
     if mode == "zero":
-        torch.testing.assert_close(d.defaults_ED[7], D0[7] * 0.8 ** 5)
+        torch.testing.assert_close(d.defaults_ED[7], D0[7] * 0.8**5)
 
 
 def test_training_layer_decays_only_experts_without_tokens():
@@ -62,8 +62,7 @@ def test_training_layer_decays_only_experts_without_tokens():
     idle at every step; their D decays by beta (stale_defaults="zero") and the routed ones follow
     the EMA of their outputs."""
     torch.manual_seed(0)
-    layer = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=1, beta=0.7,
-                               stale_defaults="zero"))
+    layer = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=1, beta=0.7, stale_defaults="zero"))
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     layer.defaults.defaults_ED.normal_()
     decayed = 0
@@ -108,8 +107,11 @@ def test_default_term_share_matches_the_layer_output(normalize_topk):
     """default_share = ||y - y(D=0)|| / ||y|| and idle_share the same with only the idle experts'
     D, both from the layer's own eval forwards (an independent computation of the term)."""
     torch.manual_seed(1)
-    layer = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=2,
-                               normalize_topk=normalize_topk, default_in_forward=True))
+    layer = MoELayer(
+        MoEConfig(
+            hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=2, normalize_topk=normalize_topk, default_in_forward=True
+        )
+    )
     layer.defaults.defaults_ED.normal_()
     layer.defaults.idle_commits_E.copy_(torch.tensor([0, 12, 0, 3, 40, 0, 10, 0]))
     x = torch.randn(16, D)
@@ -125,5 +127,7 @@ def test_default_term_share_matches_the_layer_output(normalize_topk):
     y_idle = _eval_out(layer, x, Dfull * idle[:, None])
     assert rep["default_share"] == pytest.approx(((y - y0).norm() / y.norm()).item(), rel=1e-4)
     assert rep["idle_share"] == pytest.approx(((y_idle - y0).norm() / y.norm()).item(), rel=1e-4)
-    assert diagnostics.default_term_share(MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_,
-                                                             router="topk")), x) is None
+    assert (
+        diagnostics.default_term_share(MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router="topk")), x)
+        is None
+    )

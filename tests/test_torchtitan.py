@@ -31,7 +31,7 @@ def assets(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("titan_assets")
     text = lzma.open(str(resources.files("default_moe") / "data" / "pydocs.txt.xz"), "rt").read()[:300_000]
-    chunks = [text[i:i + 1500] for i in range(0, len(text), 1500)]
+    chunks = [text[i : i + 1500] for i in range(0, len(text), 1500)]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -49,13 +49,34 @@ def assets(tmp_path_factory):
 def run(assets, out: Path, *flags, check_ema=False, overrides=(), subcommand=None, timeout=300):
     out.mkdir(parents=True, exist_ok=True)
     imports = ["torchtitan_cpu.cpu_attention", *overrides]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "tests/torchtitan_worker.py", "--out", str(out), *(["--check-ema"] if check_ema else []), "--",
-           "--hf-assets-path", str(assets / "tok"), "--dataloader.dataset-path", str(assets / "data"),
-           "--dump-folder", str(out / "dump"), *flags, "--override.imports", *imports,
-           *([subcommand] if subcommand else [])]  # tyro: a subcommand comes last
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "launch"), str(ROOT / "plugin")])}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "tests/torchtitan_worker.py",
+        "--out",
+        str(out),
+        *(["--check-ema"] if check_ema else []),
+        "--",
+        "--hf-assets-path",
+        str(assets / "tok"),
+        "--dataloader.dataset-path",
+        str(assets / "data"),
+        "--dump-folder",
+        str(out / "dump"),
+        *flags,
+        "--override.imports",
+        *imports,
+        *([subcommand] if subcommand else []),
+    ]  # tyro: a subcommand comes last
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), str(ROOT / "launch"), str(ROOT / "plugin")]),
+    }
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert res.returncode == 0, (res.stdout + res.stderr)[-5000:]
     return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
@@ -98,8 +119,9 @@ def test_torchtitan_override_fsdp_ep_checkpointing_and_resume(assets, tmp_path):
         assert r["ema"]["changed"] and r["ema"]["experts_seen"] == 8 and r["ema"]["max_rel_err"] < 2e-2, r["ema"]
     # Activation checkpointing full and none: the same losses, grad norms and D as selective.
     for mode in ("full", "none"):
-        other = run(assets, tmp_path / f"ac_{mode}", *TINY, overrides=[default(beta=0.5)],
-                    subcommand=f"activation-checkpoint:{mode}")
+        other = run(
+            assets, tmp_path / f"ac_{mode}", *TINY, overrides=[default(beta=0.5)], subcommand=f"activation-checkpoint:{mode}"
+        )
         assert other[0]["steps"] == fsdp[0]["steps"], mode
         assert unwrapped(other[0]["defaults"]).keys() == unwrapped(fsdp[0]["defaults"]).keys()
         for name, d in unwrapped(fsdp[0]["defaults"]).items():
@@ -107,16 +129,26 @@ def test_torchtitan_override_fsdp_ep_checkpointing_and_resume(assets, tmp_path):
     # Killed after the step-2 checkpoint (the step-4 one removed), resumed with the same command:
     # steps 3-4 and D equal the uninterrupted run.
     part = tmp_path / "resume"
-    shutil.copytree(tmp_path / "fsdp" / "dump" / "checkpoint", part / "dump" / "checkpoint",
-                    ignore=lambda d, names: [n for n in names if n == "step-4"])
+    shutil.copytree(
+        tmp_path / "fsdp" / "dump" / "checkpoint",
+        part / "dump" / "checkpoint",
+        ignore=lambda d, names: [n for n in names if n == "step-4"],
+    )
     resumed = run(assets, part, *TINY, *ckpt, overrides=[default(beta=0.5)])
     assert resumed[0]["steps"] == fsdp[0]["steps"][2:], (resumed[0]["steps"], fsdp[0]["steps"])
     for name, d in fsdp[0]["defaults"].items():
         assert torch.equal(resumed[0]["defaults"][name], d), name
     # Expert parallelism 2: the same checks.
-    ep = run(assets, tmp_path / "ep2", *TINY, "--parallelism.expert-parallel-degree", "2", "--training.disable-cuda-graphs",
-             check_ema=True,
-             overrides=[default(beta=0.5)])
+    ep = run(
+        assets,
+        tmp_path / "ep2",
+        *TINY,
+        "--parallelism.expert-parallel-degree",
+        "2",
+        "--training.disable-cuda-graphs",
+        check_ema=True,
+        overrides=[default(beta=0.5)],
+    )
     same_d_on_ranks(ep)
     for r in ep:
         assert r["ema"]["changed"] and r["ema"]["experts_seen"] == 8 and r["ema"]["max_rel_err"] < 2e-2, r["ema"]
@@ -126,9 +158,23 @@ def test_torchtitan_override_fsdp_ep_checkpointing_and_resume(assets, tmp_path):
 def test_torchtitan_stock_deepseek_v3_debugmodel_ep2(assets, tmp_path):
     """The stock config (sigmoid router, route_norm, shared expert, expert bias) with the override at
     EP 2 trains (the sigmoid gate's term in the backward only), D identical on both ranks."""
-    flags = ["--module", "deepseek_v3", "--config", "deepseek_v3_debugmodel", "--debug.seed", "3",
-             "--training.seq-len", "64", "--training.local-batch-size", "2", "--training.steps", "3",
-             "--parallelism.expert-parallel-degree", "2", "--training.disable-cuda-graphs"]
+    flags = [
+        "--module",
+        "deepseek_v3",
+        "--config",
+        "deepseek_v3_debugmodel",
+        "--debug.seed",
+        "3",
+        "--training.seq-len",
+        "64",
+        "--training.local-batch-size",
+        "2",
+        "--training.steps",
+        "3",
+        "--parallelism.expert-parallel-degree",
+        "2",
+        "--training.disable-cuda-graphs",
+    ]
     mine = run(assets, tmp_path / "dsv3", *flags, overrides=[default()], timeout=600)
     assert all(torch.isfinite(torch.tensor([loss for _, loss, _ in mine[0]["steps"]])))
     same_d_on_ranks(mine)

@@ -67,9 +67,30 @@ def test_bad_run_config_is_rejected_before_start(argv, needle, capsys, monkeypat
 
 def _train(run_dir, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            str(ROOT / "launch" / "train.py"), "--run-dir", str(run_dir), "--micro-batch", "4", "--seq-len", "32",
-            "--eval-every", "2", "--eval-batches", "2", "--ckpt-every", "2", "--log-every", "1", *extra]
+    args = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "launch" / "train.py"),
+        "--run-dir",
+        str(run_dir),
+        "--micro-batch",
+        "4",
+        "--seq-len",
+        "32",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "2",
+        "--ckpt-every",
+        "2",
+        "--log-every",
+        "1",
+        *extra,
+    ]
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return out.stdout
@@ -101,13 +122,39 @@ def test_main_job_smoke_and_resume(tmp_path):
 @pytest.mark.distributed
 def test_main_job_under_the_deepspeed_launcher(tmp_path):
     """DeepSpeed users start jobs with `deepspeed`: it passes --local_rank and sets the ranks."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),
+    }
     out = subprocess.run(
-        ["deepspeed", "--num_nodes", "1", "--num_gpus", "2", str(ROOT / "launch" / "train.py"), "--steps", "2",
-         "--micro-batch", "4", "--seq-len", "32", "--eval-every", "2", "--eval-batches", "1", "--ckpt-every", "100",
-         "--run-dir", str(tmp_path)],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+        [
+            "deepspeed",
+            "--num_nodes",
+            "1",
+            "--num_gpus",
+            "2",
+            str(ROOT / "launch" / "train.py"),
+            "--steps",
+            "2",
+            "--micro-batch",
+            "4",
+            "--seq-len",
+            "32",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "1",
+            "--ckpt-every",
+            "100",
+            "--run-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
     )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "world=2" in out.stdout and "---- summary ----" in out.stdout
@@ -115,11 +162,43 @@ def test_main_job_under_the_deepspeed_launcher(tmp_path):
 
 def _train_one_process(run_dir, *extra):
     """The main job as one process (world 1), as launch/sweep.py runs it."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    args = [sys.executable, str(ROOT / "launch" / "train.py"), "--router", "default", "--ep-size", "1", "--seed", "1",
-            "--run-dir", str(run_dir), "--micro-batch", "4", "--seq-len", "32", "--steps", "16", "--eval-every", "4",
-            "--eval-batches", "2", "--ckpt-every", "100", "--log-every", "1", *extra]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    args = [
+        sys.executable,
+        str(ROOT / "launch" / "train.py"),
+        "--router",
+        "default",
+        "--ep-size",
+        "1",
+        "--seed",
+        "1",
+        "--run-dir",
+        str(run_dir),
+        "--micro-batch",
+        "4",
+        "--seq-len",
+        "32",
+        "--steps",
+        "16",
+        "--eval-every",
+        "4",
+        "--eval-batches",
+        "2",
+        "--ckpt-every",
+        "100",
+        "--log-every",
+        "1",
+        *extra,
+    ]
     out = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     return json.loads((Path(run_dir) / "metrics.json").read_text())["history"]

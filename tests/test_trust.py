@@ -39,8 +39,7 @@ def evil_file(path, marker, payload_key="extra"):
 
 
 def cli(*args):
-    return subprocess.run([sys.executable, "-m", "default_moe.cli", *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", "default_moe.cli", *map(str, args)], capture_output=True, text=True, cwd=ROOT)
 
 
 def model():
@@ -72,8 +71,12 @@ def test_convert_deepspeed_refuses_malicious_module_and_expert_files(tmp_path):
     tag.mkdir(parents=True)
     (tmp_path / "ds" / "latest").write_text("step1")
     m = model()
-    expert = {"ep_size": 1, "ep_rank": 0, "experts": {"0": {n: p.detach() for n, p in m[0].experts.named_parameters()}},
-              "moe_configs": {"0": m[0].config.to_dict()}}
+    expert = {
+        "ep_size": 1,
+        "ep_rank": 0,
+        "experts": {"0": {n: p.detach() for n, p in m[0].experts.named_parameters()}},
+        "moe_configs": {"0": m[0].config.to_dict()},
+    }
     torch.save(expert, tag / "default_moe_experts_ep1_rank0.pt")
     torch.save({"module": {"x": Payload(marker)}}, tag / "mp_rank_00_model_states.pt")
     out = cli("convert-deepspeed", tmp_path / "ds", tmp_path / "out.pt")
@@ -89,8 +92,15 @@ def test_old_pickled_checkpoints_load_only_through_the_trusted_upgrade(tmp_path)
     sd = checkpoint.consolidated_state_dict(m)
     old = tmp_path / "old.pt"
     # What an older version could write: objects beyond plain data in `extra`.
-    torch.save({"format": checkpoint.FORMAT, "model": sd, "moe_configs": {"0": m[0].config.to_dict()},
-                "extra": {"step": 7, "when": datetime.date(2026, 1, 2)}}, old)
+    torch.save(
+        {
+            "format": checkpoint.FORMAT,
+            "model": sd,
+            "moe_configs": {"0": m[0].config.to_dict()},
+            "extra": {"step": 7, "when": datetime.date(2026, 1, 2)},
+        },
+        old,
+    )
     with pytest.raises(checkpoint.UntrustedCheckpointError, match="checkpoint-upgrade --trust-pickle"):
         checkpoint.load(model(), str(old))
     out = cli("checkpoint-upgrade", old, tmp_path / "new.pt")
@@ -136,9 +146,31 @@ def test_token_cache_refuses_pickled_arrays(tmp_path, monkeypatch):
 def test_main_job_resume_refuses_a_planted_pickle(tmp_path):
     """The main job's --resume goes through DeepSpeed's unrestricted unpickling: our hook checks the
     checkpoint's files first. A crafted optimizer file is refused and its payload never runs."""
-    job = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py",
-           "--steps", "2", "--micro-batch", "2", "--seq-len", "16", "--eval-every", "2", "--eval-batches", "1",
-           "--ckpt-every", "2", "--log-every", "1", "--run-dir", str(tmp_path / "run")]
+    job = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "launch/train.py",
+        "--steps",
+        "2",
+        "--micro-batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--eval-every",
+        "2",
+        "--eval-batches",
+        "1",
+        "--ckpt-every",
+        "2",
+        "--log-every",
+        "1",
+        "--run-dir",
+        str(tmp_path / "run"),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     first = subprocess.run(job, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -150,12 +182,17 @@ def test_main_job_resume_refuses_a_planted_pickle(tmp_path):
     assert "(truncated or rewritten)" in manifest.verify(str(ckpt))  # a different size: caught before hashing
     # ...so the attacker rewrites the manifest too: the trust check still refuses the file.
     m = json.loads((ckpt / manifest.MANIFEST).read_text())
-    m["files"][victim.name] = {"size": victim.stat().st_size,
-                               "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()}
+    m["files"][victim.name] = {"size": victim.stat().st_size, "sha256": hashlib.sha256(victim.read_bytes()).hexdigest()}
     (ckpt / manifest.MANIFEST).write_text(json.dumps(m))
     assert manifest.verify(str(ckpt)) is None
-    again = subprocess.run(job[:-2] + ["--steps", "3", "--run-dir", str(tmp_path / "run"), "--resume"], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        job[:-2] + ["--steps", "3", "--run-dir", str(tmp_path / "run"), "--resume"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode != 0
     assert "posix.system" in again.stderr and "refused" in again.stderr, again.stderr[-3000:]
     assert not (tmp_path / "marker").exists()

@@ -13,7 +13,14 @@ from torchtitan.models.common.config_utils import decoder_vocab_size
 from torchtitan.models.qwen3 import ModelSpec, Qwen3StateDictAdapter, parallelize_qwen3, pipeline_llm
 from torchtitan.models.qwen3 import register_moe_load_balancing_hook
 from torchtitan.models.qwen3 import (
-    _EMBEDDING_INIT, _LINEAR_INIT, _build_qwen3_moe_layers, _qwen3_norm, CosSinRoPE, Embedding, Linear, Qwen3Model,
+    _EMBEDDING_INIT,
+    _LINEAR_INIT,
+    _build_qwen3_moe_layers,
+    _qwen3_norm,
+    CosSinRoPE,
+    Embedding,
+    Linear,
+    Qwen3Model,
 )
 from torchtitan.trainer import Trainer
 
@@ -23,22 +30,39 @@ VOCAB = 4096
 def tiny_qwen3_moe_model(dim: int = 64, n_layers: int = 2, num_experts: int = 8, top_k: int = 2) -> Qwen3Model.Config:
     head_dim = 16
     return Qwen3Model.Config(
-        vocab_size=VOCAB, dim=dim, norm=_qwen3_norm(dim),
+        vocab_size=VOCAB,
+        dim=dim,
+        norm=_qwen3_norm(dim),
         tok_embeddings=Embedding.Config(num_embeddings=VOCAB, embedding_dim=dim, param_init=_EMBEDDING_INIT),
         lm_head=Linear.Config(in_features=dim, out_features=VOCAB, param_init=_LINEAR_INIT),
         layers=_build_qwen3_moe_layers(
-            fuse_qkv=True, n_layers=n_layers, dim=dim, n_heads=4, n_kv_heads=2, head_dim=head_dim, moe_hidden_dim=64,
-            num_experts=num_experts, top_k=top_k, attn_backend="flex",
-            rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=256, theta=1000000.0), moe_comm_backend="standard",
+            fuse_qkv=True,
+            n_layers=n_layers,
+            dim=dim,
+            n_heads=4,
+            n_kv_heads=2,
+            head_dim=head_dim,
+            moe_hidden_dim=64,
+            num_experts=num_experts,
+            top_k=top_k,
+            attn_backend="flex",
+            rope=CosSinRoPE.Config(dim=head_dim, max_seq_len=256, theta=1000000.0),
+            moe_comm_backend="standard",
         ),
     )
 
 
 def tiny_qwen3_moe() -> Trainer.Config:
     model = tiny_qwen3_moe_model()
-    spec = ModelSpec(name="qwen3", flavor="tiny_moe", model=model, parallelize_fn=parallelize_qwen3,
-                     pipelining_fn=pipeline_llm, post_optimizer_build_fn=register_moe_load_balancing_hook,
-                     state_dict_adapter=Qwen3StateDictAdapter)
+    spec = ModelSpec(
+        name="qwen3",
+        flavor="tiny_moe",
+        model=model,
+        parallelize_fn=parallelize_qwen3,
+        pipelining_fn=pipeline_llm,
+        post_optimizer_build_fn=register_moe_load_balancing_hook,
+        state_dict_adapter=Qwen3StateDictAdapter,
+    )
     return Trainer.Config(
         loss=ChunkedLossWrapper.Config(loss_fn=CrossEntropyLoss.Config(global_vocab_size=decoder_vocab_size(spec))),
         metrics=MetricsProcessor.Config(log_freq=1),

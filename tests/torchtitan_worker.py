@@ -56,6 +56,7 @@ def ema_check(trainer) -> dict:
     model = trainer.model_parts[0]
     moe = next(m for m in model.modules() if isinstance(m, DefaultMoE))
     cap = {}
+
     def keep(key, value):  # (hooks must return None: a value would replace the args or output)
         cap.setdefault(key, value.detach())
 
@@ -63,8 +64,9 @@ def ema_check(trainer) -> dict:
     h2 = moe.router.register_forward_hook(lambda m, a, o: keep("ids", o[1]))
     D0 = moe.defaults.defaults_ED.clone()
     input_dict, labels = next(iter(trainer.dataloader))
-    trainer.forward_backward_step(input_dict=input_dict, labels=labels,
-                                  global_valid_tokens=torch.tensor(float(labels.numel() * dist.get_world_size())))
+    trainer.forward_backward_step(
+        input_dict=input_dict, labels=labels, global_valid_tokens=torch.tensor(float(labels.numel() * dist.get_world_size()))
+    )
     h1.remove(), h2.remove()
     commit_defaults(trainer.model_parts)
     x = cap["x"].to_local() if hasattr(cap["x"], "to_local") else cap["x"]
@@ -88,8 +90,11 @@ def ema_check(trainer) -> dict:
         D_ref[e] = mean if first else beta * D0[e].double() + (1 - beta) * mean
     D = moe.defaults.defaults_ED.double()
     err = ((D - D_ref).abs() / (D_ref.abs() + 1e-2)).max().item()
-    return {"max_rel_err": err, "changed": bool(not torch.equal(moe.defaults.defaults_ED, D0)),
-            "experts_seen": int(sum(bool((IDS == e).any()) for e in range(E)))}
+    return {
+        "max_rel_err": err,
+        "changed": bool(not torch.equal(moe.defaults.defaults_ED, D0)),
+        "experts_seen": int(sum(bool((IDS == e).any()) for e in range(E))),
+    }
 
 
 def main() -> None:

@@ -31,9 +31,7 @@ def _weights(cfg: MoEConfig, skew: bool) -> Weights:
 
 
 def _close(a, b, what, rank, case, rtol=3e-5, atol=3e-6):
-    torch.testing.assert_close(
-        a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"rank {rank} case {case} {what}: {m}"
-    )
+    torch.testing.assert_close(a.double(), b.double(), rtol=rtol, atol=atol, msg=lambda m: f"rank {rank} case {case} {what}: {m}")
 
 
 def check_equivalence(rank: int, world: int, case: dict) -> None:
@@ -59,10 +57,21 @@ def check_equivalence(rank: int, world: int, case: dict) -> None:
         wd = w.double()
         xd = x.double().requires_grad_(True)
         res = reference_moe(
-            xd, wd, top_k=cfg.top_k, use_defaults=cfg.router == "default", defaults_ED=D_prev, beta=cfg.beta,
-            weighting=cfg.ema_weighting, normalize_topk=cfg.normalize_topk, chunks=chunks,
-            aux_coeff=cfg.aux_loss_coeff, z_coeff=cfg.z_loss_coeff, capacity_factor=cfg.capacity_factor,
-            drop_policy=cfg.drop_policy, score_function=cfg.score_function, route_scale=cfg.route_scale,
+            xd,
+            wd,
+            top_k=cfg.top_k,
+            use_defaults=cfg.router == "default",
+            defaults_ED=D_prev,
+            beta=cfg.beta,
+            weighting=cfg.ema_weighting,
+            normalize_topk=cfg.normalize_topk,
+            chunks=chunks,
+            aux_coeff=cfg.aux_loss_coeff,
+            z_coeff=cfg.z_loss_coeff,
+            capacity_factor=cfg.capacity_factor,
+            drop_policy=cfg.drop_policy,
+            score_function=cfg.score_function,
+            route_scale=cfg.route_scale,
             default_in_forward=cfg.default_in_forward,
         )
         ((res.out_TD * g_out.double()).sum() + res.loss_aux).backward()
@@ -128,8 +137,10 @@ def collective_counts(rank: int, world: int) -> None:
         assert commit_defaults(layers["default"]) == 2
     assert [key(r) for r in counter.records] == [("all_reduce", 2 * E * (D + 1), 2 * E * (D + 1) * 4, world)], counter.records
     if rank == 0:
-        print(f"forward+backward: {len(topk)} collectives, {sum(k[2] for k in topk)} B (TopK and Default); "
-              f"commit: 1 all-reduce, {2 * E * (D + 1) * 4} B for 2 layers")
+        print(
+            f"forward+backward: {len(topk)} collectives, {sum(k[2] for k in topk)} B (TopK and Default); "
+            f"commit: 1 all-reduce, {2 * E * (D + 1) * 4} B for 2 layers"
+        )
 
 
 def host_syncs_and_init(rank: int, world: int) -> None:
@@ -137,8 +148,13 @@ def host_syncs_and_init(rank: int, world: int) -> None:
     capacity); experts initialised per global expert (EP=2 equals EP=1 sliced; ranks differ)."""
     from default_moe.diagnostics import count_host_syncs
 
-    for router, extra in [("topk", {}), ("default", {}), ("default", {"capacity_factor": 1.0}),
-                          ("topk", {"capacity_factor": 0.5}), ("default", {"ema_stats_dtype": "bfloat16"})]:
+    for router, extra in [
+        ("topk", {}),
+        ("default", {}),
+        ("default", {"capacity_factor": 1.0}),
+        ("topk", {"capacity_factor": 0.5}),
+        ("default", {"ema_stats_dtype": "bfloat16"}),
+    ]:
         cfg = MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router=router, ep_size=world, **extra)
         layer = MoELayer(cfg)
         x, g = _global_batch(0, 64, skew=True)
@@ -150,8 +166,7 @@ def host_syncs_and_init(rank: int, world: int) -> None:
     torch.manual_seed(5)
     ep = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, ep_size=world))
     torch.manual_seed(5)
-    single = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, ep_size=1),
-                      groups=build_groups(1))
+    single = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, ep_size=1), groups=build_groups(1))
     ids = list(ep.local_expert_ids)
     for (name, p), q in zip(ep.experts.named_parameters(), single.experts.parameters()):
         assert torch.equal(p, q[ids[0] : ids[-1] + 1]), f"{name}: EP={world} init differs from EP=1 sliced"
@@ -241,7 +256,7 @@ def router_equivalence(rank: int, world: int) -> None:
                     ref.router.num_steps -= 1  # one step per micro-batch: the chunks are one step
             tag = f"{router} {kw.get('top_k')} step {step}"
             _close(out, ref_outs[rank], "output", rank, tag)
-            for (n, p) in layer.router.named_parameters():
+            for n, p in layer.router.named_parameters():
                 grad = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
                 dist.all_reduce(grad)
                 refg = dict(ref.router.named_parameters())[n].grad
@@ -318,8 +333,7 @@ def compile_ep2(rank: int, world: int) -> None:
         layers = []
         for _ in range(2):
             torch.manual_seed(11)
-            layers.append(MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router=router,
-                                             ep_size=world)))
+            layers.append(MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, router=router, ep_size=world)))
         eager, layer = layers
         torch._dynamo.reset()
         counters.clear()

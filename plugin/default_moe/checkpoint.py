@@ -45,8 +45,19 @@ FORMAT = "default-moe-checkpoint-v1"
 # Config fields that change how the layer runs or trains from here on, not the shapes or the meaning
 # of its saved state (a difference is reported, not refused). Every other field (sizes, activation,
 # router and its settings, top_k, normalize_topk, ema_weighting: what D averages) is refused.
-_RUNTIME_ONLY = ("ep_size", "experts_backend", "beta", "ema_stats_dtype", "nonfinite",
-                 "default_in_forward", "init_std", "aux_loss_coeff", "z_loss_coeff", "capacity_factor", "drop_policy")
+_RUNTIME_ONLY = (
+    "ep_size",
+    "experts_backend",
+    "beta",
+    "ema_stats_dtype",
+    "nonfinite",
+    "default_in_forward",
+    "init_std",
+    "aux_loss_coeff",
+    "z_loss_coeff",
+    "capacity_factor",
+    "drop_policy",
+)
 
 
 def _moe_layers(model: nn.Module):
@@ -78,14 +89,38 @@ class UntrustedCheckpointError(ValueError):
 # Globals DeepSpeed 0.19 writes into its checkpoint files besides tensors and builtins: plain data
 # types whose unpickling runs no user code. Anything else in a file refuses it.
 DEEPSPEED_SAFE_GLOBALS = {
-    "collections.OrderedDict", "collections.defaultdict", "torch.Size", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler", "torch._utils._rebuild_tensor_v2",
-    "torch._utils._rebuild_parameter", "torch.serialization._get_layout", "torch.device",
-    "torch.FloatStorage", "torch.LongStorage", "torch.BFloat16Storage", "torch.HalfStorage", "torch.IntStorage",
-    "torch.BoolStorage", "torch.ByteStorage", "torch.DoubleStorage", "argparse.Namespace",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.utils.tensor_fragment.fragment_address", "torch.float32", "torch.bfloat16", "torch.float16",
-    "torch.int64", "torch.bool", "builtins.set", "_codecs.encode", "numpy.core.multiarray.scalar",
-    "numpy._core.multiarray.scalar", "numpy.dtype", "numpy.dtypes.Float64DType", "numpy.dtypes.Int64DType",
+    "collections.OrderedDict",
+    "collections.defaultdict",
+    "torch.Size",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "torch._utils._rebuild_tensor_v2",
+    "torch._utils._rebuild_parameter",
+    "torch.serialization._get_layout",
+    "torch.device",
+    "torch.FloatStorage",
+    "torch.LongStorage",
+    "torch.BFloat16Storage",
+    "torch.HalfStorage",
+    "torch.IntStorage",
+    "torch.BoolStorage",
+    "torch.ByteStorage",
+    "torch.DoubleStorage",
+    "argparse.Namespace",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    "torch.float32",
+    "torch.bfloat16",
+    "torch.float16",
+    "torch.int64",
+    "torch.bool",
+    "builtins.set",
+    "_codecs.encode",
+    "numpy.core.multiarray.scalar",
+    "numpy._core.multiarray.scalar",
+    "numpy.dtype",
+    "numpy.dtypes.Float64DType",
+    "numpy.dtypes.Int64DType",
 }
 
 
@@ -138,7 +173,8 @@ def load_deepspeed_file(path: str, map_location="cpu") -> Any:
         raise UntrustedCheckpointError(
             f"checkpoint file {path} holds Python objects DeepSpeed does not write; loading it could run code, so it is "
             f"refused ({str(e).splitlines()[0][:200]}). Only load checkpoints you wrote or trust (default-moe "
-            "convert-deepspeed --trust-pickle loads one you trust)") from None
+            "convert-deepspeed --trust-pickle loads one you trust)"
+        ) from None
 
 
 def check_deepspeed_files(tag_dir: str) -> None:
@@ -149,8 +185,9 @@ def check_deepspeed_files(tag_dir: str) -> None:
         try:
             bad = unsafe_globals(path, DEEPSPEED_SAFE_GLOBALS)
         except Exception as e:  # noqa: BLE001 - unreadable means refuse, with the reason
-            raise ValueError(f"checkpoint file {path} is not readable (corrupt or not a torch file): "
-                             f"{type(e).__name__}: {e}") from None
+            raise ValueError(
+                f"checkpoint file {path} is not readable (corrupt or not a torch file): {type(e).__name__}: {e}"
+            ) from None
         if bad:
             raise UntrustedCheckpointError(
                 f"checkpoint file {path} holds Python objects DeepSpeed does not write ({', '.join(bad[:5])}); "
@@ -185,8 +222,7 @@ def check_extra(extra: Any) -> None:
         raise ValueError(f"checkpoint extra must be a dict of JSON values, got {type(extra).__name__}")
     problem = _json_problem(extra, "extra")
     if problem:
-        raise ValueError(f"checkpoint extra must hold JSON values only (dict, list, str, int, float, bool, None): "
-                         f"{problem}")
+        raise ValueError(f"checkpoint extra must hold JSON values only (dict, list, str, int, float, bool, None): {problem}")
 
 
 def _atomic_save(payload: Dict[str, Any], path: str) -> None:
@@ -241,8 +277,9 @@ def read(path: str, trust_pickle: bool = False) -> Dict[str, Any]:
         except Exception:  # noqa: BLE001 - not a torch zip/pickle at all
             objects = []
         if not objects:
-            raise ValueError(f"checkpoint {path} is not readable (corrupt or not a torch file): "
-                             f"{str(e).splitlines()[0][:200]}") from None
+            raise ValueError(
+                f"checkpoint {path} is not readable (corrupt or not a torch file): {str(e).splitlines()[0][:200]}"
+            ) from None
         if not trust_pickle:
             raise UntrustedCheckpointError(
                 f"checkpoint {path} holds Python objects beyond tensors and plain data ({', '.join(objects[:5])}); "
@@ -281,8 +318,9 @@ def load(model: nn.Module, path: str, trust_pickle: bool = False) -> Dict[str, A
                 + ", ".join(f"{k}={saved_cfgs[name].get(k)!r} (model: {mine[k]!r})" for k in refused)
                 + " (these change the shapes or the meaning of the saved state)"
             )
-        reported += [f"{name}: {k}={saved_cfgs[name].get(k)!r} -> {mine[k]!r}" for k in diffs
-                     if k not in ("ep_size", "experts_backend")]
+        reported += [
+            f"{name}: {k}={saved_cfgs[name].get(k)!r} -> {mine[k]!r}" for k in diffs if k not in ("ep_size", "experts_backend")
+        ]
         prefix = f"{name}." if name else ""
         upgrade_expert_state_dict(sd, f"{prefix}experts.")  # written with separate w1/w3
         ids = list(layer.local_expert_ids)
@@ -291,8 +329,10 @@ def load(model: nn.Module, path: str, trust_pickle: bool = False) -> Dict[str, A
             sd[key] = sd[key][ids[0] : ids[-1] + 1]
     model.load_state_dict(sd)
     if reported:
-        warnings.warn(f"checkpoint {path} loaded; the model runs with other settings than it was saved with: "
-                      + "; ".join(reported), stacklevel=2)
+        warnings.warn(
+            f"checkpoint {path} loaded; the model runs with other settings than it was saved with: " + "; ".join(reported),
+            stacklevel=2,
+        )
     return payload["extra"]
 
 
@@ -315,21 +355,18 @@ def upgrade(old_path: str, new_path: str, trust_pickle: bool = False) -> Dict[st
 
     extra = json.loads(json.dumps(extra, default=as_text))
     if stringified:
-        warnings.warn(f"{old_path}: extra values of type(s) {sorted(set(stringified))} were stored as strings",
-                      stacklevel=2)
+        warnings.warn(f"{old_path}: extra values of type(s) {sorted(set(stringified))} were stored as strings", stacklevel=2)
     check_extra(extra)
     model = {k: (v.detach().cpu().clone() if isinstance(v, torch.Tensor) else v) for k, v in payload["model"].items()}
     bad = sorted(k for k, v in model.items() if not isinstance(v, torch.Tensor))
     if bad:
         raise ValueError(f"{old_path}: model entries {bad[:5]} are not tensors; cannot store them as data")
-    new = {"format": FORMAT, "model": model, "moe_configs": json.loads(json.dumps(payload["moe_configs"])),
-           "extra": extra}
+    new = {"format": FORMAT, "model": model, "moe_configs": json.loads(json.dumps(payload["moe_configs"])), "extra": extra}
     _atomic_save(new, new_path)
     return extra
 
 
-def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
-                      trust_pickle: bool = False) -> Dict[str, Any]:
+def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None, trust_pickle: bool = False) -> Dict[str, Any]:
     """Converts a DeepSpeed checkpoint of a default_moe model into a resharding checkpoint.
 
     Args:
@@ -347,13 +384,15 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     # The named tag if complete (a torn one is refused), else the newest complete checkpoint.
     tag = manifest.resolve_tag(ckpt_dir, tag)
     if tag is None:
-        raise FileNotFoundError(f"{ckpt_dir} has no complete checkpoint (nor a 'latest' file): pass the checkpoint "
-                                "tag explicitly")
+        raise FileNotFoundError(
+            f"{ckpt_dir} has no complete checkpoint (nor a 'latest' file): pass the checkpoint tag explicitly"
+        )
     tag_dir = os.path.join(ckpt_dir, str(tag))
     module_file = os.path.join(tag_dir, "mp_rank_00_model_states.pt")
     if not os.path.exists(module_file):
-        raise FileNotFoundError(f"{module_file} does not exist: not a DeepSpeed checkpoint directory/tag "
-                                "(ZeRO-3 checkpoints are not supported)")
+        raise FileNotFoundError(
+            f"{module_file} does not exist: not a DeepSpeed checkpoint directory/tag (ZeRO-3 checkpoints are not supported)"
+        )
     pattern = EXPERT_FILE.format(ep_size="*", ep_rank="*")
     expert_files = sorted(glob.glob(os.path.join(tag_dir, pattern)))
     if not expert_files:
@@ -365,15 +404,17 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
                 "convert (it converts models of default_moe.MoELayer layers). Resume it with engine.load_checkpoint at "
                 "the same ep_size; its defaults are in the module state"
             )
-        raise FileNotFoundError(f"{tag_dir} has no {pattern} files: it was not written by a model of "
-                                "default_moe.MoELayer layers with the default_moe section")
+        raise FileNotFoundError(
+            f"{tag_dir} has no {pattern} files: it was not written by a model of "
+            "default_moe.MoELayer layers with the default_moe section"
+        )
     layouts = {}
     for path in expert_files:
         m = re.search(r"_ep(\d+)_rank(\d+)\.pt$", path)
         layouts.setdefault(int(m.group(1)), {})[int(m.group(2))] = path
     if len(layouts) != 1:
         raise ValueError(f"{tag_dir} mixes expert files of several ep_sizes {sorted(layouts)}")
-    (ep_size, files), = layouts.items()
+    ((ep_size, files),) = layouts.items()
     if sorted(files) != list(range(ep_size)):
         raise ValueError(f"{tag_dir}: expert files for EP ranks {sorted(files)} of ep_size {ep_size}; some are missing")
     parts = []
@@ -388,8 +429,7 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
     if "moe_configs" not in parts[0]:
         raise ValueError(f"{files[0]} predates the MoE configs in expert files; re-save it with this version")
     if trust_pickle:
-        warnings.warn(f"unpickling {module_file} with trust_pickle=True: this runs any code the file holds",
-                      stacklevel=2)
+        warnings.warn(f"unpickling {module_file} with trust_pickle=True: this runs any code the file holds", stacklevel=2)
     else:
         check_deepspeed_files(tag_dir)  # before anything is unpickled
     if trust_pickle:
@@ -402,7 +442,11 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None,
         prefix = f"{name}." if name else ""
         for pname in params:
             sd[f"{prefix}experts.{pname}"] = torch.cat([part["experts"][name][pname] for part in parts], dim=0)
-    payload = {"format": FORMAT, "model": sd, "moe_configs": configs,
-               "extra": {"source": os.path.abspath(tag_dir), "tag": str(tag), "saved_ep_size": ep_size}}
+    payload = {
+        "format": FORMAT,
+        "model": sd,
+        "moe_configs": configs,
+        "extra": {"source": os.path.abspath(tag_dir), "tag": str(tag), "saved_ep_size": ep_size},
+    }
     _atomic_save(payload, out_path)
     return payload["extra"]

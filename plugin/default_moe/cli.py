@@ -41,8 +41,11 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
                 print(f"error: {e}", file=sys.stderr)
                 return 2
             print(json.dumps({"enabled": sec.enabled, **sec.overrides}, indent=2))
-            print(f'valid DeepSpeed "default_moe" section ({"on" if sec.enabled else "off"}); sizes come from the '
-                  "model's layers at initialize", file=sys.stderr)
+            print(
+                f'valid DeepSpeed "default_moe" section ({"on" if sec.enabled else "off"}); sizes come from the '
+                "model's layers at initialize",
+                file=sys.stderr,
+            )
             return 0
         data = data[args.section]
     data = {k: v for k, v in data.items() if k != "enabled"}
@@ -64,9 +67,11 @@ def _cmd_checkpoint_info(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for name, cfg in payload["moe_configs"].items():
-        print(f"{name}: router={cfg['router']} experts={cfg['num_experts']} top_k={cfg['top_k']} "
-              f"hidden={cfg['hidden_size']} saved at ep_size={cfg['ep_size']} (loads at any ep_size dividing "
-              f"{cfg['num_experts']})")
+        print(
+            f"{name}: router={cfg['router']} experts={cfg['num_experts']} top_k={cfg['top_k']} "
+            f"hidden={cfg['hidden_size']} saved at ep_size={cfg['ep_size']} (loads at any ep_size dividing "
+            f"{cfg['num_experts']})"
+        )
     print(f"extra: {sorted(payload['extra'])}")
     return 0
 
@@ -82,8 +87,10 @@ def _cmd_convert_deepspeed(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out} from {extra['source']} (saved at ep_size={extra['saved_ep_size']}); "
-          f"load it at any ep_size with default_moe.checkpoint.load(model, {args.out!r})")
+    print(
+        f"wrote {args.out} from {extra['source']} (saved at ep_size={extra['saved_ep_size']}); "
+        f"load it at any ep_size with default_moe.checkpoint.load(model, {args.out!r})"
+    )
     return _cmd_checkpoint_info(argparse.Namespace(path=args.out))
 
 
@@ -91,8 +98,11 @@ def _cmd_checkpoint_upgrade(args: argparse.Namespace) -> int:
     from default_moe import checkpoint
 
     if not args.trust_pickle:
-        print(f"error: upgrading {args.old} unpickles it, which can run any code the file holds; pass "
-              "--trust-pickle only for a file you wrote or trust", file=sys.stderr)
+        print(
+            f"error: upgrading {args.old} unpickles it, which can run any code the file holds; pass "
+            "--trust-pickle only for a file you wrote or trust",
+            file=sys.stderr,
+        )
         return 2
     if os.path.exists(args.new) and not args.force:
         print(f"error: {args.new} exists; pass --force to replace it", file=sys.stderr)
@@ -117,17 +127,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("checkpoint-info", help="describe a default_moe.checkpoint file (layers, configs, layout)")
     p.add_argument("path")
     p.set_defaults(fn=_cmd_checkpoint_info)
-    p = sub.add_parser("convert-deepspeed",
-                       help="convert a DeepSpeed checkpoint (any ep_size) into a resharding checkpoint, offline")
+    p = sub.add_parser(
+        "convert-deepspeed", help="convert a DeepSpeed checkpoint (any ep_size) into a resharding checkpoint, offline"
+    )
     p.add_argument("ckpt_dir", help="the directory given to engine.save_checkpoint")
     p.add_argument("out", help="the resharding checkpoint file to write")
     p.add_argument("--tag", default=None, help="checkpoint tag (default: the one in CKPT_DIR/latest)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--trust-pickle", action="store_true",
-                   help="load DeepSpeed's module file even if it holds objects DeepSpeed does not write (runs its code)")
+    p.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="load DeepSpeed's module file even if it holds objects DeepSpeed does not write (runs its code)",
+    )
     p.set_defaults(fn=_cmd_convert_deepspeed)
-    p = sub.add_parser("checkpoint-upgrade",
-                       help="rewrite an older (pickled-object) checkpoint you trust as data-only, once")
+    p = sub.add_parser("checkpoint-upgrade", help="rewrite an older (pickled-object) checkpoint you trust as data-only, once")
     p.add_argument("old")
     p.add_argument("new")
     p.add_argument("--trust-pickle", action="store_true", help="required: unpickling OLD runs any code it holds")

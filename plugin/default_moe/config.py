@@ -233,9 +233,7 @@ class MoEConfig:
         _check_int("ffn_hidden_size", self.ffn_hidden_size, 1)
         _check_int("top_k", self.top_k, 1)
         if self.top_k > self.num_experts:
-            raise ValueError(
-                f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}"
-            )
+            raise ValueError(f"MoEConfig.top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
         _check_choice("router", self.router, tuple(registered_routers()))
         _check_choice("activation", self.activation, ACTIVATIONS)
         if not isinstance(self.normalize_topk, bool):
@@ -243,15 +241,12 @@ class MoEConfig:
         _check_int("ep_size", self.ep_size, 1)
         if self.num_experts % self.ep_size != 0:
             raise ValueError(
-                f"MoEConfig.num_experts ({self.num_experts}) must be divisible by "
-                f"MoEConfig.ep_size ({self.ep_size})"
+                f"MoEConfig.num_experts ({self.num_experts}) must be divisible by MoEConfig.ep_size ({self.ep_size})"
             )
         if self.capacity_factor is not None:
             _check_float("capacity_factor", self.capacity_factor, 0.0, math.inf, hi_open=True)
             if self.capacity_factor <= 0:
-                raise ValueError(
-                    f"MoEConfig.capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}"
-                )
+                raise ValueError(f"MoEConfig.capacity_factor must be None (dropless) or > 0, got {self.capacity_factor!r}")
         _check_choice("drop_policy", self.drop_policy, DROP_POLICIES)
         _check_float("aux_loss_coeff", self.aux_loss_coeff, 0.0, math.inf, hi_open=True)
         _check_float("z_loss_coeff", self.z_loss_coeff, 0.0, math.inf, hi_open=True)
@@ -299,25 +294,36 @@ class MoEConfig:
         if self.shared_expert_gate and not self.shared_expert_ffn_hidden_size:
             raise ValueError("MoEConfig.shared_expert_gate needs shared_expert_ffn_hidden_size > 0")
         if (self.num_expert_groups is None) != (self.group_topk is None):
-            raise ValueError("MoEConfig.num_expert_groups and MoEConfig.group_topk are set together (group-limited "
-                             f"routing), got {self.num_expert_groups!r} and {self.group_topk!r}")
+            raise ValueError(
+                "MoEConfig.num_expert_groups and MoEConfig.group_topk are set together (group-limited "
+                f"routing), got {self.num_expert_groups!r} and {self.group_topk!r}"
+            )
         if self.num_expert_groups is not None:
             _check_int("num_expert_groups", self.num_expert_groups, 1)
             _check_int("group_topk", self.group_topk, 1)
             if self.num_experts % self.num_expert_groups:
-                raise ValueError(f"MoEConfig.num_experts ({self.num_experts}) must be divisible by "
-                                 f"MoEConfig.num_expert_groups ({self.num_expert_groups})")
+                raise ValueError(
+                    f"MoEConfig.num_experts ({self.num_experts}) must be divisible by "
+                    f"MoEConfig.num_expert_groups ({self.num_expert_groups})"
+                )
             if self.group_topk > self.num_expert_groups or self.top_k % self.group_topk:
-                raise ValueError(f"MoEConfig.group_topk must be <= num_expert_groups ({self.num_expert_groups}) and "
-                                 f"divide top_k ({self.top_k}), got {self.group_topk}")
+                raise ValueError(
+                    f"MoEConfig.group_topk must be <= num_expert_groups ({self.num_expert_groups}) and "
+                    f"divide top_k ({self.top_k}), got {self.group_topk}"
+                )
             if self.top_k // self.group_topk > self.num_experts // self.num_expert_groups:
-                raise ValueError(f"MoEConfig.top_k / group_topk ({self.top_k // self.group_topk}) must be <= the experts "
-                                 f"per group ({self.num_experts // self.num_expert_groups})")
-        modern = (self.score_function != "softmax" or self.route_scale != 1.0 or self.expert_bias
-                  or self.num_expert_groups is not None)
+                raise ValueError(
+                    f"MoEConfig.top_k / group_topk ({self.top_k // self.group_topk}) must be <= the experts "
+                    f"per group ({self.num_experts // self.num_expert_groups})"
+                )
+        modern = (
+            self.score_function != "softmax" or self.route_scale != 1.0 or self.expert_bias or self.num_expert_groups is not None
+        )
         if modern and self.router not in SCORE_ROUTERS:
-            raise ValueError(f"MoEConfig.router {self.router!r} chooses experts itself: score_function, route_scale, "
-                             f"expert_bias and expert groups apply to routers {list(SCORE_ROUTERS)}")
+            raise ValueError(
+                f"MoEConfig.router {self.router!r} chooses experts itself: score_function, route_scale, "
+                f"expert_bias and expert groups apply to routers {list(SCORE_ROUTERS)}"
+            )
 
     @property
     def num_local_experts(self) -> int:
@@ -416,7 +422,7 @@ def check_overrides(overrides: Mapping[str, Any]) -> None:
     `ValueError` of the first attempt, naming the field.
     """
     first_error = None
-    for top_k in ([overrides["top_k"]] if "top_k" in overrides else [1, 2]):
+    for top_k in [overrides["top_k"]] if "top_k" in overrides else [1, 2]:
         num_experts = 1
         for v in (top_k, overrides.get("ep_size", 1)):
             if isinstance(v, int) and not isinstance(v, bool) and v > 0:

@@ -83,8 +83,9 @@ def load_tokens(source: str = SHIPPED, tokenizer_path: Optional[str] = None, tok
         # Never a pickle: the cache holds plain integer arrays only.
         return np.load(cached, mmap_mode="r", allow_pickle=False)
     except ValueError as e:
-        raise ValueError(f"token cache {cached} is not a plain integer array ({e}); it is refused, never unpickled: "
-                         "delete it to re-tokenise") from None
+        raise ValueError(
+            f"token cache {cached} is not a plain integer array ({e}); it is refused, never unpickled: delete it to re-tokenise"
+        ) from None
 
 
 def split_train_val(tokens: np.ndarray, val_fraction: float = 0.05) -> Tuple[np.ndarray, np.ndarray]:

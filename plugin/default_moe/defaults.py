@@ -146,7 +146,8 @@ def ran_mask(num_experts: int, idx_TK: torch.Tensor, keep_TK: Optional[torch.Ten
         return torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.bool, device=idx_TK.device).scatter_(1, idx_TK, True)
     # Counted, not scattered: a dropped route may share its (placeholder) expert id with a kept one.
     ran = torch.zeros(idx_TK.shape[0], num_experts, dtype=torch.int32, device=idx_TK.device).scatter_add(
-        1, idx_TK, keep_TK.to(torch.int32))
+        1, idx_TK, keep_TK.to(torch.int32)
+    )
     return ran > 0
 
 
@@ -204,12 +205,19 @@ class ExpertDefaults(StepState):
         self.register_buffer("last_seen_E", None, persistent=False)
 
     @classmethod
-    def from_config(cls, config, num_experts: Optional[int] = None, hidden_size: Optional[int] = None,
-                    name: str = "", gate: Optional[GateForm] = None) -> "ExpertDefaults":
+    def from_config(
+        cls,
+        config,
+        num_experts: Optional[int] = None,
+        hidden_size: Optional[int] = None,
+        name: str = "",
+        gate: Optional[GateForm] = None,
+    ) -> "ExpertDefaults":
         """From a `MoEConfig` (sizes may come from the host model, e.g. Megatron's config; the
         gate form from the host router where it differs from the config's)."""
-        self = cls(num_experts or config.num_experts, hidden_size or config.hidden_size, config.beta,
-                   config.ema_weighting, name=name)
+        self = cls(
+            num_experts or config.num_experts, hidden_size or config.hidden_size, config.beta, config.ema_weighting, name=name
+        )
         self.configure(config, gate)
         return self
 
@@ -239,8 +247,15 @@ class ExpertDefaults(StepState):
             ExpertDefaults.callers.add(caller)
         return DefaultsForward(collect=self.collects(training), mask_T=mask_T)
 
-    def observe(self, fwd: DefaultsForward, y_TKD: torch.Tensor, idx_TK: torch.Tensor, probs_TK: torch.Tensor,
-                keep_TK: Optional[torch.Tensor], anchor: Optional[torch.Tensor] = None) -> None:
+    def observe(
+        self,
+        fwd: DefaultsForward,
+        y_TKD: torch.Tensor,
+        idx_TK: torch.Tensor,
+        probs_TK: torch.Tensor,
+        keep_TK: Optional[torch.Tensor],
+        anchor: Optional[torch.Tensor] = None,
+    ) -> None:
         """Statistics of the raw outputs per (token, slot), accumulated when the backward reaches
         `anchor` (a tensor the layer's output depends on: the router probabilities, or the full
         expert outputs), else `y_TKD`, whichever needs a gradient. The reduction group is the one
@@ -253,9 +268,16 @@ class ExpertDefaults(StepState):
         stats_E_D1 = self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK, mask_TK)
         self.collect_on_backward(stats_E_D1, anchor, y_TKD)
 
-    def observe_rows(self, fwd: DefaultsForward, y_ND: torch.Tensor, expert_N: torch.Tensor,
-                     probs_N: torch.Tensor, count_weights: bool = True,
-                     keep_N: Optional[torch.Tensor] = None, anchor: Optional[torch.Tensor] = None) -> None:
+    def observe_rows(
+        self,
+        fwd: DefaultsForward,
+        y_ND: torch.Tensor,
+        expert_N: torch.Tensor,
+        probs_N: torch.Tensor,
+        count_weights: bool = True,
+        keep_N: Optional[torch.Tensor] = None,
+        anchor: Optional[torch.Tensor] = None,
+    ) -> None:
         """As `observe`, from raw output rows with their (global) expert ids.
 
         Args:
@@ -273,8 +295,13 @@ class ExpertDefaults(StepState):
             stats_E_D1[:, -1] = 0
         self.collect_on_backward(stats_E_D1, anchor, y_ND)
 
-    def default_term(self, fwd: Optional[DefaultsForward], scores_TE: torch.Tensor, ran_TE: torch.Tensor,
-                     routed_TD: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def default_term(
+        self,
+        fwd: Optional[DefaultsForward],
+        scores_TE: torch.Tensor,
+        ran_TE: torch.Tensor,
+        routed_TD: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """The default term for this layer's gate form (`GateForm`), [T, D] fp32, with the
         committed D (the same in every forward and recompute until the next optimizer step):
 
@@ -422,15 +449,19 @@ class ExpertDefaults(StepState):
             warnings.warn(
                 f"{key} is not in the loaded state: Default MoE starts from zero defaults. Right for a checkpoint "
                 "written before Default MoE was switched on; if it was written with Default MoE, D was filtered out on "
-                "the way (DeepSpeed engines restore it from default_moe_defaults.pt)", stacklevel=3)
+                "the way (DeepSpeed engines restore it from default_moe_defaults.pt)",
+                stacklevel=3,
+            )
             state_dict[key] = torch.zeros_like(self.defaults_ED)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
         E, D = self.defaults_ED.shape
-        return (f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, gate={self.gate}, "
-                f"default_in_forward={self.default_in_forward}, stale_defaults={self.stale_defaults}, "
-                f"stats_dtype={self.stats_dtype}, nonfinite={self.nonfinite}, committed_by={self.committed_by}")
+        return (
+            f"num_experts={E}, hidden_size={D}, beta={self.beta}, weighting={self.weighting}, gate={self.gate}, "
+            f"default_in_forward={self.default_in_forward}, stale_defaults={self.stale_defaults}, "
+            f"stats_dtype={self.stats_dtype}, nonfinite={self.nonfinite}, committed_by={self.committed_by}"
+        )
 
 
 # ---- the commit: once per optimizer step, every layer, one bucketed all-reduce per group ----

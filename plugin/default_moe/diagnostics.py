@@ -154,8 +154,9 @@ def defaults_report(layer: MoELayer) -> Optional[Dict[str, float]]:
     return out
 
 
-def default_term_share(layer: MoELayer, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None,
-                       idle_after: int = 10) -> Optional[Dict[str, float]]:
+def default_term_share(
+    layer: MoELayer, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, idle_after: int = 10
+) -> Optional[Dict[str, float]]:
     """How much of the layer's output the default term makes, on a probe batch (eval routing).
 
     Returns None for a layer without defaults, else:
@@ -195,14 +196,31 @@ def default_term_share(layer: MoELayer, x: torch.Tensor, token_ids: Optional[tor
     finally:
         layer.train(was_training)
     denom = norms[2].clamp_min(1e-30)
-    return {"default_share": (norms[0] / denom).item(), "idle_share": (norms[1] / denom).item(),
-            "idle_experts": int(idle_E.sum().item())}
+    return {
+        "default_share": (norms[0] / denom).item(),
+        "idle_share": (norms[1] / denom).item(),
+        "idle_experts": int(idle_E.sum().item()),
+    }
 
 
 # Calls that wait for the device on CUDA: reading values on the host, or ops whose output size
 # depends on the data.
-_SYNC_METHODS = {"item", "tolist", "__int__", "__bool__", "__float__", "__index__", "cpu", "numpy",
-                 "bincount", "nonzero", "unique", "unique_consecutive", "masked_select", "argwhere"}
+_SYNC_METHODS = {
+    "item",
+    "tolist",
+    "__int__",
+    "__bool__",
+    "__float__",
+    "__index__",
+    "cpu",
+    "numpy",
+    "bincount",
+    "nonzero",
+    "unique",
+    "unique_consecutive",
+    "masked_select",
+    "argwhere",
+}
 
 
 class HostSyncCounter(TorchFunctionMode):
@@ -225,8 +243,10 @@ class HostSyncCounter(TorchFunctionMode):
         name = getattr(func, "__name__", str(func))
         if name in _SYNC_METHODS:
             self.calls.append(name)
-        elif name == "repeat_interleave" and kwargs.get("output_size") is None and isinstance(
-            args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor
+        elif (
+            name == "repeat_interleave"
+            and kwargs.get("output_size") is None
+            and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor)
         ):
             self.calls.append("repeat_interleave without output_size")
         elif name in ("__getitem__", "__setitem__") and _has_bool_mask(args[1] if len(args) > 1 else None):

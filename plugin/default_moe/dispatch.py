@@ -80,9 +80,7 @@ class DispatchPlan:
 
 def expert_counts(expert_S: torch.Tensor, num_bins: int) -> torch.Tensor:
     """Slots per expert without a host sync (`bincount` syncs on CUDA to size its output)."""
-    return torch.zeros(num_bins, dtype=torch.long, device=expert_S.device).scatter_add_(
-        0, expert_S, torch.ones_like(expert_S)
-    )
+    return torch.zeros(num_bins, dtype=torch.long, device=expert_S.device).scatter_add_(0, expert_S, torch.ones_like(expert_S))
 
 
 class AllToAllDispatcher:
@@ -148,8 +146,9 @@ class AllToAllDispatcher:
             torch.arange(L, device=x_TD.device).repeat(P), recv_counts_PL.reshape(-1), output_size=sum(output_splits)
         )
         regroup = torch.argsort(local_expert_of_row, stable=True)
-        plan = DispatchPlan(T, K, slot_order, input_splits, output_splits, regroup, tokens_per_local_expert,
-                            recv_counts_PL.sum(0))
+        plan = DispatchPlan(
+            T, K, slot_order, input_splits, output_splits, regroup, tokens_per_local_expert, recv_counts_PL.sum(0)
+        )
         return x_recv_ND.index_select(0, regroup), plan
 
     def combine(self, y_local_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:

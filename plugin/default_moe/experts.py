@@ -32,7 +32,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-
 def mark_expert_params(module: nn.Module) -> None:
     """Marks parameters as expert-parallel: engines reduce their gradients over the
     expert-data-parallel group (not the whole DP group) and divide by the DP size.
@@ -74,8 +73,12 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, dims: tu
         )
     if backend != "auto":
         return backend
-    if (device_type == "cuda" and dtype in (torch.bfloat16, torch.float16) and grouped_mm_available()
-            and grouped_mm_aligned(dtype, *dims)):
+    if (
+        device_type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and grouped_mm_available()
+        and grouped_mm_aligned(dtype, *dims)
+    ):
         return "grouped_mm"
     return "loop"
 
@@ -159,9 +162,7 @@ class GroupedExperts(nn.Module):
     def _upgrade_hook(state_dict, prefix, *args):
         upgrade_expert_state_dict(state_dict, prefix)
 
-    def forward(
-        self, x_ND: torch.Tensor, counts: List[int], counts_L: Optional[torch.Tensor] = None
-    ) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts: List[int], counts_L: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs each expert on its contiguous slice of `x_ND`.
 
         Args:

@@ -93,15 +93,26 @@ class MoELayer(nn.Module):
         self.router = build_router(config)
         self.dispatcher = AllToAllDispatcher(config.num_experts, groups.ep_group)
         self.experts = GroupedExperts(
-            config.num_local_experts, config.hidden_size, config.ffn_hidden_size, config.activation, config.init_std,
-            first_expert=groups.ep_rank * config.num_local_experts, backend=config.experts_backend,
+            config.num_local_experts,
+            config.hidden_size,
+            config.ffn_hidden_size,
+            config.activation,
+            config.init_std,
+            first_expert=groups.ep_rank * config.num_local_experts,
+            backend=config.experts_backend,
         )
         mark_expert_params(self.experts)
         # Dense, replicated like the router: every token, not part of the default term.
         self.shared_experts = (
-            SharedExpert(config.hidden_size, config.shared_expert_ffn_hidden_size, config.activation,
-                         config.shared_expert_gate, config.init_std)
-            if config.shared_expert_ffn_hidden_size else None
+            SharedExpert(
+                config.hidden_size,
+                config.shared_expert_ffn_hidden_size,
+                config.activation,
+                config.shared_expert_gate,
+                config.init_std,
+            )
+            if config.shared_expert_ffn_hidden_size
+            else None
         )
         self.defaults: Optional[ExpertDefaults] = None
         if self.router.uses_defaults:
@@ -162,8 +173,14 @@ class MoELayer(nn.Module):
         Shapes (hidden, ffn, experts, activation, shared experts) cannot change.
         """
         old = self.config
-        for name in ("hidden_size", "ffn_hidden_size", "num_experts", "activation", "shared_expert_ffn_hidden_size",
-                     "shared_expert_gate"):
+        for name in (
+            "hidden_size",
+            "ffn_hidden_size",
+            "num_experts",
+            "activation",
+            "shared_expert_ffn_hidden_size",
+            "shared_expert_gate",
+        ):
             if getattr(config, name) != getattr(old, name):
                 raise ValueError(
                     f"MoEConfig.{name} cannot change on a built layer ({getattr(old, name)!r} -> {getattr(config, name)!r})"
@@ -226,8 +243,9 @@ class MoELayer(nn.Module):
                 "reduce_gradients(model) after backward, or fully_shard_moe(model) for FSDP2)"
             )
 
-    def forward(self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, token_ids: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Routes, dispatches, runs experts, combines (and adds the default term).
 
         Args:
@@ -277,8 +295,9 @@ class MoELayer(nn.Module):
         if self.defaults is not None:
             self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, anchor=route.probs_TE)
             # Experts that did not process the token: not in the top-k, or dropped over capacity.
-            default_TD = self.defaults.default_term(fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK),
-                                                    routed_TD=out_TD)
+            default_TD = self.defaults.default_term(
+                fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK), routed_TD=out_TD
+            )
             out_TD = out_TD + default_TD.to(out_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD).to(out_TD.dtype)

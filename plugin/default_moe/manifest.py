@@ -90,8 +90,15 @@ def _payload_files(tag_dir: str) -> List[str]:
     return sorted(out)
 
 
-def commit(ckpt_dir: str, tag: str, step: int, layout: Optional[Dict[str, Any]] = None,
-           keep_last: int = 0, save_latest: bool = True, group=None) -> None:
+def commit(
+    ckpt_dir: str,
+    tag: str,
+    step: int,
+    layout: Optional[Dict[str, Any]] = None,
+    keep_last: int = 0,
+    save_latest: bool = True,
+    group=None,
+) -> None:
     """Commits the files every rank wrote into `ckpt_dir/tag` (collective when distributed: all
     ranks call it after writing their files).
 
@@ -113,8 +120,11 @@ def commit(ckpt_dir: str, tag: str, step: int, layout: Optional[Dict[str, Any]] 
         files = box[0]
     # Ranks split the fsync + hashing (a shared filesystem, as DeepSpeed's layout assumes); a file
     # this rank cannot see is left to rank 0.
-    mine = {f: _hash_file(os.path.join(tag_dir, f), fsync=True) for f in files[rank::world]
-            if os.path.exists(os.path.join(tag_dir, f))}
+    mine = {
+        f: _hash_file(os.path.join(tag_dir, f), fsync=True)
+        for f in files[rank::world]
+        if os.path.exists(os.path.join(tag_dir, f))
+    }
     if world > 1:
         parts: List[Any] = [None] * world
         dist.all_gather_object(parts, mine, group=group)
@@ -128,8 +138,14 @@ def commit(ckpt_dir: str, tag: str, step: int, layout: Optional[Dict[str, Any]] 
                 entries[f] = {"size": size, "sha256": digest}
         for root, _, _ in os.walk(tag_dir):
             fsync_dir(root)
-        manifest = {"format": MANIFEST_FORMAT, "tag": str(tag), "step": int(step), "time": time.time(),
-                    "layout": layout or {}, "files": {f: entries[f] for f in files}}
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "tag": str(tag),
+            "step": int(step),
+            "time": time.time(),
+            "layout": layout or {},
+            "files": {f: entries[f] for f in files},
+        }
         atomic_write_text(os.path.join(tag_dir, MANIFEST), json.dumps(manifest, indent=1))
         if save_latest:
             atomic_write_text(os.path.join(ckpt_dir, POINTER), str(tag))
@@ -173,6 +189,7 @@ def verify(tag_dir: str, hashes: bool = True) -> Optional[str]:
 def _tags_newest_first(ckpt_dir: str) -> List[str]:
     """Tag folders, newest first: by the manifest's step, else the last number in the name, then
     the folder's modification time (a torn save has no manifest)."""
+
     def key(tag):
         manifest = read_manifest(os.path.join(ckpt_dir, tag))
         if manifest is not None:
@@ -226,23 +243,31 @@ def _resolve_here(ckpt_dir: str, tag: Optional[str]) -> Tuple[Optional[str], Opt
         named = str(tag) if tag is not None else _pointer(ckpt_dir)
         if named is None:
             return None, None
-        return named, (f"checkpoint folder {ckpt_dir} was written before default-moe's commit protocol (no "
-                       f"manifest): resuming from {named!r} without verifying it")
+        return named, (
+            f"checkpoint folder {ckpt_dir} was written before default-moe's commit protocol (no "
+            f"manifest): resuming from {named!r} without verifying it"
+        )
     if tag is not None:
         why = verify(os.path.join(ckpt_dir, str(tag)))
         if why is not None:
             good, _ = newest_complete(ckpt_dir)
             raise TornCheckpointError(
                 f"checkpoint {os.path.join(ckpt_dir, str(tag))} is not complete: {why}. "
-                + (f"The newest complete checkpoint is {good!r}; load that tag (or pass no tag to take the newest "
-                   "complete one)" if good else "There is no complete checkpoint in that folder"))
+                + (
+                    f"The newest complete checkpoint is {good!r}; load that tag (or pass no tag to take the newest complete one)"
+                    if good
+                    else "There is no complete checkpoint in that folder"
+                )
+            )
         return str(tag), None
     good, skipped = newest_complete(ckpt_dir)
     warning = None
     if skipped:
-        warning = (f"checkpoint folder {ckpt_dir}: skipped " + "; ".join(f"{t!r} ({why})" for t, why in skipped)
-                   + (f"; resuming from the newest complete checkpoint {good!r}" if good else
-                      "; no complete checkpoint is left"))
+        warning = (
+            f"checkpoint folder {ckpt_dir}: skipped "
+            + "; ".join(f"{t!r} ({why})" for t, why in skipped)
+            + (f"; resuming from the newest complete checkpoint {good!r}" if good else "; no complete checkpoint is left")
+        )
     return good, warning
 
 

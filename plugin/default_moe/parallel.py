@@ -116,8 +116,13 @@ def init_distributed_from_env(timeout_s: float = 600.0) -> "tuple[int, int, torc
     if restart is None:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
-        dist.init_process_group(backend=backend, timeout=timeout, store=_elastic_store(restart, timeout),
-                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+        dist.init_process_group(
+            backend=backend,
+            timeout=timeout,
+            store=_elastic_store(restart, timeout),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+        )
     import atexit
 
     atexit.register(_destroy_at_exit)
@@ -156,8 +161,12 @@ def _elastic_store(restart: str, timeout) -> "dist.Store":
 
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
-        is_master=not agent_store and int(os.environ["RANK"]) == 0, timeout=timeout, multi_tenant=True,
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        int(os.environ["WORLD_SIZE"]),
+        is_master=not agent_store and int(os.environ["RANK"]) == 0,
+        timeout=timeout,
+        multi_tenant=True,
     )
     # Every round starts every rank once, so each rank's start count is the round number.
     round_ = store.add(f"default_moe/starts/rank{os.environ['RANK']}", 1)

@@ -141,7 +141,9 @@ class StepState(nn.Module):
                 f"{type(self).__name__} of MoE layer {self.name or '(unnamed)'}: statistics of {self.pending} micro-batches "
                 "are pending without a commit. It changes only at optimizer steps: step a torch optimizer that holds the "
                 "layer's parameters, use an engine adapter (DeepSpeed initialize, megatron finalize_model_grads), or call "
-                "default_moe.commit_defaults(model) once per optimizer step", stacklevel=2)
+                "default_moe.commit_defaults(model) once per optimizer step",
+                stacklevel=2,
+            )
 
     # ---- committing ----
 
@@ -192,7 +194,9 @@ class StepState(nn.Module):
             warnings.warn(
                 f"{type(self).__name__} of MoE layer {self.name or prefix or '(unnamed)'}: the statistics of {self.pending} "
                 "micro-batches since the last optimizer step are not in this state dict (it is committed at the step; "
-                "save after it)", stacklevel=3)
+                "save after it)",
+                stacklevel=3,
+            )
         super()._save_to_state_dict(destination, prefix, keep_vars)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -248,7 +252,7 @@ def _commit(members: Sequence[StepState]) -> int:
             reduced = []
             for p in ps:
                 o = offsets[p.dtype]
-                reduced.append(flats[p.dtype][o:o + p.numel()])
+                reduced.append(flats[p.dtype][o : o + p.numel()])
                 offsets[p.dtype] = o + p.numel()
             try:
                 m.commit_parts(reduced)
@@ -300,8 +304,10 @@ def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) ->
 def attach_to_optimizers() -> None:
     """Installs the process-wide optimizer step hooks (idempotent; done at import)."""
     if not _HOOK[0]:
-        _HOOK[0] = (register_optimizer_step_pre_hook(_optimizer_step_pre_hook),
-                    register_optimizer_step_post_hook(_optimizer_step_post_hook))
+        _HOOK[0] = (
+            register_optimizer_step_pre_hook(_optimizer_step_pre_hook),
+            register_optimizer_step_post_hook(_optimizer_step_post_hook),
+        )
 
 
 attach_to_optimizers()

@@ -39,9 +39,20 @@ from default_moe.defaults import ExpertDefaults, GateForm, dense_scores, ran_mas
 from default_moe.layer_utils import ForwardSnapshots, updates_state
 from default_moe.routing import registered_routers
 
-SECTION_KEYS = ("router", "beta", "ema_weighting", "normalize_topk", "sparsemixer", "stablemoe",
-                "ema_stats_dtype", "nonfinite", "default_in_forward", "stale_defaults",
-                "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
+SECTION_KEYS = (
+    "router",
+    "beta",
+    "ema_weighting",
+    "normalize_topk",
+    "sparsemixer",
+    "stablemoe",
+    "ema_stats_dtype",
+    "nonfinite",
+    "default_in_forward",
+    "stale_defaults",
+    "ema_sync",
+    "ema_sync_every",
+)  # the last two: removed, accepted with a warning
 AUTOEP_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -85,8 +96,13 @@ def layer_class(settings: Dict):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self.moe_config = MoEConfig(
-                hidden_size=self.hidden_size, num_experts=self.num_experts, ffn_hidden_size=1,
-                top_k=self.top_k, ep_size=self.ep_size, aux_loss_coeff=0.0, **settings,
+                hidden_size=self.hidden_size,
+                num_experts=self.num_experts,
+                ffn_hidden_size=1,
+                top_k=self.top_k,
+                ep_size=self.ep_size,
+                aux_loss_coeff=0.0,
+                **settings,
             )
             self.defaults = None
             self.omega = None
@@ -101,9 +117,16 @@ def layer_class(settings: Dict):
             if registered_routers()[self.moe_config.router].uses_defaults:
                 from deepspeed.utils import groups
 
-                self.defaults = ExpertDefaults.from_config(
-                    self.moe_config, self.num_experts, self.hidden_size, gate=self.gate_form(),
-                ).to(self.router.gate.weight.device).bind(self, groups._get_data_parallel_group)
+                self.defaults = (
+                    ExpertDefaults.from_config(
+                        self.moe_config,
+                        self.num_experts,
+                        self.hidden_size,
+                        gate=self.gate_form(),
+                    )
+                    .to(self.router.gate.weight.device)
+                    .bind(self, groups._get_data_parallel_group)
+                )
 
         def gate_form(self) -> GateForm:
             """The combine weights of the selected experts: AutoEP's own top scores (route_norm,
@@ -125,7 +148,9 @@ def layer_class(settings: Dict):
             router, layer = self.router, self
             version, eps = self.moe_config.sparsemixer.resolved(self.top_k)
             if router.score_func != "softmax" or router.num_expert_groups is not None:
-                raise ValueError('DeepSpeed config "default_moe": router "sparsemixer" needs a softmax router without expert groups')
+                raise ValueError(
+                    'DeepSpeed config "default_moe": router "sparsemixer" needs a softmax router without expert groups'
+                )
             if version == "v1":
                 self.omega = torch.nn.Parameter(torch.ones(self.hidden_size, device=router.gate.weight.device))
             self.sparsemixer_generator = None
@@ -133,9 +158,7 @@ def layer_class(settings: Dict):
             def forward(x, expert_bias=None):
                 with torch.autocast(device_type=x.device.type, enabled=False):
                     logits_TE = router.gate(x).float()
-                idx_TK, gates_TK, _, _ = sparsemixer_route(
-                    logits_TE, version, eps, layer.training, layer.sparsemixer_generator
-                )
+                idx_TK, gates_TK, _, _ = sparsemixer_route(logits_TE, version, eps, layer.training, layer.sparsemixer_generator)
                 return gates_TK, idx_TK, count_tokens_per_expert(idx_TK, layer.num_experts)
 
             router.forward = forward
@@ -241,8 +264,9 @@ def layer_class(settings: Dict):
                 gates_TK = top_scores.float() if self.moe_config.normalize_topk else probs_TK
                 self.defaults.observe(fwd, y_TKH, idx_TK, probs_TK, None, anchor=probs_TE)
                 routed_TH = (y_TKH.float() * gates_TK.unsqueeze(-1)).sum(1)
-                out = routed_TH + self.defaults.default_term(fwd, probs_TE, ran_mask(self.num_experts, idx_TK),
-                                                             routed_TD=routed_TH)
+                out = routed_TH + self.defaults.default_term(
+                    fwd, probs_TE, ran_mask(self.num_experts, idx_TK), routed_TD=routed_TH
+                )
                 return out.to(expert_output.dtype).reshape(bsz, seqlen, H)
 
             try:

@@ -31,7 +31,11 @@ from default_moe import manifest
 from default_moe.defaults import commit_defaults
 from default_moe.step_state import step_states_in
 from default_moe.checkpoint import (  # noqa: F401 (EXPERT_FILE, DEFAULTS_FILE: re-exported)
-    DEFAULTS_FILE, EXPERT_FILE, check_deepspeed_files, latest_tag, load_deepspeed_file,
+    DEFAULTS_FILE,
+    EXPERT_FILE,
+    check_deepspeed_files,
+    latest_tag,
+    load_deepspeed_file,
 )
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
@@ -41,10 +45,29 @@ from default_moe.parallel import ParallelGroups, check_ep_size
 SECTION = "default_moe"
 # Section keys that set MoEConfig fields; structural fields (sizes, activation) come from the model.
 SECTION_FIELDS = (
-    "router", "top_k", "beta", "ema_weighting", "normalize_topk", "ep_size",
-    "capacity_factor", "drop_policy", "aux_loss_coeff", "z_loss_coeff", "sparsemixer", "stablemoe",
-    "ema_stats_dtype", "nonfinite", "default_in_forward", "stale_defaults", "experts_backend",
-    "score_function", "route_scale", "expert_bias", "expert_bias_update_rate", "num_expert_groups", "group_topk",
+    "router",
+    "top_k",
+    "beta",
+    "ema_weighting",
+    "normalize_topk",
+    "ep_size",
+    "capacity_factor",
+    "drop_policy",
+    "aux_loss_coeff",
+    "z_loss_coeff",
+    "sparsemixer",
+    "stablemoe",
+    "ema_stats_dtype",
+    "nonfinite",
+    "default_in_forward",
+    "stale_defaults",
+    "experts_backend",
+    "score_function",
+    "route_scale",
+    "expert_bias",
+    "expert_bias_update_rate",
+    "num_expert_groups",
+    "group_topk",
 )
 
 _ORIGINAL_INITIALIZE = None
@@ -75,12 +98,15 @@ class DeepSpeedMoESection:
             raise ValueError(f'DeepSpeed config "{SECTION}.enabled" must be true or false, got {enabled!r}')
         ckpt = section.get("checkpoint", {})
         if not isinstance(ckpt, dict) or set(ckpt) - {"keep_last"}:
-            raise ValueError(f'DeepSpeed config "{SECTION}.checkpoint" must be an object with the key "keep_last" '
-                             f'only, got {ckpt!r}')
+            raise ValueError(
+                f'DeepSpeed config "{SECTION}.checkpoint" must be an object with the key "keep_last" only, got {ckpt!r}'
+            )
         keep_last = ckpt.get("keep_last", 0)
         if isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 0:
-            raise ValueError(f'DeepSpeed config "{SECTION}.checkpoint.keep_last" must be an integer >= 0 '
-                             f'(0 keeps every checkpoint), got {keep_last!r}')
+            raise ValueError(
+                f'DeepSpeed config "{SECTION}.checkpoint.keep_last" must be an integer >= 0 '
+                f"(0 keeps every checkpoint), got {keep_last!r}"
+            )
         overrides = {k: v for k, v in section.items() if k not in ("enabled", "checkpoint")}
         try:
             check_overrides(overrides)  # sizes come from the model; this names bad fields early
@@ -231,11 +257,8 @@ def _engine_sees_our_layers():
 
 def _expert_state(model) -> Dict[str, Dict[str, torch.Tensor]]:
     return {
-        name: {n: p.detach().cpu().clone() for n, p in layer.experts.named_parameters()}
-        for name, layer in _moe_layers(model)
+        name: {n: p.detach().cpu().clone() for n, p in layer.experts.named_parameters()} for name, layer in _moe_layers(model)
     }
-
-
 
 
 def _defaults_buffers(model) -> Dict[str, torch.Tensor]:
@@ -338,8 +361,15 @@ def _install_engine_hooks(engine) -> None:
         if expert_dp_rank == 0:
             path = os.path.join(save_dir, str(tag), EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank))
             tmp = path + ".tmp"
-            torch.save({"ep_size": ep_size, "ep_rank": ep_rank, "experts": _expert_state(model),
-                        "moe_configs": {name: layer.config.to_dict() for name, layer in layers}}, tmp)
+            torch.save(
+                {
+                    "ep_size": ep_size,
+                    "ep_rank": ep_rank,
+                    "experts": _expert_state(model),
+                    "moe_configs": {name: layer.config.to_dict() for name, layer in layers},
+                },
+                tmp,
+            )
             os.replace(tmp, path)
         dist.barrier()
         return out
@@ -351,9 +381,7 @@ def _install_engine_hooks(engine) -> None:
         ckpt_dir = os.path.dirname(load_path)
         path = os.path.join(ckpt_dir, EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank))
         if not os.path.exists(path):
-            raise FileNotFoundError(
-                f"{path} is missing: the checkpoint was not written by default_moe at ep_size={ep_size}"
-            )
+            raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by default_moe at ep_size={ep_size}")
         saved = torch.load(path, map_location="cpu", weights_only=True)["experts"]
         with torch.no_grad():
             for name, layer in layers:
@@ -379,10 +407,12 @@ def _install_commit_protocol(engine, keep_last: int) -> None:
         if dist.get_rank() == 0:
             os.makedirs(save_dir, exist_ok=True)
         out = save(save_dir, tag=tag, client_state={} if client_state is None else client_state, save_latest=False, **kw)
-        layout = {"world_size": dist.get_world_size(), "ep_size": _ep_size_of(engine.module),
-                  "zero_stage": engine.zero_optimization_stage()}
-        manifest.commit(save_dir, str(tag), step=engine.global_steps, layout=layout, keep_last=keep_last,
-                        save_latest=save_latest)
+        layout = {
+            "world_size": dist.get_world_size(),
+            "ep_size": _ep_size_of(engine.module),
+            "zero_stage": engine.zero_optimization_stage(),
+        }
+        manifest.commit(save_dir, str(tag), step=engine.global_steps, layout=layout, keep_last=keep_last, save_latest=save_latest)
         return out
 
     def load_checkpoint(load_dir, tag=None, **kw):
@@ -425,7 +455,7 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
         if not hf_blocks:
             raise ValueError(
                 f'DeepSpeed config "{SECTION}" is enabled but the model has no default_moe.MoELayer, '
-                f'no deepspeed.moe.layer.MoE, no supported HuggingFace MoE block ({sorted(hf.FAMILIES)}), '
+                f"no deepspeed.moe.layer.MoE, no supported HuggingFace MoE block ({sorted(hf.FAMILIES)}), "
                 'and "expert_parallel" (AutoEP) is not enabled'
             )
         return _initialize_hf(original, section, args, model, optimizer, model_parameters, *rest, **kwargs)
@@ -453,7 +483,9 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
             raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
     zero_stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     if zero_stage == 3:
-        raise ValueError(f'DeepSpeed config "{SECTION}": ZeRO stage 3 is not supported with default_moe layers; use stage 0, 1 or 2')
+        raise ValueError(
+            f'DeepSpeed config "{SECTION}": ZeRO stage 3 is not supported with default_moe layers; use stage 0, 1 or 2'
+        )
 
     token_routers = ("hash", "stablemoe")
     if section.overrides.get("router") in token_routers and (ds_layers or use_autoep):

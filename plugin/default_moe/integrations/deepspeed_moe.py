@@ -44,8 +44,17 @@ from default_moe.routing import registered_routers
 
 # Keys of the "default_moe" section that a DeepSpeed MoE layer takes from its own constructor.
 FIXED_BY_DS_LAYER = {"top_k": "k", "ep_size": "ep_size", "capacity_factor": "capacity_factor"}
-NOT_APPLICABLE = ("drop_policy", "aux_loss_coeff", "z_loss_coeff", "score_function", "route_scale", "expert_bias",
-                  "expert_bias_update_rate", "num_expert_groups", "group_topk")
+NOT_APPLICABLE = (
+    "drop_policy",
+    "aux_loss_coeff",
+    "z_loss_coeff",
+    "score_function",
+    "route_scale",
+    "expert_bias",
+    "expert_bias_update_rate",
+    "num_expert_groups",
+    "group_topk",
+)
 ENGINE_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -73,8 +82,14 @@ def layer_config(moe, overrides: dict) -> MoEConfig:
             )
     rest = {k: v for k, v in overrides.items() if k not in current}
     return MoEConfig(
-        hidden_size=gate.wg.in_features, num_experts=moe.num_experts, ffn_hidden_size=1,
-        top_k=gate.k, ep_size=moe.ep_size, capacity_factor=gate.capacity_factor, aux_loss_coeff=0.0, **rest,
+        hidden_size=gate.wg.in_features,
+        num_experts=moe.num_experts,
+        ffn_hidden_size=1,
+        top_k=gate.k,
+        ep_size=moe.ep_size,
+        capacity_factor=gate.capacity_factor,
+        aux_loss_coeff=0.0,
+        **rest,
     )
 
 
@@ -190,8 +205,7 @@ class DefaultMOELayer(_moe_layer_base()):
         if cfg.router == "hash":
             idx_SK = hash_experts(ids_S, cfg.num_experts, gate.k)
             gates_SK = torch.full(idx_SK.shape, 1.0 / gate.k, device=x_SM.device)
-            return self._sparse_routes(logits_SE, idx_SK, gates_SK, torch.zeros_like(logits_SE),
-                                       l_aux=logits_SE.new_zeros(()))
+            return self._sparse_routes(logits_SE, idx_SK, gates_SK, torch.zeros_like(logits_SE), l_aux=logits_SE.new_zeros(()))
         first = stage_for(self._record, gate.training, self.num_steps, cfg.stablemoe.stage2_step)
         idx_S, gate_S, aux = stablemoe_route(logits_SE, ids_S, self.distill, cfg.stablemoe, first)
         # StableMoE's stage-1 losses (already weighted by its coefficients) are the l_aux returned.
@@ -211,15 +225,24 @@ class DefaultMOELayer(_moe_layer_base()):
         logits_SE = F.linear(x_fp32, weight=gate.wg.weight.float(), bias=None)
         cf = gate.capacity_factor if gate.training else gate.eval_capacity_factor
         if gate.k == 1:
-            out = top1gating(logits_SE, cf, gate.min_capacity, used_token,
-                             gate.noisy_gate_policy if gate.training else None, gate.drop_tokens, gate.use_rts,
-                             gate.ep_group, True, False)
+            out = top1gating(
+                logits_SE,
+                cf,
+                gate.min_capacity,
+                used_token,
+                gate.noisy_gate_policy if gate.training else None,
+                gate.drop_tokens,
+                gate.use_rts,
+                gate.ep_group,
+                True,
+                False,
+            )
         elif gate.k == 2:
-            out = top2gating(logits_SE, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group,
-                             gate.top2_2nd_expert_sampling, True)
+            out = top2gating(
+                logits_SE, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group, gate.top2_2nd_expert_sampling, True
+            )
         else:
-            out = topkgating(logits_SE, gate.k, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group,
-                             sparse_routes=True)
+            out = topkgating(logits_SE, gate.k, cf, gate.min_capacity, gate.drop_tokens, gate.ep_group, sparse_routes=True)
         return logits_SE, out
 
     def forward(self, *input: Tensor, **kwargs: Any) -> Tensor:
@@ -257,8 +280,9 @@ class DefaultMOELayer(_moe_layer_base()):
         if self.defaults is not None:
             keep_SK = kept_KS.t()
             self.defaults.observe(fwd, routed_KSM.transpose(0, 1), idx_SK, probs_SK, keep_SK, anchor=probs_SE)
-            out_SM = out_SM + self.defaults.default_term(fwd, probs_SE, ran_mask(E, idx_SK, keep_SK),
-                                                         routed_TD=out_SM).to(out_SM.dtype)
+            out_SM = out_SM + self.defaults.default_term(fwd, probs_SE, ran_mask(E, idx_SK, keep_SK), routed_TD=out_SM).to(
+                out_SM.dtype
+            )
         self._records.release_after_backward(entry, out_SM)
         self._record = {}  # a route outside a forward starts afresh
         return out_SM.reshape(x.shape)

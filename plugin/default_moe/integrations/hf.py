@@ -66,7 +66,6 @@ from default_moe.config import MoEConfig, check_adapter_settings, check_override
 from default_moe.defaults import DefaultsForward, ExpertDefaults, GateForm, dense_scores, ran_mask
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Family:
     """How one HF MoE family's router weights the experts it selects (read from its modeling
@@ -122,24 +121,40 @@ FAMILIES: Dict[str, Family] = {
 # Families refused by name, with the reason (about the method or the block, not a missing entry).
 REFUSED: Dict[str, str] = {
     "jetmoe": "its MoE blocks (a mixture of attention heads, JetMoeMoA, and JetMoeMoE with parallel experts) are not "
-              "a router and experts(hidden, index, weights)",
+    "a router and experts(hidden, index, weights)",
     "dbrx": "its selected weights are divided by their Lp norm (moe_normalize_expert_weights), not a gate a_i / Z of "
-            "the derivation (docs/method.md) unless p = 1",
+    "the derivation (docs/method.md) unless p = 1",
     "phimoe": "its router is SparseMixer-v2 (sampled experts, masked-softmax multipliers), not a score gate; run "
-              "Phi-3.5-MoE through AutoEP or MoELayer with router 'sparsemixer'",
+    "Phi-3.5-MoE through AutoEP or MoELayer with router 'sparsemixer'",
 }
 HF_ROUTERS = ("default", "topk")
-SETTINGS = ("router", "beta", "ema_weighting", "ema_stats_dtype", "nonfinite", "default_in_forward", "stale_defaults", "normalize_topk",
-            "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
+SETTINGS = (
+    "router",
+    "beta",
+    "ema_weighting",
+    "ema_stats_dtype",
+    "nonfinite",
+    "default_in_forward",
+    "stale_defaults",
+    "normalize_topk",
+    "ema_sync",
+    "ema_sync_every",
+)  # the last two: removed, accepted with a warning
 
 
 def check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     settings = check_adapter_settings(
-        settings, SETTINGS, HF_ROUTERS, "default_moe.integrations.hf",
-        "in-place HF conversion; the others run through AutoEP, DeepSpeed-MoE, Megatron or default_moe.MoELayer")
+        settings,
+        SETTINGS,
+        HF_ROUTERS,
+        "default_moe.integrations.hf",
+        "in-place HF conversion; the others run through AutoEP, DeepSpeed-MoE, Megatron or default_moe.MoELayer",
+    )
     if settings.get("normalize_topk") not in (None, True, False):
-        raise ValueError(f"default_moe.integrations.hf: normalize_topk must be None (as the model), true or false, "
-                         f"got {settings['normalize_topk']!r}")
+        raise ValueError(
+            f"default_moe.integrations.hf: normalize_topk must be None (as the model), true or false, "
+            f"got {settings['normalize_topk']!r}"
+        )
     check_overrides({k: v for k, v in settings.items() if not (k == "normalize_topk" and v is None)})
     return settings
 
@@ -180,8 +195,16 @@ class _BlockHooks:
             else with the scores recomputed in fp32 for the overridden form.
     """
 
-    def __init__(self, block: nn.Module, router: nn.Module, gate: GateForm, model_weights: bool, group, name: str,
-                 masks: Optional[_MaskSlot] = None) -> None:
+    def __init__(
+        self,
+        block: nn.Module,
+        router: nn.Module,
+        gate: GateForm,
+        model_weights: bool,
+        group,
+        name: str,
+        masks: Optional[_MaskSlot] = None,
+    ) -> None:
         self.block, self.gate, self.model_weights, self.group, self.name = block, gate, model_weights, group, name
         self.masks = masks
         self.call = _Call()
@@ -196,12 +219,16 @@ class _BlockHooks:
 
     def _experts_in(self, module, args):
         if len(args) < 3:
-            raise RuntimeError(f"{self.name}: default-moe expects the experts to be called as experts(hidden, top_k_index, "
-                               f"top_k_weights) with positional arguments (got {len(args)})")
+            raise RuntimeError(
+                f"{self.name}: default-moe expects the experts to be called as experts(hidden, top_k_index, "
+                f"top_k_weights) with positional arguments (got {len(args)})"
+            )
         x_TH, idx_TK, weights_TK = args[:3]
         if self.call.logits_TE is None:
-            raise RuntimeError(f"{self.name}: the experts ran without the router's logits (default-moe expects the "
-                               "block to call its router, then its experts)")
+            raise RuntimeError(
+                f"{self.name}: the experts ran without the router's logits (default-moe expects the "
+                "block to call its router, then its experts)"
+            )
         T, K = idx_TK.shape
         mask_T = self.masks.tokens(T) if self.masks is not None else None
         self.call.fwd = self.block.defaults.begin_forward(self.block.training, "hf convert", mask_T=mask_T)
@@ -252,7 +279,8 @@ def check_not_sharded_by_hf(model: nn.Module) -> None:
             f"default-moe cannot convert a model sharded by HF's own parallel plans (distributed_config: tp_size={tp}, "
             f"ep_size={ep}, enable_expert_parallel={getattr(dc, 'enable_expert_parallel', False)}, "
             f"tp_plan={getattr(dc, 'tp_plan', None)!r}): the hooks would see local expert ids and partial outputs. "
-            "Load it unsharded and use DeepSpeed (AutoEP for expert parallelism) or DDP/FSDP2")
+            "Load it unsharded and use DeepSpeed (AutoEP for expert parallelism) or DDP/FSDP2"
+        )
 
 
 def _router_of(block: nn.Module) -> Optional[nn.Module]:
@@ -279,8 +307,11 @@ def _has_fused_shape(block: nn.Module) -> bool:
     if router is None or not isinstance(experts, nn.Module) or _router_weight(router) is None:
         return False
     try:
-        params = [p for p in inspect.signature(experts.forward).parameters.values()
-                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        params = [
+            p
+            for p in inspect.signature(experts.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
     except (TypeError, ValueError):
         return False
     return len(params) >= 3
@@ -300,8 +331,9 @@ def moe_blocks(model: nn.Module) -> List[tuple]:
     for name, module in model.named_modules():
         if getattr(module, "_default_moe", None) is not None or (_has_fused_shape(module) and kind in FAMILIES):
             found.append((name, module))
-        elif _has_fused_shape(module) or (("Moe" in type(module).__name__ or "MoE" in type(module).__name__)
-                                          and hasattr(module, "experts")):
+        elif _has_fused_shape(module) or (
+            ("Moe" in type(module).__name__ or "MoE" in type(module).__name__) and hasattr(module, "experts")
+        ):
             other.append(f"{name} ({type(module).__name__})")
     if other:
         where = f"{other[:4]}{' ...' if len(other) > 4 else ''}"
@@ -311,7 +343,8 @@ def moe_blocks(model: nn.Module) -> List[tuple]:
             f"default-moe cannot convert MoE block(s) {where} of model_type {kind!r}: no entry in "
             f"default_moe.integrations.hf.FAMILIES (its router's score function, renormalisation and scale). Blocks with "
             f"a router returning (logits, weights, index) and experts(hidden, index, weights) need one entry; "
-            f"converted: {sorted(FAMILIES)}")
+            f"converted: {sorted(FAMILIES)}"
+        )
     return found
 
 
@@ -332,8 +365,9 @@ RECORDED = ("router", "normalize_topk", "ema_weighting", "default_in_forward", "
 MEANING = ("router", "normalize_topk", "ema_weighting")
 
 
-def convert(model: nn.Module, router: str = "default", group=None, state_from: Optional[str] = None,
-            **settings: Any) -> nn.Module:
+def convert(
+    model: nn.Module, router: str = "default", group=None, state_from: Optional[str] = None, **settings: Any
+) -> nn.Module:
     """Converts every sparse MoE block of `model` in place (the families in `FAMILIES`); returns
     `model`.
 
@@ -371,9 +405,17 @@ def convert(model: nn.Module, router: str = "default", group=None, state_from: O
         gate_module = _router_of(block)
         E, H = _full_shape(_router_weight(gate_module))
         K = getattr(gate_module, "top_k", None) or config.num_experts_per_tok
-        moe_config = MoEConfig(hidden_size=H, num_experts=E, ffn_hidden_size=1, top_k=K, aux_loss_coeff=0.0,
-                               normalize_topk=gate.renormalized, score_function=gate.score_function,
-                               route_scale=gate.scale, **settings)
+        moe_config = MoEConfig(
+            hidden_size=H,
+            num_experts=E,
+            ffn_hidden_size=1,
+            top_k=K,
+            aux_loss_coeff=0.0,
+            normalize_topk=gate.renormalized,
+            score_function=gate.score_function,
+            route_scale=gate.scale,
+            **settings,
+        )
         device = _router_weight(gate_module).device
         block.defaults = ExpertDefaults.from_config(moe_config, E, H, name=name, gate=gate).to(device)
         block.defaults.bind(block, functools.partial(_data_parallel_group, group))
@@ -400,14 +442,14 @@ def _check_recorded(model: nn.Module, settings: Dict[str, Any]) -> None:
         return
     wanted = {k: settings.get(k, "default" if k == "router" else None) for k in MEANING}
     wanted["ema_weighting"] = wanted["ema_weighting"] or "mean"
-    saved = {k: recorded.get(k) if recorded.get(k) is not None else ("mean" if k == "ema_weighting" else None)
-             for k in MEANING}
+    saved = {k: recorded.get(k) if recorded.get(k) is not None else ("mean" if k == "ema_weighting" else None) for k in MEANING}
     diff = {k: (saved[k], wanted[k]) for k in MEANING if saved[k] != wanted[k]}
     if diff:
         raise ValueError(
             f"this model was saved converted with other Default MoE settings ({', '.join(f'{k}: saved {a!r}, now {b!r}' for k, (a, b) in diff.items())}): "
             "its D would mean something else. Convert with the saved settings (config.default_moe), or delete "
-            "model.config.default_moe to start over from zero defaults")
+            "model.config.default_moe to start over from zero defaults"
+        )
 
 
 def _load_own_defaults(model: nn.Module) -> None:
@@ -417,27 +459,36 @@ def _load_own_defaults(model: nn.Module) -> None:
     path = Path(source) if source else None
     if path is None or not path.is_dir():
         if getattr(model.config, "default_moe", None) is not None and source:
-            warnings.warn(f"default-moe: {source!r} is not a local folder; the saved defaults D could not be read, "
-                          "Default MoE starts from zero defaults (pass state_from= to restore them)", stacklevel=3)
+            warnings.warn(
+                f"default-moe: {source!r} is not a local folder; the saved defaults D could not be read, "
+                "Default MoE starts from zero defaults (pass state_from= to restore them)",
+                stacklevel=3,
+            )
         return
     want = [f"{name}.defaults.defaults_ED" for name, _ in moe_blocks(model)]
     if _read_keys(path, set(want)):
         load_defaults(model, str(path))
     else:
-        warnings.warn(f"default-moe: {path} has no saved defaults (keys like {want[0]}): Default MoE starts from zero "
-                      "defaults — right for a model never trained with Default MoE", stacklevel=3)
+        warnings.warn(
+            f"default-moe: {path} has no saved defaults (keys like {want[0]}): Default MoE starts from zero "
+            "defaults — right for a model never trained with Default MoE",
+            stacklevel=3,
+        )
 
 
 def load_defaults(model: nn.Module, path: str) -> List[str]:
     """Restores the converted blocks' `defaults_ED` from a saved HF checkpoint; returns the keys.
 
     Raises if the checkpoint has none of them (D would silently start from zeros)."""
-    want = {f"{name}.defaults.defaults_ED": block for name, block in moe_blocks(model)
-            if getattr(block, "defaults", None) is not None}
+    want = {
+        f"{name}.defaults.defaults_ED": block for name, block in moe_blocks(model) if getattr(block, "defaults", None) is not None
+    }
     found = _read_keys(Path(path), set(want))
     if not found:
-        raise ValueError(f"{path}: no default-moe defaults (keys like {next(iter(want), '...')}) in this checkpoint; "
-                         "it was saved before conversion, or D was filtered out")
+        raise ValueError(
+            f"{path}: no default-moe defaults (keys like {next(iter(want), '...')}) in this checkpoint; "
+            "it was saved before conversion, or D was filtered out"
+        )
     missing = sorted(set(want) - set(found))
     if missing:
         raise ValueError(f"{path}: defaults missing for {missing[:4]} (the checkpoint holds {len(found)} of {len(want)})")

@@ -76,9 +76,19 @@ from megatron.core.transformer.moe.moe_layer import MoELayer as McoreMoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-SETTINGS = ("router", "beta", "ema_weighting", "sparsemixer", "stablemoe", "ema_stats_dtype", "nonfinite",
-            "default_in_forward", "stale_defaults",
-            "ema_sync", "ema_sync_every")  # the last two: removed, accepted with a warning
+SETTINGS = (
+    "router",
+    "beta",
+    "ema_weighting",
+    "sparsemixer",
+    "stablemoe",
+    "ema_stats_dtype",
+    "nonfinite",
+    "default_in_forward",
+    "stale_defaults",
+    "ema_sync",
+    "ema_sync_every",
+)  # the last two: removed, accepted with a warning
 MEGATRON_ROUTERS = ("topk", "default", "sparsemixer", "hash", "stablemoe")
 
 
@@ -110,11 +120,15 @@ def check_megatron_config(config) -> None:
         problems.append("moe_pad_expert_input_to_capacity=True (padding rows would enter the EMA)")
     balancing = config.moe_router_load_balancing_type
     if "sinkhorn" in (balancing if isinstance(balancing, (list, tuple)) else [balancing]):
-        problems.append("moe_router_load_balancing_type='sinkhorn' (its top-1 gate is sigmoid(logit), not the "
-                        "softmax pi the default term weights unselected experts with)")
+        problems.append(
+            "moe_router_load_balancing_type='sinkhorn' (its top-1 gate is sigmoid(logit), not the "
+            "softmax pi the default term weights unselected experts with)"
+        )
     if getattr(config, "moe_router_padding_for_quantization", False) or getattr(config, "moe_router_padding_for_fp8", False):
-        problems.append("moe_router_padding_for_quantization / moe_router_padding_for_fp8 (the padded routing map "
-                        "adds (token, expert) pairs that lose their default term and enter the counts)")
+        problems.append(
+            "moe_router_padding_for_quantization / moe_router_padding_for_fp8 (the padded routing map "
+            "adds (token, expert) pairs that lose their default term and enter the counts)"
+        )
     problems += compat.cuda_graph_problems(config)
     problems += compat.unsupported_features(config)
     if problems:
@@ -140,8 +154,7 @@ class DefaultTopKRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         # Same logits as the sparse path, so gradients through both reach the router weights.
-        self.dense_probs = dense_scores(logits.reshape(-1, self.config.num_moe_experts),
-                                        self.config.moe_router_score_function)
+        self.dense_probs = dense_scores(logits.reshape(-1, self.config.num_moe_experts), self.config.moe_router_score_function)
         probs, routing_map = super().routing(logits, padding_mask)
         self.routing_map = routing_map
         if padding_mask is not None:
@@ -204,9 +217,7 @@ class SparseMixerTopKRouter(TopKRouter):
         coeff = self.config.moe_aux_loss_coeff
         coeff = sum(coeff) if isinstance(coeff, (list, tuple)) else coeff
         if self.training and torch.is_grad_enabled() and coeff:
-            aux = switch_load_balancing_loss(
-                balance_TE, idx_TK, coeff, compat.stage_group()
-            )
+            aux = switch_load_balancing_loss(balance_TE, idx_TK, coeff, compat.stage_group())
             probs_out = MoEAuxLossAutoScaler.apply(probs_out, aux)
         self.dense_probs, self.routing_map = probs_TE, routing_map
         return probs_out, routing_map
@@ -287,15 +298,18 @@ class DefaultMoELayer(McoreMoELayer):
     ema_weighting, sparsemixer).
     """
 
-    def __init__(self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False, name=None,
-                 default_moe=None):
+    def __init__(
+        self, config, submodules=None, layer_number=None, pg_collection=None, is_mtp_layer=False, name=None, default_moe=None
+    ):
         settings = validate_settings(default_moe)
         uses_defaults = registered_routers()[settings.get("router", "default")].uses_defaults
         if uses_defaults:  # refused before megatron builds anything
             check_megatron_config(config)
         if submodules is not None and submodules.router not in (None, TopKRouter):
-            raise ValueError(f"default-moe replaces megatron's TopKRouter; this MoE spec names router "
-                             f"{getattr(submodules.router, '__name__', submodules.router)!r} (inference specs are not supported)")
+            raise ValueError(
+                f"default-moe replaces megatron's TopKRouter; this MoE spec names router "
+                f"{getattr(submodules.router, '__name__', submodules.router)!r} (inference specs are not supported)"
+            )
         if submodules is not None:
             if settings.get("router") == "sparsemixer":
                 router = functools.partial(SparseMixerTopKRouter, sparsemixer=settings.get("sparsemixer"))
@@ -304,21 +318,36 @@ class DefaultMoELayer(McoreMoELayer):
             else:
                 router = DefaultTopKRouter
             submodules = dataclasses.replace(submodules, router=router)
-        super().__init__(config, submodules, layer_number=layer_number, pg_collection=pg_collection,
-                         **compat.moe_layer_kwargs(is_mtp_layer, name))
+        super().__init__(
+            config,
+            submodules,
+            layer_number=layer_number,
+            pg_collection=pg_collection,
+            **compat.moe_layer_kwargs(is_mtp_layer, name),
+        )
         self.moe_config = MoEConfig(
-            hidden_size=config.hidden_size, num_experts=config.num_moe_experts,
-            ffn_hidden_size=config.moe_ffn_hidden_size or config.ffn_hidden_size, top_k=config.moe_router_topk,
-            aux_loss_coeff=0.0, **settings,
+            hidden_size=config.hidden_size,
+            num_experts=config.num_moe_experts,
+            ffn_hidden_size=config.moe_ffn_hidden_size or config.ffn_hidden_size,
+            top_k=config.moe_router_topk,
+            aux_loss_coeff=0.0,
+            **settings,
         )
         self.defaults: Optional[ExpertDefaults] = None
         if uses_defaults:
             if not isinstance(self.router, DefaultTopKRouter):
                 raise ValueError(f"Default MoE needs DefaultTopKRouter (a TopKRouter), got {type(self.router).__name__}")
-            self.defaults = ExpertDefaults.from_config(
-                self.moe_config, config.num_moe_experts, config.hidden_size, name=f"layer {self.layer_number}",
-                gate=gate_form(config),
-            ).to(self.router.weight.device).bind(self, compat.stage_group)
+            self.defaults = (
+                ExpertDefaults.from_config(
+                    self.moe_config,
+                    config.num_moe_experts,
+                    config.hidden_size,
+                    name=f"layer {self.layer_number}",
+                    gate=gate_form(config),
+                )
+                .to(self.router.weight.device)
+                .bind(self, compat.stage_group)
+            )
 
     def route(self, hidden_states, *args, **kwargs):
         # The first step inside megatron's (possibly checkpointed) MoE forward, so a recompute
@@ -334,11 +363,11 @@ class DefaultMoELayer(McoreMoELayer):
         if self.defaults is None:
             return super().routed_experts_compute(hidden_states, probs)
         if compat.expert_buffers(self.token_dispatcher):
-            raise ValueError("Default MoE cannot run with zero-copy expert output buffers (NCCL-EP dispatcher): "
-                             "it needs the experts' raw outputs")
-        dispatched_N, tokens_per_expert, permuted_probs_N = self.token_dispatcher.dispatch_postprocess(
-            hidden_states, probs
-        )
+            raise ValueError(
+                "Default MoE cannot run with zero-copy expert output buffers (NCCL-EP dispatcher): "
+                "it needs the experts' raw outputs"
+            )
+        dispatched_N, tokens_per_expert, permuted_probs_N = self.token_dispatcher.dispatch_postprocess(hidden_states, probs)
         raw_NH, mlp_bias = self.experts(dispatched_N, tokens_per_expert, torch.ones_like(permuted_probs_N))
         assert mlp_bias is None, f"mlp_bias is not supported for {type(self.token_dispatcher)}"
         # Padded tokens' gates arrive negated (DefaultTopKRouter.routing): mask and true gate.
@@ -358,9 +387,15 @@ class DefaultMoELayer(McoreMoELayer):
         # token of the stage is routed from exactly one rank, and under expert tensor parallelism
         # each expert-TP rank holds the same rows as partial sums (they add up; the counts are
         # contributed by expert-TP rank 0 alone).
-        self.defaults.observe_rows(self._fwd, raw_NH[:n], expert_N, probs_N[:n],
-                                   count_weights=self.token_dispatcher.tp_rank == 0, keep_N=keep_N[:n],
-                                   anchor=raw_NH if raw_NH.requires_grad else self.router.dense_probs)
+        self.defaults.observe_rows(
+            self._fwd,
+            raw_NH[:n],
+            expert_N,
+            probs_N[:n],
+            count_weights=self.token_dispatcher.tp_rank == 0,
+            keep_N=keep_N[:n],
+            anchor=raw_NH if raw_NH.requires_grad else self.router.dense_probs,
+        )
 
     def postprocess(self, output: torch.Tensor, shared_expert_output: Optional[torch.Tensor]):
         omega = getattr(self.router, "omega", None)
@@ -371,8 +406,9 @@ class DefaultMoELayer(McoreMoELayer):
         routed = super().postprocess(output, None)
         # The term for megatron's gate form (`gate_form`: score function, renormalisation, the top-k
         # scaling factor s), from the routed output before the shared experts are added.
-        default_TH = self.defaults.default_term(self._fwd, self.router.dense_probs, self.router.routing_map,
-                                                routed_TD=routed.reshape(-1, routed.shape[-1]))
+        default_TH = self.defaults.default_term(
+            self._fwd, self.router.dense_probs, self.router.routing_map, routed_TD=routed.reshape(-1, routed.shape[-1])
+        )
         output = routed + default_TH.view(routed.shape).to(routed.dtype)
         return output if shared_expert_output is None else output + shared_expert_output
 
@@ -387,6 +423,7 @@ def commit_at_finalize(config, defaults: ExpertDefaults) -> None:
     if fn is None:
         return
     if not getattr(fn, "_default_moe_commit", False):
+
         @functools.wraps(fn)
         def finalize_and_commit(model, *args, _original=fn, **kwargs):
             out = _original(model, *args, **kwargs)
@@ -415,7 +452,9 @@ def _patch(spec: Any, settings: Dict[str, Any]) -> Any:
         if isinstance(spec.func, type) and issubclass(spec.func, McoreMoELayer):
             return functools.partial(DefaultMoELayer, *spec.args, **{**spec.keywords, "default_moe": settings})
         if "submodules" in spec.keywords:
-            return functools.partial(spec.func, *spec.args, **{**spec.keywords, "submodules": _patch(spec.keywords["submodules"], settings)})
+            return functools.partial(
+                spec.func, *spec.args, **{**spec.keywords, "submodules": _patch(spec.keywords["submodules"], settings)}
+            )
         return spec
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         changes = {f.name: _patch(getattr(spec, f.name), settings) for f in dataclasses.fields(spec)}
@@ -526,35 +565,58 @@ def _beta(value: str) -> float:
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM `extra_args_provider`: the Default MoE command-line flags."""
     group = parser.add_argument_group(title="default-moe")
-    group.add_argument("--moe-router-type", default="topk", choices=sorted(registered_routers()),
-                       help="router training method (default-moe)")
+    group.add_argument(
+        "--moe-router-type", default="topk", choices=sorted(registered_routers()), help="router training method (default-moe)"
+    )
     group.add_argument("--moe-default-beta", type=_beta, default=0.9, help="EMA decay of the default vectors")
     # Removed (D is committed once per optimizer step); accepted with a warning, hidden.
     group.add_argument("--moe-default-ema-sync", default=None, choices=["sync", "async"], help=argparse.SUPPRESS)
     group.add_argument("--moe-default-ema-sync-every", type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument("--moe-default-ema-weighting", default="mean", choices=["mean", "prob"])
-    group.add_argument("--moe-default-ema-stats-dtype", default="float32", choices=["float32", "bfloat16"],
-                       help="dtype of the all-reduced EMA statistics (bfloat16: half the bytes)")
-    group.add_argument("--moe-nonfinite", default="skip", choices=["skip", "raise"],
-                       help="non-finite expert outputs: keep the defaults (skip) or raise naming layer and step")
-    group.add_argument("--moe-default-in-forward", default="auto", choices=["auto", "true", "false"],
-                       help="the default term in the forward (true: the paper) or in the backward only (false); "
-                            "auto: true for softmax routers, false for sigmoid ones")
-    group.add_argument("--moe-default-stale-defaults", default="keep", choices=["keep", "zero", "mean"],
-                       help="D of an expert that received no token in a step: keep it (the paper), or decay it "
-                            "toward zero or the other experts' mean")
+    group.add_argument(
+        "--moe-default-ema-stats-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the all-reduced EMA statistics (bfloat16: half the bytes)",
+    )
+    group.add_argument(
+        "--moe-nonfinite",
+        default="skip",
+        choices=["skip", "raise"],
+        help="non-finite expert outputs: keep the defaults (skip) or raise naming layer and step",
+    )
+    group.add_argument(
+        "--moe-default-in-forward",
+        default="auto",
+        choices=["auto", "true", "false"],
+        help="the default term in the forward (true: the paper) or in the backward only (false); "
+        "auto: true for softmax routers, false for sigmoid ones",
+    )
+    group.add_argument(
+        "--moe-default-stale-defaults",
+        default="keep",
+        choices=["keep", "zero", "mean"],
+        help="D of an expert that received no token in a step: keep it (the paper), or decay it "
+        "toward zero or the other experts' mean",
+    )
     group.add_argument("--moe-sparsemixer-version", default="auto", choices=["auto", "v1", "v2"])
     group.add_argument("--moe-sparsemixer-jitter-eps", type=float, default=None)
-    group.add_argument("--moe-stablemoe-stage2-step", type=int, default=None,
-                       help="StableMoE: training micro-batches before routing is frozen (paper: 10%% of training)")
+    group.add_argument(
+        "--moe-stablemoe-stage2-step",
+        type=int,
+        default=None,
+        help="StableMoE: training micro-batches before routing is frozen (paper: 10%% of training)",
+    )
     group.add_argument("--moe-stablemoe-router-dim", type=int, default=50)
     return parser
 
 
 def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     settings = {
-        "router": args.moe_router_type, "beta": args.moe_default_beta,
-        "ema_weighting": args.moe_default_ema_weighting, "ema_stats_dtype": args.moe_default_ema_stats_dtype,
+        "router": args.moe_router_type,
+        "beta": args.moe_default_beta,
+        "ema_weighting": args.moe_default_ema_weighting,
+        "ema_stats_dtype": args.moe_default_ema_stats_dtype,
         "nonfinite": args.moe_nonfinite,
         "stale_defaults": getattr(args, "moe_default_stale_defaults", "keep"),
     }
@@ -569,7 +631,8 @@ def settings_from_args(args: argparse.Namespace) -> Dict[str, Any]:
     if args.moe_router_type == "stablemoe":
         settings["stablemoe"] = {
             "vocab_size": getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None),
-            "stage2_step": args.moe_stablemoe_stage2_step, "router_dim": args.moe_stablemoe_router_dim,
+            "stage2_step": args.moe_stablemoe_stage2_step,
+            "router_dim": args.moe_stablemoe_router_dim,
         }
     return validate_settings(settings)
 
@@ -587,7 +650,8 @@ def install_from_args(args: argparse.Namespace) -> None:
             f"--moe-router-type {settings['router']} routes by token id, but with --pipeline-model-parallel-size {pp} "
             "Megatron-LM's get_batch gives the token ids to the first and last pipeline stages only: the middle "
             "stages' MoE layers could not route. Use --pipeline-model-parallel-size 1 with this router, or a "
-            "score-based router (default, topk, sparsemixer)")
+            "score-based router (default, topk, sparsemixer)"
+        )
     install(**settings)
 
 

@@ -79,8 +79,10 @@ def prebuilt_spec_sites() -> List[Tuple[Any, str]]:
         return []
     except Exception as exc:  # pragma: no cover - optional dependencies of the hybrid stack
         # Not patched; a hybrid model built anyway is refused by install()'s MoELayer guard.
-        warnings.warn(f"default-moe: megatron-core's hybrid_layer_specs did not import ({exc}); hybrid MoE specs "
-                      "are not patched", stacklevel=2)
+        warnings.warn(
+            f"default-moe: megatron-core's hybrid_layer_specs did not import ({exc}); hybrid MoE specs are not patched",
+            stacklevel=2,
+        )
         return []
     return [(hybrid, name) for name in ("moe", "hybrid_stack_spec", "_hybrid_mtp_block_spec") if hasattr(hybrid, name)]
 
@@ -107,8 +109,10 @@ def stage_group():
     this group counts every routed token once (partial sums over expert-TP add up).
     """
     if not parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("Default MoE in megatron-core needs megatron's parallel state "
-                           "(megatron.core.parallel_state.initialize_model_parallel) to find the EMA's reduction group")
+        raise RuntimeError(
+            "Default MoE in megatron-core needs megatron's parallel state "
+            "(megatron.core.parallel_state.initialize_model_parallel) to find the EMA's reduction group"
+        )
     return parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
 
 
@@ -129,7 +133,9 @@ def cuda_graph_problems(config) -> List[str]:
     external_cuda_graph, cuda_graph_impl; 0.19 adds 'full_iteration'): the router's dense softmax
     would be a graph output without autograd. Attention-only scopes are fine."""
     impl = getattr(config, "cuda_graph_impl", "none")
-    on = impl not in (None, "none") or getattr(config, "enable_cuda_graph", False) or getattr(config, "external_cuda_graph", False)
+    on = (
+        impl not in (None, "none") or getattr(config, "enable_cuda_graph", False) or getattr(config, "external_cuda_graph", False)
+    )
     if not on:
         return []
     scope = getattr(config, "cuda_graph_scope", None)
@@ -137,8 +143,9 @@ def cuda_graph_problems(config) -> List[str]:
     scopes = [str(s).lower() for s in scopes if s is not None]
     if impl != "full_iteration" and scopes and all(s in ("attn",) for s in scopes):
         return []
-    return [f"CUDA graphs over the router (cuda_graph_impl={impl!r}, cuda_graph_scope={scope!r}; an 'attn'-only "
-            "scope is allowed)"]
+    return [
+        f"CUDA graphs over the router (cuda_graph_impl={impl!r}, cuda_graph_scope={scope!r}; an 'attn'-only scope is allowed)"
+    ]
 
 
 def expert_buffers(token_dispatcher) -> bool:

@@ -49,11 +49,17 @@ ROUTERS = ("default", "topk")
 def check_settings(settings: Dict[str, Any]) -> Dict[str, Any]:
     """The override's keyword arguments, validated (before any process group exists)."""
     settings = check_adapter_settings(
-        settings, SETTINGS, ROUTERS, "default_moe.integrations.torchtitan",
-        "the other routers run in default_moe.MoELayer, DeepSpeed, Megatron or HF models")
+        settings,
+        SETTINGS,
+        ROUTERS,
+        "default_moe.integrations.torchtitan",
+        "the other routers run in default_moe.MoELayer, DeepSpeed, Megatron or HF models",
+    )
     if settings.get("ema_weighting", "mean") != "mean":
-        raise ValueError("default_moe.integrations.torchtitan: ema_weighting must be 'mean' (torchtitan's dispatched "
-                         f"rows carry no router scores), got {settings['ema_weighting']!r}")
+        raise ValueError(
+            "default_moe.integrations.torchtitan: ema_weighting must be 'mean' (torchtitan's dispatched "
+            f"rows carry no router scores), got {settings['ema_weighting']!r}"
+        )
     check_overrides(settings)
     return settings
 
@@ -89,9 +95,15 @@ class DefaultMoE(MoE):
         dim = router.gate.in_features
         gate = gate_form(router)
         self.moe_config = MoEConfig(
-            hidden_size=dim, num_experts=config.num_experts, ffn_hidden_size=1, top_k=router.top_k,
-            score_function=gate.score_function, normalize_topk=gate.renormalized, route_scale=gate.scale,
-            aux_loss_coeff=0.0, **settings,
+            hidden_size=dim,
+            num_experts=config.num_experts,
+            ffn_hidden_size=1,
+            top_k=router.top_k,
+            score_function=gate.score_function,
+            normalize_topk=gate.renormalized,
+            route_scale=gate.scale,
+            aux_loss_coeff=0.0,
+            **settings,
         )
         self._parallel_dims = None
         self._call: Dict[str, Any] = {}
@@ -105,9 +117,11 @@ class DefaultMoE(MoE):
 
     def parallelize(self, parallel_dims) -> None:
         if parallel_dims.tp > 1 or parallel_dims.pp > 1:
-            raise ValueError(f"Default MoE in torchtitan supports FSDP and expert parallelism; tensor parallel "
-                             f"({parallel_dims.tp}) and pipeline parallel ({parallel_dims.pp}) degrees > 1 are not "
-                             "built here")
+            raise ValueError(
+                f"Default MoE in torchtitan supports FSDP and expert parallelism; tensor parallel "
+                f"({parallel_dims.tp}) and pipeline parallel ({parallel_dims.pp}) degrees > 1 are not "
+                "built here"
+            )
         self._parallel_dims = parallel_dims
         super().parallelize(parallel_dims)
 
@@ -129,8 +143,11 @@ class DefaultMoE(MoE):
         _, ids_BLK, scores_BLE = out
         # A recompute (activation checkpointing) runs this again; it collects too, and only the
         # forward whose backward reaches the layer counts (the step contract).
-        self._call = {"fwd": self.defaults.begin_forward(self.training, "torchtitan DefaultMoE"),
-                      "ids": self._local(ids_BLK), "scores": self._local(scores_BLE)}
+        self._call = {
+            "fwd": self.defaults.begin_forward(self.training, "torchtitan DefaultMoE"),
+            "ids": self._local(ids_BLK),
+            "scores": self._local(scores_BLE),
+        }
 
     def _experts_out(self, module, args, y_RD) -> None:
         fwd = self._call.get("fwd")
@@ -159,8 +176,7 @@ class DefaultMoE(MoE):
         ids_TK = call["ids"].reshape(scores_TE.shape[0], -1).long()
         out_local = self._local(out_BLD)
         routed_TD = out_local.reshape(-1, out_local.shape[-1])
-        term_TD = self.defaults.default_term(call["fwd"], scores_TE, ran_mask(scores_TE.shape[1], ids_TK),
-                                             routed_TD=routed_TD)
+        term_TD = self.defaults.default_term(call["fwd"], scores_TE, ran_mask(scores_TE.shape[1], ids_TK), routed_TD=routed_TD)
         result = (routed_TD + term_TD.to(routed_TD.dtype)).view(out_local.shape)
         if hasattr(out_BLD, "to_local"):
             from torch.distributed.tensor import DTensor
@@ -179,9 +195,17 @@ def default_moe(cfg: MoE.Config, **settings: Any) -> MoE.Config:
     ema_stats_dtype, nonfinite, default_in_forward); `router="topk"` leaves the config as it is."""
     settings = check_settings(settings)
     # Validated here, at config time, with the layer's own sizes (before any process group).
-    MoEConfig(hidden_size=cfg.router.gate.in_features, num_experts=cfg.num_experts, ffn_hidden_size=1,
-              top_k=cfg.router.top_k, score_function=cfg.router.score_func, normalize_topk=bool(cfg.router.route_norm),
-              route_scale=float(cfg.router.route_scale), aux_loss_coeff=0.0, **settings)
+    MoEConfig(
+        hidden_size=cfg.router.gate.in_features,
+        num_experts=cfg.num_experts,
+        ffn_hidden_size=1,
+        top_k=cfg.router.top_k,
+        score_function=cfg.router.score_func,
+        normalize_topk=bool(cfg.router.route_norm),
+        route_scale=float(cfg.router.route_scale),
+        aux_loss_coeff=0.0,
+        **settings,
+    )
     if settings.get("router", "default") == "topk":
         return cfg
     return derive(cfg, DefaultMoE.Config, default_moe=dict(settings))

@@ -44,8 +44,13 @@ class GPTConfig:
 
     def moe_config(self) -> MoEConfig:
         return MoEConfig(
-            hidden_size=self.d_model, num_experts=self.num_experts, ffn_hidden_size=self.ffn_hidden_size,
-            top_k=self.top_k, router=self.router, activation=self.activation, init_std=self.init_std,
+            hidden_size=self.d_model,
+            num_experts=self.num_experts,
+            ffn_hidden_size=self.ffn_hidden_size,
+            top_k=self.top_k,
+            router=self.router,
+            activation=self.activation,
+            init_std=self.init_std,
         )
 
 

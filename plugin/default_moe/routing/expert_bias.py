@@ -39,7 +39,8 @@ class ExpertBias(StepState):
         """Counts this forward's selected slots when its backward reaches `anchor` (the scores)."""
         if self.collects(training):
             counts_E = torch.zeros_like(self.tokens_E).index_add_(
-                0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device))
+                0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
+            )
             self.collect_on_backward(counts_E, anchor)
 
     def accumulator(self) -> torch.Tensor:

@@ -36,9 +36,7 @@ class HashRouter(Router):
         super().__init__()
         self.config = config  # `weight` (an engine's router weight) is not used: no parameters
 
-    def forward(
-        self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
-    ) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         cfg = self.config
         if token_ids_T is None:
             raise ValueError("router 'hash' routes by token id: call the layer as layer(x, token_ids=ids)")

@@ -79,7 +79,9 @@ class _HeunGate(torch.autograd.Function):
         return grad_logits, None, None, None, None
 
 
-def _heun_round(logits_TE: torch.Tensor, eps: float, training: bool, generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _heun_round(
+    logits_TE: torch.Tensor, eps: float, training: bool, generator
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One v2 routing round: (expert, gate with the custom backward, masked softmax)."""
     masked_TE = jitter_mask(logits_TE.detach(), eps)
     probs_TE = torch.softmax(logits_TE.detach().masked_fill(masked_TE, float("-inf")), dim=-1)
@@ -137,9 +139,7 @@ class SparseMixerRouter(Router):
         self.omega = nn.Parameter(torch.ones(config.hidden_size)) if self.version == "v1" else None
         self.generator: Optional[torch.Generator] = None  # tests may pin the sampling
 
-    def forward(
-        self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
-    ) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         cfg = self.config
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             logits_TE = F.linear(x_TD.float(), self.weight.float())
@@ -147,9 +147,7 @@ class SparseMixerRouter(Router):
             logits_TE, self.version, self.eps, self.training, self.generator
         )
         aux = {
-            "load_balancing": losses.switch_load_balancing_loss(
-                balance_probs_TE, idx_TK, cfg.aux_loss_coeff, groups.dp_group
-            ),
+            "load_balancing": losses.switch_load_balancing_loss(balance_probs_TE, idx_TK, cfg.aux_loss_coeff, groups.dp_group),
             "z_loss": losses.z_loss(logits_TE, cfg.z_loss_coeff),
         }
         return RouterOutput(probs_TE=probs_TE, idx_TK=idx_TK, gates_TK=gates_TK, aux_losses=aux, output_scale_D=self.omega)

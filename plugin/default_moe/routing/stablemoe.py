@@ -132,9 +132,7 @@ class StableMoERouter(Router):
             self.num_steps += 1
         return first, entry
 
-    def forward(
-        self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
-    ) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         check_token_ids(token_ids_T, x_TD.shape[0], "stablemoe")
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
             scores_TE = x_TD.float() @ self.centroids_ED.float().t()

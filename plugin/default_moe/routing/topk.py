@@ -44,9 +44,7 @@ class TopKRouter(Router):
         self.weight = router_weight(config, weight)
         self.expert_bias = ExpertBias(config.num_experts, config.expert_bias_update_rate) if config.expert_bias else None
 
-    def forward(
-        self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None
-    ) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, groups: ParallelGroups, token_ids_T: Optional[torch.Tensor] = None) -> RouterOutput:
         cfg = self.config
         # Routing decisions are precision sensitive: fp32 even under bf16 autocast.
         with torch.autocast(device_type=x_TD.device.type, enabled=False):
@@ -67,9 +65,7 @@ class TopKRouter(Router):
         # The balance loss sees probabilities: sigmoid scores normalised per token (megatron-core's).
         balance_TE = scores_TE if cfg.score_function == "softmax" else scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
         aux = {
-            "load_balancing": losses.switch_load_balancing_loss(
-                balance_TE, idx_TK, cfg.aux_loss_coeff, groups.dp_group
-            ),
+            "load_balancing": losses.switch_load_balancing_loss(balance_TE, idx_TK, cfg.aux_loss_coeff, groups.dp_group),
             "z_loss": losses.z_loss(logits_TE, cfg.z_loss_coeff),
         }
         return RouterOutput(probs_TE=scores_TE, idx_TK=idx_TK, gates_TK=gates_TK, aux_losses=aux)

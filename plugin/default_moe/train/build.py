@@ -35,7 +35,8 @@ class Job:
     gas: int
     start_step: int = 0
     history: Dict[str, list] = dataclasses.field(
-        default_factory=lambda: {"train": [], "val": [], "step_time": [], "load": [], "rank_load": []})
+        default_factory=lambda: {"train": [], "val": [], "step_time": [], "load": [], "rank_load": []}
+    )
     writer: Optional[Any] = None
     t_start: float = 0.0
 
@@ -102,12 +103,25 @@ def build(run: RunConfig, gpt: GPTConfig, ds_config: Dict[str, Any], resume: boo
     ds_config.pop("train_batch_size", None)
     ds_config["optimizer"]["params"]["lr"] = run.lr
     engine, _, _, scheduler = dm_ds.initialize(
-        model=model, model_parameters=list(model.parameters()), config=ds_config,
+        model=model,
+        model_parameters=list(model.parameters()),
+        config=ds_config,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(run)),
     )
-    job = Job(run=run, gpt=gpt, rank=rank, world=world, run_dir=run_dir, ckpt_dir=run_dir / "ckpt",
-              train_tokens=train_tokens, val_tokens=val_tokens, model=model, engine=engine, scheduler=scheduler,
-              gas=engine.gradient_accumulation_steps())
+    job = Job(
+        run=run,
+        gpt=gpt,
+        rank=rank,
+        world=world,
+        run_dir=run_dir,
+        ckpt_dir=run_dir / "ckpt",
+        train_tokens=train_tokens,
+        val_tokens=val_tokens,
+        model=model,
+        engine=engine,
+        scheduler=scheduler,
+        gas=engine.gradient_accumulation_steps(),
+    )
     if resume:
         # The newest complete checkpoint (torn saves skipped with a warning naming them).
         load_path, client = engine.load_checkpoint(str(job.ckpt_dir))
@@ -126,10 +140,14 @@ def announce(job: Job, resumed: bool) -> None:
     if job.rank != 0:
         return
     cfg, gpt, engine, params = job.moe_config, job.gpt, job.engine, job.params()
-    print(f"[train] world={job.world} device={engine.device} router={cfg.router} ep_size={cfg.ep_size} "
-          f"experts={cfg.num_experts} top_k={cfg.top_k} beta={cfg.beta} "
-          f"zero={engine.zero_optimization_stage()} gas={job.gas}")
-    print(f"[train] model: d={gpt.d_model} layers={gpt.n_layers} vocab={gpt.vocab_size} seq={gpt.seq_len}; "
-          f"params {params['total']/1e6:.2f}M total, {params['active']/1e6:.2f}M active per token; "
-          f"data: {len(job.train_tokens):,} train / {len(job.val_tokens):,} val tokens"
-          + (f"; resumed at step {job.start_step}" if resumed else ""))
+    print(
+        f"[train] world={job.world} device={engine.device} router={cfg.router} ep_size={cfg.ep_size} "
+        f"experts={cfg.num_experts} top_k={cfg.top_k} beta={cfg.beta} "
+        f"zero={engine.zero_optimization_stage()} gas={job.gas}"
+    )
+    print(
+        f"[train] model: d={gpt.d_model} layers={gpt.n_layers} vocab={gpt.vocab_size} seq={gpt.seq_len}; "
+        f"params {params['total'] / 1e6:.2f}M total, {params['active'] / 1e6:.2f}M active per token; "
+        f"data: {len(job.train_tokens):,} train / {len(job.val_tokens):,} val tokens"
+        + (f"; resumed at step {job.start_step}" if resumed else "")
+    )

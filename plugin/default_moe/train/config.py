@@ -88,21 +88,30 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/gpt_tiny.json", help="run config JSON")
     ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in run_dir/ckpt")
-    ap.add_argument("--auto-resume", action="store_true",
-                    help="resume if run_dir/ckpt has a checkpoint, else start fresh (for torchrun --max-restarts)")
+    ap.add_argument(
+        "--auto-resume",
+        action="store_true",
+        help="resume if run_dir/ckpt has a checkpoint, else start fresh (for torchrun --max-restarts)",
+    )
     # Passed by the `deepspeed` launcher; the rank comes from the environment it also sets.
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     for f in dataclasses.fields(RunConfig):
         if f.name == "model":
             continue
         typ = {"int": int, "float": float, "str": str, "bool": _flag_bool}.get(
-            str(f.type).replace("Optional[", "").rstrip("]"), str)
+            str(f.type).replace("Optional[", "").rstrip("]"), str
+        )
         ap.add_argument(f"--{f.name.replace('_', '-')}", type=typ, default=None, help=f"(RunConfig.{f.name})")
     for f in dataclasses.fields(GPTConfig):
         if f.name in ("router",):
             continue
-        ap.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None, dest=f"model_{f.name}",
-                        help=f"(GPTConfig.{f.name})")
+        ap.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=None,
+            dest=f"model_{f.name}",
+            help=f"(GPTConfig.{f.name})",
+        )
     args = ap.parse_args(argv)
     try:
         with open(args.config) as fh:
@@ -133,8 +142,17 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
         with open(run.deepspeed_config) as fh:
             ds_config = json.load(fh)
         section = dict(ds_config.get("default_moe", {"enabled": True}))
-        for key in ("router", "beta", "ep_size", "ema_weighting", "ema_stats_dtype", "default_in_forward",
-                    "stale_defaults", "aux_loss_coeff", "expert_bias"):
+        for key in (
+            "router",
+            "beta",
+            "ep_size",
+            "ema_weighting",
+            "ema_stats_dtype",
+            "default_in_forward",
+            "stale_defaults",
+            "aux_loss_coeff",
+            "expert_bias",
+        ):
             if getattr(run, key) is not None:
                 section[key] = getattr(run, key)
         if section.get("router") == "stablemoe" and "stablemoe" not in section:

@@ -113,8 +113,16 @@ def train(job) -> None:
     from tqdm import tqdm
 
     run, gpt, engine, rank, history = job.run, job.gpt, job.engine, job.rank, job.history
-    bar = tqdm(range(job.start_step, run.steps), initial=job.start_step, total=run.steps, disable=rank != 0,
-               desc="train", dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
+    bar = tqdm(
+        range(job.start_step, run.steps),
+        initial=job.start_step,
+        total=run.steps,
+        disable=rank != 0,
+        desc="train",
+        dynamic_ncols=True,
+        file=sys.stdout,
+        mininterval=1.0,
+    )
     probe_state: Dict[int, torch.Tensor] = {}
     job.t_start = time.perf_counter()
     for step in bar:
@@ -181,10 +189,16 @@ def _evaluate_and_diagnose(job, done: int, probe_state: dict) -> None:
             writer.add_scalar(f"diag/{k}", v, done)
         fid = " ".join(f"{diag[k]:.2f}" for k in sorted(diag) if k.startswith("fidelity"))
         flu = " ".join(f"{diag[k]:.2f}" for k in sorted(diag) if k.startswith("fluctuation"))
-        tqdm.write(f"[train] step {done:5d}  router-gradient fidelity per layer {fid or 'n/a'}"
-                   + (f"  routing fluctuation {flu}" if flu else ""), file=sys.stdout)
+        tqdm.write(
+            f"[train] step {done:5d}  router-gradient fidelity per layer {fid or 'n/a'}"
+            + (f"  routing fluctuation {flu}" if flu else ""),
+            file=sys.stdout,
+        )
         writer.add_scalar("val/loss", val, done)
         writer.add_scalar("val/perplexity", math.exp(val), done)
-        tqdm.write(f"[train] step {done:5d}  train {history['train'][-1][1]:.4f}  val {val:.4f}  "
-                   f"ppl {math.exp(val):8.2f}  expert load max/mean per layer "
-                   f"{' '.join(f'{v:.2f}' for v in load)}", file=sys.stdout)
+        tqdm.write(
+            f"[train] step {done:5d}  train {history['train'][-1][1]:.4f}  val {val:.4f}  "
+            f"ppl {math.exp(val):8.2f}  expert load max/mean per layer "
+            f"{' '.join(f'{v:.2f}' for v in load)}",
+            file=sys.stdout,
+        )

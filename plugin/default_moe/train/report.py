@@ -67,35 +67,50 @@ def report(job) -> None:
         return
     run, history, cfg = job.run, job.history, job.moe_config
     elapsed = time.perf_counter() - job.t_start
-    recent = history["step_time"][-min(50, len(history["step_time"])):] or [float("nan")]
+    recent = history["step_time"][-min(50, len(history["step_time"])) :] or [float("nan")]
     step_time = sorted(recent)[len(recent) // 2]
     final_val = history["val"][-1][1] if history["val"] else float("nan")
     tokens_per_step = run.micro_batch * job.gpt.seq_len * job.gas * job.world
     params = job.params()
     metrics: Dict = {
-        "steps": run.steps, "router": cfg.router, "ep_size": cfg.ep_size, "world": job.world,
+        "steps": run.steps,
+        "router": cfg.router,
+        "ep_size": cfg.ep_size,
+        "world": job.world,
         "final_train_loss": history["train"][-1][1] if history["train"] else None,
-        "final_val_loss": final_val, "final_val_ppl": math.exp(final_val),
-        "median_step_s": step_time, "tokens_per_s": tokens_per_step / step_time,
-        "wall_s_this_session": elapsed, "params_total": params["total"], "params_active": params["active"],
-        "final_val_loss_without_defaults": val_no_defaults, "expert_share_per_layer": expert_share,
+        "final_val_loss": final_val,
+        "final_val_ppl": math.exp(final_val),
+        "median_step_s": step_time,
+        "tokens_per_s": tokens_per_step / step_time,
+        "wall_s_this_session": elapsed,
+        "params_total": params["total"],
+        "params_active": params["active"],
+        "final_val_loss_without_defaults": val_no_defaults,
+        "expert_share_per_layer": expert_share,
         "tokens_per_step": tokens_per_step,
         "history": history,
     }
-    norms = [layer.defaults.defaults_ED.norm(dim=1).mean().item() for layer in job.model.moe_layers
-             if layer.defaults is not None]
+    norms = [layer.defaults.defaults_ED.norm(dim=1).mean().item() for layer in job.model.moe_layers if layer.defaults is not None]
     metrics["default_norm_per_layer"] = norms
     run_dir: Path = job.run_dir
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot(history, run_dir / "loss.png", f"GPT-MoE {cfg.router}, {cfg.num_experts} experts top-{cfg.top_k}")
     print("[train] ---- summary ----")
-    print(f"[train] steps {run.steps}, final train loss {metrics['final_train_loss']:.4f}, "
-          f"validation loss {final_val:.4f} (perplexity {math.exp(final_val):.2f})")
-    print(f"[train] median step {step_time*1e3:.0f} ms, {metrics['tokens_per_s']:,.0f} tokens/s over {job.world} ranks; "
-          f"{elapsed:.0f} s this session")
+    print(
+        f"[train] steps {run.steps}, final train loss {metrics['final_train_loss']:.4f}, "
+        f"validation loss {final_val:.4f} (perplexity {math.exp(final_val):.2f})"
+    )
+    print(
+        f"[train] median step {step_time * 1e3:.0f} ms, {metrics['tokens_per_s']:,.0f} tokens/s over {job.world} ranks; "
+        f"{elapsed:.0f} s this session"
+    )
     if norms:
-        print(f"[train] mean default-vector norm per layer: {' '.join(f'{n:.3f}' for n in norms)}; validation "
-              f"loss with the defaults zeroed {val_no_defaults:.4f} ({val_no_defaults - final_val:+.4f})")
-    print(f"[train] wrote {run_dir/'loss.png'}, {run_dir/'metrics.json'}, TensorBoard events in {run_dir/'tb'}, "
-          f"checkpoints in {job.ckpt_dir}")
+        print(
+            f"[train] mean default-vector norm per layer: {' '.join(f'{n:.3f}' for n in norms)}; validation "
+            f"loss with the defaults zeroed {val_no_defaults:.4f} ({val_no_defaults - final_val:+.4f})"
+        )
+    print(
+        f"[train] wrote {run_dir / 'loss.png'}, {run_dir / 'metrics.json'}, TensorBoard events in {run_dir / 'tb'}, "
+        f"checkpoints in {job.ckpt_dir}"
+    )
     job.writer.close()
