@@ -25,6 +25,32 @@ def test_readme_is_short_and_names_existing_tests():
         assert (ROOT / link).exists(), link
 
 
+def test_readme_support_table_routers_are_the_codes():
+    """The routers column of the README's support table is each adapter's own list of routers, so
+    the table cannot claim a router an adapter refuses or miss one it takes."""
+    from default_moe.integrations import autoep, deepspeed_moe, hf, megatron, torchtitan
+    from default_moe.routing import registered_routers
+
+    code = {
+        "the layer, plain PyTorch": registered_routers(),
+        "DeepSpeed-MoE models": deepspeed_moe.ENGINE_ROUTERS,
+        "HF models": hf.HF_ROUTERS,
+        "DeepSpeed AutoEP": autoep.AUTOEP_ROUTERS,
+        "megatron-core": megatron.MEGATRON_ROUTERS,
+        "torchtitan": torchtitan.ROUTERS,
+    }
+    readme = (ROOT / "README.md").read_text()
+    rows = [line.split("|")[1:3] for line in readme.splitlines() if line.startswith("| ")]
+    seen = set()
+    for engine, routers in rows:
+        for prefix, names in code.items():
+            if engine.strip().startswith(prefix):
+                listed = {r.strip() for r in routers.split(";")[0].split(",")}
+                assert listed == set(names), f"README support table, {prefix}: {sorted(listed)} != code {sorted(names)}"
+                seen.add(prefix)
+    assert seen == set(code), f"rows not found: {set(code) - seen}"
+
+
 def test_every_docs_page_is_in_the_nav():
     import yaml  # the "docs" extra (mkdocs brings it)
 
