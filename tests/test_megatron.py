@@ -39,7 +39,10 @@ def test_megatron_lm_arguments():
         "ema_weighting": "mean",
         "ema_stats_dtype": "bfloat16",
         "nonfinite": "raise",
+        "stale_defaults": "keep",
     }
+    stale = parser.parse_args(["--moe-router-type", "default", "--moe-default-stale-defaults", "zero"])
+    assert dm.validate_settings(dm.settings_from_args(stale))["stale_defaults"] == "zero"
     # The removed EMA-sync flags still parse (old launch scripts) and warn that they are ignored.
     with pytest.warns(FutureWarning, match="ema_sync was removed and is ignored"):
         old = dm.settings_from_args(parser.parse_args(["--moe-router-type", "default", "--moe-default-ema-sync", "async"]))
@@ -67,6 +70,7 @@ def test_megatron_lm_arguments():
         ["--moe-default-ema-sync", "later"],
         ["--moe-nonfinite", "warn"],
         ["--moe-default-in-forward", "yes"],
+        ["--moe-default-stale-defaults", "often"],
     ):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
