@@ -143,6 +143,7 @@ def announce(job: Job, resumed: bool) -> None:
     print(
         f"[train] world={job.world} device={engine.device} router={cfg.router} ep_size={cfg.ep_size} "
         f"experts={cfg.num_experts} top_k={cfg.top_k} beta={cfg.beta} "
+        f"default_in_forward={'auto' if cfg.default_in_forward is None else cfg.default_in_forward} "
         f"zero={engine.zero_optimization_stage()} gas={job.gas}"
     )
     print(
