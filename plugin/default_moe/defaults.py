@@ -314,22 +314,41 @@ class ExpertDefaults(StepState):
             routed_TD: the routed output y_S (selected experts times their gates, route scale
                 included; no shared experts); needed by renormalised gates.
         """
+        if self.gate.renormalized and routed_TD is None:
+            raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
+        if routed_TD is not None and not self.default_in_forward:
+            routed_TD = routed_TD.detach()
+        term_TD = self.term(scores_TE, ran_TE, routed_TD)
+        if not self.default_in_forward:
+            term_TD = term_TD - term_TD.detach()  # zero in the forward, the router's dense gradient
+        return term_TD
+
+    def term(
+        self,
+        scores_TE: torch.Tensor,
+        ran_TE: torch.Tensor,
+        routed_TD: Optional[torch.Tensor],
+        only_E: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """The gate form's term as a value, [T, D] fp32 (`default_term` without the
+        `default_in_forward` handling; diagnostics call it too).
+
+        Args:
+            only_E: optional [E] bool, the experts whose part is wanted (None: all).
+        """
         gate = self.gate
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
             w_TE = gate.dense_weights(scores_TE).masked_fill(ran_TE, 0.0)
             if gate.renormalized:
-                if routed_TD is None:
-                    raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
                 # Experts without a committed D keep the default renormalisation assumes (y_S).
                 w_TE = w_TE * self.defaults_ED.ne(0).any(dim=1)
+            if only_E is not None:
+                w_TE = w_TE * only_E
             term_TD = w_TE @ self.defaults_ED
             if gate.scale != 1.0:
                 term_TD = term_TD * gate.scale
             if gate.renormalized:
-                routed = routed_TD.float() if self.default_in_forward else routed_TD.detach().float()
-                term_TD = term_TD - w_TE.sum(-1, keepdim=True) * routed
-        if not self.default_in_forward:
-            term_TD = term_TD - term_TD.detach()  # zero in the forward, the router's dense gradient
+                term_TD = term_TD - w_TE.sum(-1, keepdim=True) * routed_TD.float()
         return term_TD
 
     def local_statistics(

@@ -182,16 +182,9 @@ def default_term_share(
             if route.output_scale_D is not None:
                 routed_TD = routed_TD * route.output_scale_D.float()
             ran_TE = ran_mask(layer.config.num_experts, route.idx_TK)
-            w_TE = d.gate.dense_weights(route.probs_TE).masked_fill(ran_TE, 0.0)
-            if d.gate.renormalized:  # experts without a D contribute nothing (`GateForm`)
-                w_TE = w_TE * d.defaults_ED.ne(0).any(dim=1)
             idle_E = d.idle_commits_E >= idle_after
-
-            def term(w_TE):
-                t_TD = (w_TE @ d.defaults_ED) * d.gate.scale
-                return t_TD - w_TE.sum(-1, keepdim=True) * routed_TD if d.gate.renormalized else t_TD
-
-            term_TD, idle_TD = term(w_TE), term(w_TE * idle_E)
+            term_TD = d.term(route.probs_TE, ran_TE, routed_TD)
+            idle_TD = d.term(route.probs_TE, ran_TE, routed_TD, only_E=idle_E)
             norms = torch.stack([term_TD.norm(), idle_TD.norm(), (routed_TD + term_TD).norm()]).double()
     finally:
         layer.train(was_training)
