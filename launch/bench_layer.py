@@ -24,7 +24,6 @@ import torch.distributed as dist
 from default_moe import MoEConfig, MoELayer, commit_defaults, count_collectives
 from default_moe.parallel import init_distributed_from_env
 
-VARIANTS = ["topk", "default"]
 GEMMS = "experts GEMMs only"
 
 
@@ -39,12 +38,14 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="timed steps per variant per round")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--experts-backend", default="auto", choices=["auto", "loop", "grouped_mm"])
+    ap.add_argument("--routers", default="topk,default", help="comma-separated; the first is the ratios' baseline")
     args = ap.parse_args()
+    variants = args.routers.split(",")
 
     rank, world, device = init_distributed_from_env()
     dtype = getattr(torch, args.dtype)
     layers, counts = {}, {}
-    for router in VARIANTS:
+    for router in variants:
         torch.manual_seed(0)
         cfg = MoEConfig(
             hidden_size=args.hidden,
@@ -61,7 +62,7 @@ def main() -> None:
 
     def step(layer):
         xi = x.detach().requires_grad_(True)
-        (layer(xi) * g).sum().backward()
+        layer(xi).backward(g)
         commit_defaults(layer)  # what the optimizer step does (Default: one all-reduce)
 
     def sync_all():
@@ -76,12 +77,13 @@ def main() -> None:
         with count_collectives() as c:
             step(layer)
         counts[key] = c.summary()
-    # The experts alone on this rank's rows (sorted by expert), with TopK's per-expert counts.
-    experts = layers["topk"].experts
-    counts_E = layers["topk"].tokens_per_expert.clone()
+    # The experts alone on this rank's rows (sorted by expert), with the baseline's per-expert counts.
+    base = layers[variants[0]]
+    experts = base.experts
+    counts_E = base.tokens_per_expert.clone()
     if world > 1:  # the rows this rank's experts receive: every rank's slots for them
         dist.all_reduce(counts_E)
-    local_counts = [int(counts_E[e]) for e in layers["topk"].local_expert_ids]
+    local_counts = [int(counts_E[e]) for e in base.local_expert_ids]
     rows = sum(local_counts)
     xs = torch.randn(rows, args.hidden, device=device, dtype=dtype)
     gs = torch.randn(rows, args.hidden, device=device, dtype=dtype)
@@ -89,12 +91,12 @@ def main() -> None:
 
     def gemm_step(_):
         xi = xs.detach().requires_grad_(True)
-        (experts(xi, local_counts, counts_L) * gs).sum().backward()
+        experts(xi, local_counts, counts_L).backward(gs)
 
-    runners = {key: (lambda k=key: step(layers[k])) for key in VARIANTS}
+    runners = {key: (lambda k=key: step(layers[k])) for key in variants}
     runners[GEMMS] = lambda: gemm_step(None)
     times = {key: [] for key in runners}
-    keys = [*VARIANTS, GEMMS]
+    keys = [*variants, GEMMS]
     for r in range(args.rounds):
         order = keys if r % 2 == 0 else keys[::-1]
         for key in order:
@@ -115,13 +117,13 @@ def main() -> None:
             "efficiency (experts GEMMs / step, paired) | all-to-all calls, KiB | all-reduce calls, KiB |"
         )
         print("|---|---|---|---|---|---|---|")
-        for key in VARIANTS:
+        for key in variants:
             t = statistics.median(times[key])
             c = counts[key]
             a2a = c.get("all_to_all", (0, 0))
             ar = c.get("all_reduce", (0, 0))
             # Paired per-round ratios: both variants ran back to back, so drift cancels.
-            ratios = sorted(a / b for a, b in zip(times[key], times[VARIANTS[0]]))
+            ratios = sorted(a / b for a, b in zip(times[key], times[variants[0]]))
             q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
             eff = statistics.median(g / a for g, a in zip(times[GEMMS], times[key]))
             print(

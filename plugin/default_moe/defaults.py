@@ -151,6 +151,27 @@ def ran_mask(num_experts: int, idx_TK: torch.Tensor, keep_TK: Optional[torch.Ten
     return ran > 0
 
 
+class _DenseRouterGradient(torch.autograd.Function):
+    """Identity on the layer output; the backward adds the default term's gradient to the weights:
+    dL/dw_TE = grad_TD @ sD_ED^T  (- grad . routed, renormalised gates)."""
+
+    @staticmethod
+    def forward(ctx, out_TD, w_TE, sD_ED, routed_TD):
+        ctx.save_for_backward(sD_ED, routed_TD)
+        return out_TD.view_as(out_TD)
+
+    @staticmethod
+    def backward(ctx, grad_TD):
+        sD_ED, routed_TD = ctx.saved_tensors
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            g = grad_TD.float()
+            grad_w = g @ sD_ED.t()
+            if routed_TD is not None:
+                grad_w = grad_w - (g * routed_TD.float()).sum(-1, keepdim=True)
+        return grad_TD, grad_w, None, None
+
+
 @dataclass
 class DefaultsForward:
     """What one forward may do (from `ExpertDefaults.begin_forward`)."""
@@ -255,18 +276,20 @@ class ExpertDefaults(StepState):
         probs_TK: torch.Tensor,
         keep_TK: Optional[torch.Tensor],
         anchor: Optional[torch.Tensor] = None,
-    ) -> None:
+        carrier: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
         """Statistics of the raw outputs per (token, slot), accumulated when the backward reaches
         `anchor` (a tensor the layer's output depends on: the router probabilities, or the full
         expert outputs), else `y_TKD`, whichever needs a gradient. The reduction group is the one
-        the adapter bound (`bind`)."""
+        the adapter bound (`bind`). Returns `carrier` to go on with (see
+        `StepState.collect_on_backward`: under torch.compile, the statistics ride on it)."""
         if not fwd.collect:
-            return
+            return carrier
         mask_TK = None
         if fwd.mask_T is not None:
             mask_TK = fwd.mask_T.reshape(-1, 1).to(idx_TK.device).expand_as(idx_TK)
         stats_E_D1 = self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK, mask_TK)
-        self.collect_on_backward(stats_E_D1, anchor, y_TKD)
+        return self.collect_on_backward(stats_E_D1, anchor, y_TKD, carrier=carrier)
 
     def observe_rows(
         self,
@@ -277,7 +300,8 @@ class ExpertDefaults(StepState):
         count_weights: bool = True,
         keep_N: Optional[torch.Tensor] = None,
         anchor: Optional[torch.Tensor] = None,
-    ) -> None:
+        carrier: Optional[torch.Tensor] = None,
+    ) -> Optional[torch.Tensor]:
         """As `observe`, from raw output rows with their (global) expert ids.
 
         Args:
@@ -286,14 +310,15 @@ class ExpertDefaults(StepState):
                 each a partial sum of the output). The sums then add up to the full outputs and
                 the weights (counts) are contributed once, by the rank that passes True.
             keep_N: optional [N] bool, rows that count (False: padding).
+            carrier: as in `observe`; returned.
         """
         if not fwd.collect:
-            return
+            return carrier
         mask = keep_N[:, None] if keep_N is not None else None
         stats_E_D1 = self.local_statistics(y_ND[:, None], expert_N[:, None], probs_N[:, None], None, mask)
         if not count_weights:
             stats_E_D1[:, -1] = 0
-        self.collect_on_backward(stats_E_D1, anchor, y_ND)
+        return self.collect_on_backward(stats_E_D1, anchor, y_ND, carrier=carrier)
 
     def default_term(
         self,
@@ -323,6 +348,37 @@ class ExpertDefaults(StepState):
             term_TD = term_TD - term_TD.detach()  # zero in the forward, the router's dense gradient
         return term_TD
 
+    def add_default_term(
+        self,
+        out_TD: torch.Tensor,
+        scores_TE: torch.Tensor,
+        ran_TE: torch.Tensor,
+        routed_TD: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """`out_TD + default_term(...)` in `out_TD`'s dtype. With the term out of the forward
+        (`default_in_forward` false) no [T, D] term is made: `out_TD` passes through a Function
+        whose backward gives the weights their gradient, grad . (s D_i - routed) (one GEMM; the
+        difference `term - term.detach()` costs a GEMM and two [T, D] passes more)."""
+        if self.default_in_forward:
+            return out_TD + self.default_term(None, scores_TE, ran_TE, routed_TD).to(out_TD.dtype)
+        if self.gate.renormalized and routed_TD is None:
+            raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
+        with torch.autocast(device_type=scores_TE.device.type, enabled=False):
+            w_TE = self._masked_weights(scores_TE, ran_TE)
+        routed = routed_TD.detach() if self.gate.renormalized else None
+        return _DenseRouterGradient.apply(out_TD, w_TE, self.defaults_ED * self.gate.scale, routed)
+
+    def _masked_weights(self, scores_TE: torch.Tensor, ran_TE: torch.Tensor, only_E: Optional[torch.Tensor] = None):
+        """The term's [T, E] fp32 weights: w of the experts that did not run (and have a D, for
+        renormalised gates; of `only_E` when given)."""
+        w_TE = self.gate.dense_weights(scores_TE).masked_fill(ran_TE, 0.0)
+        if self.gate.renormalized:
+            # Experts without a committed D keep the default renormalisation assumes (y_S).
+            w_TE = w_TE * self.defaults_ED.ne(0).any(dim=1)
+        if only_E is not None:
+            w_TE = w_TE * only_E
+        return w_TE
+
     def term(
         self,
         scores_TE: torch.Tensor,
@@ -338,12 +394,7 @@ class ExpertDefaults(StepState):
         """
         gate = self.gate
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
-            w_TE = gate.dense_weights(scores_TE).masked_fill(ran_TE, 0.0)
-            if gate.renormalized:
-                # Experts without a committed D keep the default renormalisation assumes (y_S).
-                w_TE = w_TE * self.defaults_ED.ne(0).any(dim=1)
-            if only_E is not None:
-                w_TE = w_TE * only_E
+            w_TE = self._masked_weights(scores_TE, ran_TE, only_E)
             term_TD = w_TE @ self.defaults_ED
             if gate.scale != 1.0:
                 term_TD = term_TD * gate.scale

@@ -74,8 +74,62 @@ class DispatchPlan:
     input_splits: List[int]  # rows sent to each EP rank
     output_splits: List[int]  # rows received from each EP rank
     regroup: Optional[torch.Tensor]  # received row -> position in local-expert-major order (EP > 1)
-    tokens_per_local_expert: List[int]  # host ints (the loop backend's slices)
+    tokens_per_local_expert: Optional[List[int]]  # host ints (the loop backend's slices; None: not fetched)
     counts_L: torch.Tensor  # the same counts on the device (the grouped backend's offsets)
+    inverse: Optional[torch.Tensor] = None  # dropless: slot -> row of slot_order (None with drops)
+
+
+class _Permute(torch.autograd.Function):
+    """Rows of `x` in the order `index`, where `index` is a permutation: the backward gathers the
+    gradient with the inverse permutation (one read and one write) instead of index_select's
+    zero-fill plus scatter-add."""
+
+    @staticmethod
+    def forward(ctx, x_ND: torch.Tensor, index_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse_N)
+        return x_ND.index_select(0, index_N)
+
+    @staticmethod
+    def backward(ctx, grad_ND: torch.Tensor):
+        (inverse_N,) = ctx.saved_tensors
+        return grad_ND.index_select(0, inverse_N), None, None
+
+
+def permute_rows(x_ND: torch.Tensor, index_N: torch.Tensor, inverse_N: torch.Tensor) -> torch.Tensor:
+    """`x_ND.index_select(0, index_N)` for a permutation `index_N` whose inverse is `inverse_N`."""
+    return _Permute.apply(x_ND, index_N, inverse_N)
+
+
+def inverse_permutation(perm_N: torch.Tensor) -> torch.Tensor:
+    """inv with inv[perm[n]] = n (one scatter, no sort)."""
+    return torch.empty_like(perm_N).scatter_(0, perm_N, torch.arange(perm_N.numel(), device=perm_N.device))
+
+
+class _WeightedSum(torch.autograd.Function):
+    """out_TD = sum_k gates_TK * y_TKD in one pass, and both gradients in one pass each (the
+    broadcast multiply + sum it replaces reads and writes y twice forward and three times backward)."""
+
+    @staticmethod
+    def forward(ctx, y_TKD: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(y_TKD, gates_TK)
+        if y_TKD.shape[1] == 1:
+            return y_TKD[:, 0] * gates_TK
+        return torch.bmm(gates_TK.unsqueeze(1), y_TKD).squeeze(1)
+
+    @staticmethod
+    def backward(ctx, grad_TD: torch.Tensor):
+        y_TKD, gates_TK = ctx.saved_tensors
+        grad_y = grad_gates = None
+        if ctx.needs_input_grad[0]:
+            grad_y = grad_TD.unsqueeze(1) * gates_TK.unsqueeze(-1)
+        if ctx.needs_input_grad[1]:
+            grad_gates = torch.bmm(y_TKD, grad_TD.unsqueeze(-1)).squeeze(-1)
+        return grad_y, grad_gates
+
+
+def weighted_sum(y_TKD: torch.Tensor, gates_TK: torch.Tensor) -> torch.Tensor:
+    """sum_k gates_TK[:, k] * y_TKD[:, k] -> [T, D] (gates cast to y's dtype)."""
+    return _WeightedSum.apply(y_TKD, gates_TK.to(y_TKD.dtype))
 
 
 def expert_counts(expert_S: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -86,8 +140,10 @@ def expert_counts(expert_S: torch.Tensor, num_bins: int) -> torch.Tensor:
 class AllToAllDispatcher:
     """Dropless / capacity dispatch over an EP group with uneven `all_to_all_single`.
 
-    Exactly one host sync per dispatch: every split size (all-to-all splits, kept slots, rows per
-    local expert) comes from one device-to-host transfer of the local and received counts.
+    At most one host sync per dispatch: every split size (all-to-all splits, kept slots, rows per
+    local expert) comes from one device-to-host transfer of the local and received counts. None
+    at all without expert parallelism, drops or a consumer of host counts (`host_counts=False`,
+    the grouped GEMM backend): every size is then T*K, and the counts stay on the device.
 
     Args:
         num_experts: E (global).
@@ -101,9 +157,13 @@ class AllToAllDispatcher:
         self.num_local_experts = num_experts // self.ep_size
 
     def dispatch(
-        self, x_TD: torch.Tensor, idx_TK: torch.Tensor, keep_TK: Optional[torch.Tensor]
+        self, x_TD: torch.Tensor, idx_TK: torch.Tensor, keep_TK: Optional[torch.Tensor], host_counts: bool = True
     ) -> "tuple[torch.Tensor, DispatchPlan]":
         """Sends each kept (token, expert) slot to the rank holding the expert.
+
+        Args:
+            host_counts: whether the experts need the rows per local expert as host ints
+                (`plan.tokens_per_local_expert`; None in the plan when not fetched).
 
         Returns:
             x_local_ND: rows for this rank's experts, sorted by local expert.
@@ -118,14 +178,20 @@ class AllToAllDispatcher:
         counts_E = expert_counts(expert_S, E + 1)[:E]
         order_S = torch.argsort(expert_S, stable=True)
 
+        if P == 1 and keep_TK is None and not host_counts:
+            # No host sync and, under torch.compile, no graph break: every slot is kept, in order.
+            inverse = inverse_permutation(order_S)
+            x_ND = self._gather(x_TD, order_S, K, inverse)
+            return x_ND, DispatchPlan(T, K, order_S, [T * K], [T * K], None, None, counts_E, inverse)
         if P == 1:
             # The one host sync, and under torch.compile the layer's one graph break: the experts'
             # split sizes (the loop backend's torch.split; the slot cut when capacity drops).
             counts = counts_E.tolist()
-            slot_order = order_S[: sum(counts)]
-            x_ND = x_TD.index_select(0, torch.div(slot_order, K, rounding_mode="floor"))
-            n = x_ND.shape[0]
-            return x_ND, DispatchPlan(T, K, slot_order, [n], [n], None, counts, counts_E)
+            n = sum(counts)
+            slot_order = order_S[:n]
+            inverse = inverse_permutation(order_S) if n == T * K else None
+            x_ND = self._gather(x_TD, slot_order, K, inverse)
+            return x_ND, DispatchPlan(T, K, slot_order, [n], [n], None, counts, counts_E, inverse)
 
         recv_counts_E = torch.empty_like(counts_E)
         comm.all_to_all_single(recv_counts_E, counts_E, None, None, self.ep_group)
@@ -138,8 +204,10 @@ class AllToAllDispatcher:
         output_splits = [sum(c) for c in recv_PL]
         tokens_per_local_expert = [sum(col) for col in zip(*recv_PL)]
 
-        slot_order = order_S[: sum(input_splits)]
-        x_send_ND = x_TD.index_select(0, torch.div(slot_order, K, rounding_mode="floor"))
+        n = sum(input_splits)
+        slot_order = order_S[:n]
+        inverse = inverse_permutation(order_S) if n == T * K else None
+        x_send_ND = self._gather(x_TD, slot_order, K, inverse)
         x_recv_ND = comm.all_to_all(x_send_ND, output_splits, input_splits, self.ep_group)
         recv_counts_PL = recv_counts_E.view(P, L)
         local_expert_of_row = torch.repeat_interleave(
@@ -147,9 +215,17 @@ class AllToAllDispatcher:
         )
         regroup = torch.argsort(local_expert_of_row, stable=True)
         plan = DispatchPlan(
-            T, K, slot_order, input_splits, output_splits, regroup, tokens_per_local_expert, recv_counts_PL.sum(0)
+            T, K, slot_order, input_splits, output_splits, regroup, tokens_per_local_expert, recv_counts_PL.sum(0), inverse
         )
         return x_recv_ND.index_select(0, regroup), plan
+
+    @staticmethod
+    def _gather(x_TD: torch.Tensor, slot_order: torch.Tensor, K: int, inverse: Optional[torch.Tensor]) -> torch.Tensor:
+        """The token row of each slot in `slot_order`. With K = 1 and no drop that is a permutation
+        of the tokens, whose backward is a gather too (no zero-fill + scatter-add)."""
+        if K == 1 and inverse is not None:
+            return permute_rows(x_TD, slot_order, inverse)
+        return x_TD.index_select(0, torch.div(slot_order, K, rounding_mode="floor"))
 
     def combine(self, y_local_ND: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Returns raw expert outputs per token and slot, y_TKD (zeros for dropped slots)."""
@@ -159,5 +235,7 @@ class AllToAllDispatcher:
         else:
             y_back_ND = y_local_ND
         D = y_back_ND.shape[-1]
+        if plan.inverse is not None:  # dropless: every slot has its row
+            return permute_rows(y_back_ND, plan.inverse, plan.slot_order).view(plan.num_tokens, plan.top_k, D)
         y_SD = y_back_ND.new_zeros(plan.num_tokens * plan.top_k, D).index_copy(0, plan.slot_order, y_back_ND)
         return y_SD.view(plan.num_tokens, plan.top_k, D)

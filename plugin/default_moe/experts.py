@@ -11,6 +11,10 @@ arithmetic (`MoEConfig.experts_backend`):
 - "auto" (default): "grouped_mm" for bf16/fp16 tensors on CUDA when torch has `_grouped_mm` and
   D and F rows are 16-byte aligned (its requirement), else "loop".
 
+Under torch.compile, "grouped_mm" needs bf16 (the op's shape function accepts nothing else); other
+dtypes run the loop there. Without expert parallelism and drops, the grouped backend needs no host
+count at all: the layer then has no host sync and no graph break.
+
 The SwiGLU input projection is ONE fused parameter `w13_LD2F` = [w1 | w3] along the last dim
 (megatron-core's fc1, torchtitan's w13): the forward never concatenates weights, so autograd saves
 no weight-sized copy. State dicts with the old separate `w1_LDF` / `w3_LDF` load through a
@@ -71,6 +75,9 @@ def resolve_backend(backend: str, device_type: str, dtype: torch.dtype, dims: tu
             f"MoEConfig.experts_backend='grouped_mm' needs hidden_size and ffn_hidden_size whose rows are "
             f"multiples of 16 bytes in {dtype} (got {list(dims)}); use 'loop' or 'auto'"
         )
+    if backend == "grouped_mm" and dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        # torch.compile's shape function for _grouped_mm accepts bf16 only (eager CPU runs fp32 too).
+        return "loop"
     if backend != "auto":
         return backend
     if (
@@ -162,12 +169,16 @@ class GroupedExperts(nn.Module):
     def _upgrade_hook(state_dict, prefix, *args):
         upgrade_expert_state_dict(state_dict, prefix)
 
-    def forward(self, x_ND: torch.Tensor, counts: List[int], counts_L: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def needs_host_counts(self, device_type: str, dtype: torch.dtype) -> bool:
+        """Whether `forward` needs the row counts as host ints (the loop backend's slices)."""
+        return resolve_backend(self.backend, device_type, dtype, tuple(self.w2_LFD.shape[1:])) != "grouped_mm"
+
+    def forward(self, x_ND: torch.Tensor, counts: Optional[List[int]], counts_L: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Runs each expert on its contiguous slice of `x_ND`.
 
         Args:
             x_ND: rows sorted by local expert.
-            counts: L row counts (host ints), summing to N.
+            counts: L row counts (host ints), summing to N; may be None for the grouped backend.
             counts_L: the same counts on the device (the grouped backend's offsets; computed from
                 `counts` when None).
 
@@ -176,7 +187,7 @@ class GroupedExperts(nn.Module):
         """
         w_in = self.w_in.to(x_ND.dtype)
         w2_LFD = self.w2_LFD.to(x_ND.dtype)
-        if resolve_backend(self.backend, x_ND.device.type, x_ND.dtype, tuple(self.w2_LFD.shape[1:])) == "grouped_mm":
+        if not self.needs_host_counts(x_ND.device.type, x_ND.dtype):
             if counts_L is None:
                 counts_L = torch.tensor(counts, device=x_ND.device)
             offs_L = torch.cumsum(counts_L, 0).to(torch.int32)

@@ -22,7 +22,7 @@ from torch import nn
 
 from default_moe.config import MoEConfig
 from default_moe.defaults import ExpertDefaults, ran_mask
-from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask, expert_counts
+from default_moe.dispatch import AllToAllDispatcher, capacity_keep_mask, expert_counts, weighted_sum
 from default_moe.experts import GroupedExperts, SharedExpert, mark_expert_params
 from default_moe.layer_utils import layer_built, updates_state
 from default_moe.losses import AuxLossAutoScaler
@@ -285,20 +285,20 @@ class MoELayer(nn.Module):
         # Raw pi of the selected experts: drop priority and EMA weight (not the renormalised gates).
         probs_TK = route.probs_TE.detach().gather(1, idx_TK)
         keep_TK = capacity_keep_mask(idx_TK, probs_TK, cfg.num_experts, cfg.capacity_factor, cfg.drop_policy)
-        x_local_ND, plan = self.dispatcher.dispatch(x_TD, idx_TK, keep_TK)
+        host_counts = self.experts.needs_host_counts(x_TD.device.type, x_TD.dtype)
+        x_local_ND, plan = self.dispatcher.dispatch(x_TD, idx_TK, keep_TK, host_counts)
         y_local_ND = self.experts(x_local_ND, plan.tokens_per_local_expert, plan.counts_L)
         y_TKD = self.dispatcher.combine(y_local_ND, plan)
 
-        out_TD = (y_TKD * gates_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
+        out_TD = weighted_sum(y_TKD, gates_TK)
         if route.output_scale_D is not None:
             out_TD = out_TD * route.output_scale_D.to(out_TD.dtype)
         if self.defaults is not None:
-            self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, anchor=route.probs_TE)
+            probs_TE = self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, anchor=route.probs_TE, carrier=route.probs_TE)
             # Experts that did not process the token: not in the top-k, or dropped over capacity.
-            default_TD = self.defaults.default_term(
-                fwd, route.probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK), routed_TD=out_TD
+            out_TD = self.defaults.add_default_term(
+                out_TD, probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK), routed_TD=out_TD
             )
-            out_TD = out_TD + default_TD.to(out_TD.dtype)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD).to(out_TD.dtype)
 

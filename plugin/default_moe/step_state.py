@@ -58,7 +58,9 @@ class StepState(nn.Module):
         super().__init__()
         self.name = name
         self.num_updates = 0  # commits
-        self.pending = 0  # micro-batches accumulated since the last commit (counted in backward)
+        self._pending = 0  # micro-batches accumulated since the last commit (counted in backward)
+        # The same count for forwards run under torch.compile (a device counter: no host sync).
+        self.register_buffer("pending_compiled", torch.zeros((), dtype=torch.long), persistent=False)
         self._warned_pending = False
         self._lock = threading.Lock()
         # Set by the adapter (`bind`): the layer (trainable check, optimizer matching), the
@@ -105,17 +107,28 @@ class StepState(nn.Module):
         layer = self.layer()
         return layer is None or any(p.requires_grad for p in layer.parameters())
 
-    def collect_on_backward(self, stats: torch.Tensor, *anchors: Optional[torch.Tensor]) -> None:
+    def collect_on_backward(
+        self, stats: torch.Tensor, *anchors: Optional[torch.Tensor], carrier: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
         """Adds `stats` to the accumulator when the backward reaches the first anchor that needs
-        a gradient (it must be a tensor the layer's output depends on)."""
+        a gradient (it must be a tensor the layer's output depends on).
+
+        Args:
+            carrier: optional tensor the caller goes on computing with (replacing it with the
+                return value), on the path from the anchor to the layer's output. Under
+                torch.compile the statistics then ride through an autograd Function on it instead
+                of a tensor hook, which dynamo cannot trace (a graph break).
+
+        Returns:
+            The carrier to use from here on (the same tensor, except under torch.compile).
+        """
         target = next((t for t in anchors if t is not None and t.requires_grad), None)
         if target is None:
-            return  # no backward can reach this forward: nothing trains through it
+            return carrier  # no backward can reach this forward: nothing trains through it
+        if carrier is not None and carrier.requires_grad and torch.compiler.is_compiling():
+            return _CollectInBackward.apply(carrier, stats, self.accumulator(), self.pending_compiled)
         fired = [False]
 
-        # Under torch.compile a hook on a tensor made inside the graph (the expert bias counts its
-        # slots on the router logits) is traced as a higher-order op that may not mutate the
-        # once-flag: one graph break, TopK and Default alike (tests/test_compile.py).
         def hook(grad):
             # Once per forward, also when a graph is backpropagated twice (retain_graph).
             if not fired[0]:
@@ -123,6 +136,12 @@ class StepState(nn.Module):
                 self._accumulate(stats)
 
         target.register_hook(hook)
+        return carrier
+
+    @property
+    def pending(self) -> int:
+        """Micro-batches accumulated since the last commit (reading it syncs with the device)."""
+        return self._pending + int(self.pending_compiled)
 
     def accumulator(self) -> torch.Tensor:  # pragma: no cover - interface
         raise NotImplementedError
@@ -133,8 +152,8 @@ class StepState(nn.Module):
         with self._lock:
             acc = self.accumulator()
             acc.add_(stats.to(acc.device))
-            self.pending += 1
-            warn = self.pending >= PENDING_WARN_AFTER and not self._warned_pending
+            self._pending += 1
+            warn = self._pending >= PENDING_WARN_AFTER and not self._warned_pending
             self._warned_pending |= warn
         if warn:
             warnings.warn(
@@ -158,7 +177,8 @@ class StepState(nn.Module):
     def _clear(self) -> None:
         with self._lock:
             self.accumulator().zero_()
-            self.pending, self._warned_pending = 0, False
+            self.pending_compiled.zero_()
+            self._pending, self._warned_pending = 0, False
 
     # ---- copies, state dicts ----
 
@@ -203,6 +223,25 @@ class StepState(nn.Module):
         # Statistics accumulated since the last commit belong to the replaced state.
         self._clear()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+class _CollectInBackward(torch.autograd.Function):
+    """Identity on `anchor`; its backward adds `stats` to `acc` and 1 to `count` (device tensors,
+    traceable by torch.compile). The tensors ride on ctx, not `save_for_backward`: the backward
+    mutates `acc`, which a saved-tensor version check would refuse on a second backward.
+    Without the eager hook's once-flag: a compiled graph backpropagated twice (retain_graph,
+    which compiled backward refuses unless `donated_buffer` is off) counts twice."""
+
+    @staticmethod
+    def forward(ctx, anchor: torch.Tensor, stats: torch.Tensor, acc: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        ctx.stats, ctx.acc, ctx.count = stats, acc, count
+        return anchor.view_as(anchor)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        ctx.acc.add_(ctx.stats.to(ctx.acc.device))
+        ctx.count.add_(1)
+        return grad, None, None, None
 
 
 def step_states_in(modules: Union[nn.Module, Iterable[nn.Module]], kind: type = StepState) -> List[StepState]:

@@ -149,7 +149,7 @@ class DefaultMoE(MoE):
             "scores": self._local(scores_BLE),
         }
 
-    def _experts_out(self, module, args, y_RD) -> None:
+    def _experts_out(self, module, args, y_RD) -> Optional[torch.Tensor]:
         fwd = self._call.get("fwd")
         if fwd is None or not fwd.collect:
             return
@@ -162,7 +162,10 @@ class DefaultMoE(MoE):
         local_R = torch.bucketize(torch.arange(R, device=y_RD.device), counts_e.cumsum(0), right=True)
         keep_R = local_R < e
         expert_R = first + local_R.clamp_max(e - 1)
-        self.defaults.observe_rows(fwd, y_RD, expert_R, torch.ones(R, device=y_RD.device), keep_N=keep_R, anchor=y_RD)
+        # Returned: under torch.compile the statistics ride on the experts' output (no hook, no break).
+        return self.defaults.observe_rows(
+            fwd, y_RD, expert_R, torch.ones(R, device=y_RD.device), keep_N=keep_R, anchor=y_RD, carrier=y_RD
+        )
 
     def _ep_rank(self) -> int:
         pd = self._parallel_dims

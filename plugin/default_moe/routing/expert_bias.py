@@ -14,7 +14,7 @@ Legend: T tokens, K top-k, E experts.
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -35,13 +35,17 @@ class ExpertBias(StepState):
         self.register_buffer("expert_bias_E", torch.zeros(num_experts, dtype=torch.float32))
         self.register_buffer("tokens_E", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
 
-    def observe(self, training: bool, idx_TK: torch.Tensor, anchor: torch.Tensor) -> None:
-        """Counts this forward's selected slots when its backward reaches `anchor` (the scores)."""
-        if self.collects(training):
-            counts_E = torch.zeros_like(self.tokens_E).index_add_(
-                0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
-            )
-            self.collect_on_backward(counts_E, anchor)
+    def observe(
+        self, training: bool, idx_TK: torch.Tensor, anchor: torch.Tensor, carrier: Optional[torch.Tensor] = None
+    ) -> Optional[torch.Tensor]:
+        """Counts this forward's selected slots when its backward reaches `anchor` (the scores).
+        Returns `carrier` to go on with (`StepState.collect_on_backward`)."""
+        if not self.collects(training):
+            return carrier
+        counts_E = torch.zeros_like(self.tokens_E).index_add_(
+            0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
+        )
+        return self.collect_on_backward(counts_E, anchor, carrier=carrier)
 
     def accumulator(self) -> torch.Tensor:
         return self.tokens_E

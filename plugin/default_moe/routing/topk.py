@@ -61,7 +61,7 @@ class TopKRouter(Router):
         if cfg.route_scale != 1.0:
             gates_TK = gates_TK * cfg.route_scale
         if self.expert_bias is not None:
-            self.expert_bias.observe(self.training, idx_TK, anchor=logits_TE)
+            gates_TK = self.expert_bias.observe(self.training, idx_TK, anchor=logits_TE, carrier=gates_TK)
         # The balance loss sees probabilities: sigmoid scores normalised per token (megatron-core's).
         balance_TE = scores_TE if cfg.score_function == "softmax" else scores_TE / (scores_TE.sum(-1, keepdim=True) + 1e-20)
         aux = {
