@@ -40,9 +40,31 @@ class _CountOps(TorchDispatchMode):
 DEVICE = torch.device("cpu")
 
 
-def build(router, D, F, E, k, seed=0):
+GATES = {
+    "softmax": {},
+    "dsv3-sigmoid-bias": dict(score_function="sigmoid", normalize_topk=True, expert_bias=True),
+}
+
+
+def build(router, D, F, E, k, seed=0, **kw):
     torch.manual_seed(seed)
-    return MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=k, router=router)).to(DEVICE)
+    return MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=k, router=router, **kw)).to(DEVICE)
+
+
+def graph_table(D, F, E, k, T) -> None:
+    """Graphs and breaks per experts backend and gate form (explain only)."""
+    print("| experts backend, dtype | gate | router | graphs | breaks | break reasons |")
+    print("|---|---|---|---|---|---|")
+    for backend, dtype in (("loop", torch.float32), ("grouped_mm", torch.bfloat16)):
+        for gate, kw in GATES.items():
+            for router in ("topk", "default"):
+                torch._dynamo.reset()
+                layer = build(router, D, F, E, k, experts_backend=backend, **kw).to(dtype)
+                ex = torch._dynamo.explain(layer)(torch.randn(T, D, device=DEVICE, dtype=dtype))
+                reasons = ", ".join(sorted({b.reason.splitlines()[0] for b in ex.break_reasons})) or "-"
+                print(
+                    f"| {backend}, {str(dtype)[6:]} | {gate} | {router} | {ex.graph_count} | {ex.graph_break_count} | {reasons} |"
+                )
 
 
 def _sync():
@@ -77,8 +99,13 @@ def ops_per_step(router, T, D, F, E, k):
     return c.n
 
 
-def main_job(steps: int, router: str) -> int:
-    """The main job eagerly and with `--compile true`, same seed: step time, graphs, losses."""
+def main_job(steps: int, router: str, repeats: int) -> int:
+    """The main job eagerly and with `--compile true`, same seed: step time, graphs, losses.
+
+    The two jobs of a repeat run at the same time, one thread each on its own core, so both see
+    the same machine (this shared 2-core host's step times drift by 10-20% between minutes);
+    each repeat's ratio is of medians after warm-up, and the median over repeats is reported.
+    """
     import json
     import os
     import socket
@@ -86,25 +113,27 @@ def main_job(steps: int, router: str) -> int:
     import tempfile
 
     root = Path(__file__).resolve().parents[1]
-    out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, extra in (("eager", []), ("compiled", ["--compile", "true"])):
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                port = s.getsockname()[1]
-            env = {
-                **os.environ,
-                "OMP_NUM_THREADS": "1",
-                "RANK": "0",
-                "LOCAL_RANK": "0",
-                "WORLD_SIZE": "1",
-                "LOCAL_WORLD_SIZE": "1",
-                "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(port),
-            }
-            run_dir = Path(tmp) / name
-            subprocess.run(
-                [
+    warm = 5
+    rows = []
+    for rep in range(repeats):
+        out = {}
+        with tempfile.TemporaryDirectory() as tmp:
+            procs = {}
+            for name, extra in (("eager", []), ("compiled", ["--compile", "true"])):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    port = s.getsockname()[1]
+                env = {
+                    **os.environ,
+                    "OMP_NUM_THREADS": "1",
+                    "RANK": "0",
+                    "LOCAL_RANK": "0",
+                    "WORLD_SIZE": "1",
+                    "LOCAL_WORLD_SIZE": "1",
+                    "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port),
+                }
+                cmd = [
                     sys.executable,
                     str(root / "launch" / "train.py"),
                     "--router",
@@ -112,7 +141,7 @@ def main_job(steps: int, router: str) -> int:
                     "--ep-size",
                     "1",
                     "--run-dir",
-                    str(run_dir),
+                    str(Path(tmp) / name),
                     "--steps",
                     str(steps),
                     "--eval-every",
@@ -122,28 +151,30 @@ def main_job(steps: int, router: str) -> int:
                     "--log-every",
                     "1",
                     *extra,
-                ],
-                cwd=root,
-                env=env,
-                check=True,
-                stdout=subprocess.DEVNULL,
-            )
-            out[name] = json.loads((run_dir / "metrics.json").read_text())["history"]
-    warm = 5
-    t = {n: statistics.median(h["step_time"][warm:]) for n, h in out.items()}
-    graphs = [g for _, g in out["compiled"]["compiled_graphs"]]
-    diff = max(abs(a[1] - b[1]) for a, b in zip(out["eager"]["train"], out["compiled"]["train"]))
+                ]
+                procs[name] = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL)
+            for name, proc in procs.items():
+                if proc.wait() != 0:
+                    raise SystemExit(f"the {name} main job failed (exit {proc.returncode})")
+                out[name] = json.loads((Path(tmp) / name / "metrics.json").read_text())["history"]
+        t = {n: statistics.median(h["step_time"][warm:]) for n, h in out.items()}
+        graphs = [g for _, g in out["compiled"]["compiled_graphs"]]
+        diff = max(abs(a[1] - b[1]) for a, b in zip(out["eager"]["train"], out["compiled"]["train"]))
+        rows.append((rep, t["eager"], t["compiled"], graphs, diff))
     print(
-        "| router | steps | eager step ms | compiled step ms | eager/compiled | graphs after step 1, 5, last | "
+        "| router | repeat | steps | eager step ms | compiled step ms | eager/compiled | graphs after step 1, 5, last | "
         "max loss difference |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
+    for rep, te, tc, graphs, diff in rows:
+        print(
+            f"| {router} | {rep + 1} | {steps} | {te * 1e3:.0f} | {tc * 1e3:.0f} | {te / tc:.2f} | "
+            f"{graphs[0]}, {graphs[4]}, {graphs[-1]} | {diff:.1e} |"
+        )
+    ratio = statistics.median(te / tc for _, te, tc, _, _ in rows)
     print(
-        f"| {router} | {steps} | {t['eager'] * 1e3:.0f} | {t['compiled'] * 1e3:.0f} | {t['eager'] / t['compiled']:.2f} | "
-        f"{graphs[0]}, {graphs[4]}, {graphs[-1]} | {diff:.1e} |"
-    )
-    print(
-        f"main job (configs/gpt_tiny.json, 2048 tokens/step), 1 process, 1 thread, medians after step {warm}, "
+        f"eager/compiled, median of {repeats} repeats: {ratio:.2f}. Main job (configs/gpt_tiny.json, 2048 tokens/step), "
+        f"1 process and 1 thread per job, the two jobs of a repeat side by side, medians after step {warm}, "
         f"torch {torch.__version__}"
     )
     return 0
@@ -159,9 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu, or cuda (the GPU device check runs it)")
     ap.add_argument("--main-job", action="store_true", help="time the main job eager vs --compile true instead")
     ap.add_argument("--router", default="default", help="the main job's router (--main-job)")
+    ap.add_argument("--repeats", type=int, default=3, help="eager/compiled pairs (--main-job)")
     args = ap.parse_args(argv)
     if args.main_job:
-        return main_job(args.steps, args.router)
+        return main_job(args.steps, args.router, args.repeats)
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
@@ -208,6 +240,8 @@ def main(argv=None) -> int:
         + "; ".join(f"{r['router']}: {', '.join(r['break_reasons'])}" for r in rows)
     )
     print(f"T,D,F,E,k = {args.size}, EP 1, {DEVICE}, {args.threads} thread(s), torch {torch.__version__}")
+    print()
+    graph_table(D, F, E, k, T)
     return 0
 
 

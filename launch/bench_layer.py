@@ -1,5 +1,8 @@
 """Benchmark: MoE layer forward+backward (+ the EMA commit of an optimizer step), TopK vs Default, one run.
 
+A step is `layer(x).backward(g)` (and the commit): the layer's own forward and backward, no loss.
+"default-bwd" is Default MoE with the term out of the forward (`default_in_forward=false`).
+
 Run on all local ranks with `bash launch/bench_layer.sh` (EP = world size). The routers are timed
 in interleaved rounds (same process, same data) so the ratio is not skewed by drift; each figure is
 the median over rounds. Prints tokens/s over all ranks, the ratio to TopK, and the collectives one
@@ -25,6 +28,14 @@ from default_moe import MoEConfig, MoELayer, commit_defaults, count_collectives
 from default_moe.parallel import init_distributed_from_env
 
 GEMMS = "experts GEMMs only"
+TERM = "Default's term GEMMs only"
+# Variant name -> MoEConfig settings. "default" keeps the library's default_in_forward (auto: the
+# term in the forward for softmax gates, as the paper); "default-bwd" is the main job's setting.
+VARIANT_SETTINGS = {
+    "topk": dict(router="topk"),
+    "default": dict(router="default"),
+    "default-bwd": dict(router="default", default_in_forward=False),
+}
 
 
 def main() -> None:
@@ -38,31 +49,45 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3, help="timed steps per variant per round")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--experts-backend", default="auto", choices=["auto", "loop", "grouped_mm"])
-    ap.add_argument("--routers", default="topk,default", help="comma-separated; the first is the ratios' baseline")
+    ap.add_argument(
+        "--routers",
+        default="topk,default,default-bwd",
+        help=f"comma-separated, of {list(VARIANT_SETTINGS)}; the first is the ratios' baseline",
+    )
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile (inductor) each layer and the experts-only baseline; 4 warm-up steps",
+    )
     args = ap.parse_args()
     variants = args.routers.split(",")
+    for v in variants:
+        if v not in VARIANT_SETTINGS:
+            ap.error(f"--routers: {v!r} is not one of {list(VARIANT_SETTINGS)}")
 
     rank, world, device = init_distributed_from_env()
     dtype = getattr(torch, args.dtype)
     layers, counts = {}, {}
-    for router in variants:
+    for variant in variants:
         torch.manual_seed(0)
         cfg = MoEConfig(
             hidden_size=args.hidden,
             num_experts=args.experts,
             ffn_hidden_size=args.ffn,
             top_k=args.top_k,
-            router=router,
             ep_size=world,
             experts_backend=args.experts_backend,
+            **VARIANT_SETTINGS[variant],
         )
-        layers[router] = MoELayer(cfg).to(device=device, dtype=dtype)
+        layers[variant] = MoELayer(cfg).to(device=device, dtype=dtype)
     x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype, generator=None)
     g = torch.randn_like(x)
 
-    def step(layer):
+    run = {key: torch.compile(layer) if args.compile else layer for key, layer in layers.items()}
+
+    def step(layer, fn):
         xi = x.detach().requires_grad_(True)
-        layer(xi).backward(g)
+        fn(xi).backward(g)
         commit_defaults(layer)  # what the optimizer step does (Default: one all-reduce)
 
     def sync_all():
@@ -71,11 +96,12 @@ def main() -> None:
         if dist.is_initialized():
             dist.barrier()
 
+    warmup = 4 if args.compile else 2
     for key, layer in layers.items():
-        for _ in range(2):
-            step(layer)
+        for _ in range(warmup):
+            step(layer, run[key])
         with count_collectives() as c:
-            step(layer)
+            step(layer, run[key])
         counts[key] = c.summary()
     # The experts alone on this rank's rows (sorted by expert), with the baseline's per-expert counts.
     base = layers[variants[0]]
@@ -89,14 +115,32 @@ def main() -> None:
     gs = torch.randn(rows, args.hidden, device=device, dtype=dtype)
     counts_L = torch.tensor(local_counts, device=device)
 
+    experts_fn = torch.compile(experts) if args.compile else experts
+
     def gemm_step(_):
         xi = xs.detach().requires_grad_(True)
-        experts(xi, local_counts, counts_L).backward(gs)
+        experts_fn(xi, local_counts, counts_L).backward(gs)
 
-    runners = {key: (lambda k=key: step(layers[k])) for key in variants}
+    for _ in range(warmup):
+        gemm_step(None)
+
+    # Default MoE's own GEMMs: the term w_TE @ D_ED (forward) and the weights' gradient
+    # g_TD @ D_ED^T (backward), the work its dense router gradient cannot avoid. Over a TopK step
+    # they bound Default/TopK from below (+ both for the term in the forward, + the second alone
+    # for default-bwd).
+    w_TE = torch.rand(args.tokens, args.experts, device=device)
+    D_ED = torch.randn(args.experts, args.hidden, device=device)
+    g_TD = torch.randn(args.tokens, args.hidden, device=device)
+
+    def term_gemms():
+        w_TE @ D_ED
+        g_TD @ D_ED.t()
+
+    runners = {key: (lambda k=key: step(layers[k], run[k])) for key in variants}
     runners[GEMMS] = lambda: gemm_step(None)
+    runners[TERM] = term_gemms
     times = {key: [] for key in runners}
-    keys = [*variants, GEMMS]
+    keys = [*variants, GEMMS, TERM]
     for r in range(args.rounds):
         order = keys if r % 2 == 0 else keys[::-1]
         for key in order:
@@ -111,6 +155,7 @@ def main() -> None:
             f"world={world} ep={world} device={device} dtype={args.dtype} tokens/rank={args.tokens} "
             f"D={args.hidden} F={args.ffn} E={args.experts} K={args.top_k} rounds={args.rounds}x{args.iters} "
             f"experts_backend={args.experts_backend} threads={torch.get_num_threads()}"
+            + (" compiled (inductor; the experts-only baseline too)" if args.compile else "")
         )
         print(
             "| router | step ms (median) | tokens/s (all ranks) | time / TopK, median (IQR) of paired rounds | "
@@ -132,6 +177,11 @@ def main() -> None:
                 f"{a2a[0]}, {a2a[1] / 1024:.1f} | {ar[0]}, {ar[1] / 1024:.2f} |"
             )
         print(f"| {GEMMS} | {statistics.median(times[GEMMS]) * 1e3:.1f} | - | - | 1.000 | - | - |")
+        floor = statistics.median(t / b for t, b in zip(times[TERM], times[variants[0]]))
+        print(
+            f"| {TERM} | {statistics.median(times[TERM]) * 1e3:.1f} | - | {1 + floor:.3f} (the floor of Default / "
+            f"{variants[0]}: its two [T, E] x [E, D] GEMMs over a {variants[0]} step) | - | - | - |"
+        )
     if dist.is_initialized():
         dist.destroy_process_group()
 
