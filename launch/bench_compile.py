@@ -5,6 +5,7 @@ ops per forward+backward (each a kernel launch on a GPU).
 
     python launch/bench_compile.py [--steps 20] [--threads 1]
     python launch/bench_compile.py --main-job [--steps 60]    # the main job, eager vs --compile true
+    bash launch/torchrun_local.sh launch/bench_compile.py      # EP = number of ranks (2 here)
 
 Prints one table; same-run ratios only. `--main-job` runs `launch/train.py` (one process, one
 thread, its default 2048 tokens per step) eagerly and with per-block compile, and prints the
@@ -14,6 +15,7 @@ median step time after warm-up, the compiled graphs over the run and the loss di
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -46,9 +48,13 @@ GATES = {
 }
 
 
+EP = 1  # the world size when launched on several ranks (torchrun): expert parallelism over all
+
+
 def build(router, D, F, E, k, seed=0, **kw):
     torch.manual_seed(seed)
-    return MoELayer(MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=k, router=router, **kw)).to(DEVICE)
+    cfg = MoEConfig(hidden_size=D, ffn_hidden_size=F, num_experts=E, top_k=k, router=router, ep_size=EP, **kw)
+    return MoELayer(cfg).to(DEVICE)
 
 
 def graph_table(D, F, E, k, T) -> None:
@@ -70,11 +76,14 @@ def graph_table(D, F, E, k, T) -> None:
 def _sync():
     if DEVICE.type == "cuda":
         torch.cuda.synchronize()
+    if EP > 1:
+        torch.distributed.barrier()  # every rank's step is timed over the same interval
 
 
 def train_steps(layer, fn, steps, T, D, seed=1):
     opt = torch.optim.SGD(layer.parameters(), lr=1e-2)
-    g = torch.Generator().manual_seed(seed)
+    rank = torch.distributed.get_rank() if EP > 1 else 0
+    g = torch.Generator().manual_seed(seed + rank)  # other tokens on every rank
     new_graphs, times = [], []
     for _ in range(steps):
         x = torch.randn(T, D, generator=g).to(DEVICE)  # other tokens: other routing, other split sizes
@@ -194,9 +203,14 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.main_job:
         return main_job(args.steps, args.router, args.repeats)
-    global DEVICE
+    global DEVICE, EP
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    rank = 0
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from default_moe.parallel import init_distributed_from_env
+
+        rank, EP, _ = init_distributed_from_env()
     T, D, F, E, k = map(int, args.size.split(","))
     rows = []
     for router in ("topk", "default"):
@@ -224,6 +238,8 @@ def main(argv=None) -> int:
                 "break_reasons": sorted({b.reason.splitlines()[0] for b in ex.break_reasons}),
             }
         )
+    if rank != 0:
+        return 0
     print(
         f"| router | graphs | breaks | new graphs per step (first {args.steps}) | graphs after step {args.warmup} | "
         f"eager ms | compiled ms | eager/compiled | aten ops fwd+bwd ({args.ops_size}) |"
@@ -239,9 +255,10 @@ def main(argv=None) -> int:
         f"Default/TopK aten ops: {rows[1]['ops'] / rows[0]['ops']:.3f}; break reasons: "
         + "; ".join(f"{r['router']}: {', '.join(r['break_reasons'])}" for r in rows)
     )
-    print(f"T,D,F,E,k = {args.size}, EP 1, {DEVICE}, {args.threads} thread(s), torch {torch.__version__}")
-    print()
-    graph_table(D, F, E, k, T)
+    print(f"T,D,F,E,k = {args.size} (per rank), EP {EP}, {DEVICE}, {args.threads} thread(s), torch {torch.__version__}")
+    if EP == 1:  # (with EP the loop's split sizes and the all-to-all's break the graph alike)
+        print()
+        graph_table(D, F, E, k, T)
     return 0
 
 

@@ -277,18 +277,21 @@ class ExpertDefaults(StepState):
         keep_TK: Optional[torch.Tensor],
         anchor: Optional[torch.Tensor] = None,
         carrier: Optional[torch.Tensor] = None,
+        counts_E: Optional[torch.Tensor] = None,
     ) -> Optional[torch.Tensor]:
         """Statistics of the raw outputs per (token, slot), accumulated when the backward reaches
         `anchor` (a tensor the layer's output depends on: the router probabilities, or the full
         expert outputs), else `y_TKD`, whichever needs a gradient. The reduction group is the one
         the adapter bound (`bind`). Returns `carrier` to go on with (see
-        `StepState.collect_on_backward`: under torch.compile, the statistics ride on it)."""
+        `StepState.collect_on_backward`: under torch.compile, the statistics ride on it).
+        `counts_E`: optional kept slots per expert the caller already counted (the dispatcher's),
+        the weights of weighting="mean" without a padding mask (saves a count)."""
         if not fwd.collect:
             return carrier
         mask_TK = None
         if fwd.mask_T is not None:
             mask_TK = fwd.mask_T.reshape(-1, 1).to(idx_TK.device).expand_as(idx_TK)
-        stats_E_D1 = self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK, mask_TK)
+        stats_E_D1 = self.local_statistics(y_TKD, idx_TK, probs_TK, keep_TK, mask_TK, counts_E)
         return self.collect_on_backward(stats_E_D1, anchor, y_TKD, carrier=carrier)
 
     def observe_rows(
@@ -352,26 +355,42 @@ class ExpertDefaults(StepState):
         self,
         out_TD: torch.Tensor,
         scores_TE: torch.Tensor,
-        ran_TE: torch.Tensor,
+        ran_TE: Optional[torch.Tensor],
         routed_TD: Optional[torch.Tensor] = None,
+        selected_TK: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """`out_TD + default_term(...)` in `out_TD`'s dtype. With the term out of the forward
         (`default_in_forward` false) no [T, D] term is made: `out_TD` passes through a Function
         whose backward gives the weights their gradient, grad . (s D_i - routed) (one GEMM; the
-        difference `term - term.detach()` costs a GEMM and two [T, D] passes more)."""
+        difference `term - term.detach()` costs a GEMM and two [T, D] passes more).
+
+        Args:
+            ran_TE: bool, the experts that processed each token; or None with `selected_TK`, the
+                [T, K] experts of a dropless layer (they all ran: one scatter, no [T, E] mask).
+        """
         if self.default_in_forward:
-            return out_TD + self.default_term(None, scores_TE, ran_TE, routed_TD).to(out_TD.dtype)
+            if self.gate.renormalized and routed_TD is None:
+                raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
+            return out_TD + self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected_TK).to(out_TD.dtype)
         if self.gate.renormalized and routed_TD is None:
             raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
-            w_TE = self._masked_weights(scores_TE, ran_TE)
+            w_TE = self._masked_weights(scores_TE, ran_TE, selected_TK=selected_TK)
         routed = routed_TD.detach() if self.gate.renormalized else None
         return _DenseRouterGradient.apply(out_TD, w_TE, self.defaults_ED * self.gate.scale, routed)
 
-    def _masked_weights(self, scores_TE: torch.Tensor, ran_TE: torch.Tensor, only_E: Optional[torch.Tensor] = None):
+    def _masked_weights(
+        self,
+        scores_TE: torch.Tensor,
+        ran_TE: Optional[torch.Tensor],
+        only_E: Optional[torch.Tensor] = None,
+        selected_TK: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """The term's [T, E] fp32 weights: w of the experts that did not run (and have a D, for
-        renormalised gates; of `only_E` when given)."""
-        w_TE = self.gate.dense_weights(scores_TE).masked_fill(ran_TE, 0.0)
+        renormalised gates; of `only_E` when given). The experts that ran: `ran_TE`, or when it is
+        None, `selected_TK` (dropless)."""
+        w_TE = self.gate.dense_weights(scores_TE)
+        w_TE = w_TE.scatter(1, selected_TK, 0.0) if ran_TE is None else w_TE.masked_fill(ran_TE, 0.0)
         if self.gate.renormalized:
             # Experts without a committed D keep the default renormalisation assumes (y_S).
             w_TE = w_TE * self.defaults_ED.ne(0).any(dim=1)
@@ -382,19 +401,21 @@ class ExpertDefaults(StepState):
     def term(
         self,
         scores_TE: torch.Tensor,
-        ran_TE: torch.Tensor,
+        ran_TE: Optional[torch.Tensor],
         routed_TD: Optional[torch.Tensor],
         only_E: Optional[torch.Tensor] = None,
+        selected_TK: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The gate form's term as a value, [T, D] fp32 (`default_term` without the
         `default_in_forward` handling; diagnostics call it too).
 
         Args:
             only_E: optional [E] bool, the experts whose part is wanted (None: all).
+            selected_TK: the experts that ran when `ran_TE` is None (`_masked_weights`).
         """
         gate = self.gate
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
-            w_TE = self._masked_weights(scores_TE, ran_TE, only_E)
+            w_TE = self._masked_weights(scores_TE, ran_TE, only_E, selected_TK)
             term_TD = w_TE @ self.defaults_ED
             if gate.scale != 1.0:
                 term_TD = term_TD * gate.scale
@@ -409,6 +430,7 @@ class ExpertDefaults(StepState):
         probs_TK: torch.Tensor,
         keep_TK: Optional[torch.Tensor],
         mask_TK: Optional[torch.Tensor] = None,
+        counts_E: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Per-expert weighted sums of raw outputs and the weights, as one [E, D+1] fp32 tensor.
 
@@ -419,10 +441,16 @@ class ExpertDefaults(StepState):
             keep_TK: slots that reached their expert (None: all); a dropped slot's output is 0.
             mask_TK: slots of tokens that count (None: all); a masked (padding) slot's output is
                 not 0, so it is zeroed.
+            counts_E: optional kept slots per expert; with weighting="mean" and no mask they are
+                the weights (no second scatter).
         """
         E, D = self.defaults_ED.shape
         y_SD = y_TKD.detach().reshape(-1, D).float()
         idx_S = idx_TK.reshape(-1)
+        if counts_E is not None and self.weighting == "mean" and mask_TK is None:
+            # The weights are the kept slots per expert; dropped slots' outputs are already 0.
+            sums_ED = torch.zeros(E, D, dtype=torch.float32, device=y_TKD.device).index_add_(0, idx_S, y_SD)
+            return torch.cat([sums_ED, counts_E.to(torch.float32)[:, None]], dim=1)
         w_S = probs_TK.detach().reshape(-1).float() if self.weighting == "prob" else y_SD.new_ones(idx_S.numel())
         for m in (keep_TK, mask_TK):
             if m is not None:

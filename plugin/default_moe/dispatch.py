@@ -77,6 +77,7 @@ class DispatchPlan:
     tokens_per_local_expert: Optional[List[int]]  # host ints (the loop backend's slices; None: not fetched)
     counts_L: torch.Tensor  # the same counts on the device (the grouped backend's offsets)
     inverse: Optional[torch.Tensor] = None  # dropless: slot -> row of slot_order (None with drops)
+    slot_counts_E: Optional[torch.Tensor] = None  # this rank's kept slots per (global) expert, device
 
 
 class _Permute(torch.autograd.Function):
@@ -182,7 +183,7 @@ class AllToAllDispatcher:
             # No host sync and, under torch.compile, no graph break: every slot is kept, in order.
             inverse = inverse_permutation(order_S)
             x_ND = self._gather(x_TD, order_S, K, inverse)
-            return x_ND, DispatchPlan(T, K, order_S, [T * K], [T * K], None, None, counts_E, inverse)
+            return x_ND, DispatchPlan(T, K, order_S, [T * K], [T * K], None, None, counts_E, inverse, counts_E)
         if P == 1:
             # The one host sync, and under torch.compile the layer's one graph break: the experts'
             # split sizes (the loop backend's torch.split; the slot cut when capacity drops).
@@ -191,7 +192,7 @@ class AllToAllDispatcher:
             slot_order = order_S[:n]
             inverse = inverse_permutation(order_S) if n == T * K else None
             x_ND = self._gather(x_TD, slot_order, K, inverse)
-            return x_ND, DispatchPlan(T, K, slot_order, [n], [n], None, counts, counts_E, inverse)
+            return x_ND, DispatchPlan(T, K, slot_order, [n], [n], None, counts, counts_E, inverse, counts_E)
 
         recv_counts_E = torch.empty_like(counts_E)
         comm.all_to_all_single(recv_counts_E, counts_E, None, None, self.ep_group)
@@ -215,7 +216,16 @@ class AllToAllDispatcher:
         )
         regroup = torch.argsort(local_expert_of_row, stable=True)
         plan = DispatchPlan(
-            T, K, slot_order, input_splits, output_splits, regroup, tokens_per_local_expert, recv_counts_PL.sum(0), inverse
+            T,
+            K,
+            slot_order,
+            input_splits,
+            output_splits,
+            regroup,
+            tokens_per_local_expert,
+            recv_counts_PL.sum(0),
+            inverse,
+            counts_E,
         )
         return x_recv_ND.index_select(0, regroup), plan
 

@@ -294,11 +294,20 @@ class MoELayer(nn.Module):
         if route.output_scale_D is not None:
             out_TD = out_TD * route.output_scale_D.to(out_TD.dtype)
         if self.defaults is not None:
-            probs_TE = self.defaults.observe(fwd, y_TKD, idx_TK, probs_TK, keep_TK, anchor=route.probs_TE, carrier=route.probs_TE)
-            # Experts that did not process the token: not in the top-k, or dropped over capacity.
-            out_TD = self.defaults.add_default_term(
-                out_TD, probs_TE, ran_mask(cfg.num_experts, idx_TK, keep_TK), routed_TD=out_TD
+            probs_TE = self.defaults.observe(
+                fwd,
+                y_TKD,
+                idx_TK,
+                probs_TK,
+                keep_TK,
+                anchor=route.probs_TE,
+                carrier=route.probs_TE,
+                counts_E=plan.slot_counts_E,
             )
+            # Experts that did not process the token: not in the top-k, or dropped over capacity
+            # (dropless: the top-k themselves, no [T, E] mask).
+            ran_TE = ran_mask(cfg.num_experts, idx_TK, keep_TK) if keep_TK is not None else None
+            out_TD = self.defaults.add_default_term(out_TD, probs_TE, ran_TE, routed_TD=out_TD, selected_TK=idx_TK)
         if self.shared_experts is not None:
             out_TD = out_TD + self.shared_experts(x_TD).to(out_TD.dtype)
 
