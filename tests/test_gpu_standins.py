@@ -236,16 +236,19 @@ def test_reconfigure_rebuilds_the_router_and_keeps_parameters():
 
 
 @pytest.mark.parametrize(
-    "router,kw",
+    "router,kw,most",
     [
-        ("topk", {}),
-        ("default", {}),
-        ("default", {"capacity_factor": 1.0}),
-        ("topk", {"capacity_factor": 0.5, "drop_policy": "position"}),
-        ("default", {"experts_backend": "grouped_mm"}),
+        ("topk", {}, 1),
+        ("default", {}, 1),
+        ("default", {"capacity_factor": 1.0}, 1),
+        ("topk", {"capacity_factor": 0.5, "drop_policy": "position"}, 1),
+        ("default", {"experts_backend": "grouped_mm", "capacity_factor": 1.0}, 1),
+        # The grouped GEMM takes its offsets on the device: without EP or drops, no sync at all.
+        ("default", {"experts_backend": "grouped_mm"}, 0),
+        ("topk", {"experts_backend": "grouped_mm"}, 0),
     ],
 )
-def test_at_most_one_host_sync_per_forward(router, kw):
+def test_at_most_one_host_sync_per_forward(router, kw, most):
     layer = layer_for(router, **kw)
     train_step(layer, 1)
     x, _ = batch(2)
@@ -254,7 +257,7 @@ def test_at_most_one_host_sync_per_forward(router, kw):
         out = layer(x)
         n_forward = syncs.count
         out.square().sum().backward()
-    assert n_forward <= 1 and syncs.count <= 1, f"host syncs: {syncs.calls}"
+    assert n_forward <= most and syncs.count <= most, f"host syncs: {syncs.calls}"
 
 
 def test_sync_counter_sees_what_syncs():
