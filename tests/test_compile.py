@@ -188,3 +188,18 @@ def test_compiled_backward_reads_the_aux_scale_set_after_the_forward():
         assert not torch.allclose(router_grad(base, base, 0.25)[0], router_grad(base, base, 3.0)[0])
     finally:
         AuxLossAutoScaler.set_loss_scale(1.0)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_compiled_layer_under_outside_checkpoint_counts_once(reentrant):
+    """A compiled layer recomputed by torch.utils.checkpoint from outside (the forward runs twice,
+    one backward) counts its statistics once, as the eager layer does (the step contract)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch._dynamo.reset()
+    layer = _layer(router="default")
+    compiled = torch.compile(layer, backend="aot_eager")
+    x = torch.randn(64, 32, requires_grad=True)
+    checkpoint(compiled, x, use_reentrant=reentrant).square().mean().backward()
+    assert layer.defaults.pending == 1
+    assert float(layer.defaults.stats_ED1[:, -1].sum()) == 64 * SIZE["top_k"]  # every slot once
