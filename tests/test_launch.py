@@ -120,7 +120,11 @@ def test_engine_benchmark_and_comm_model_run(tmp_path):
         "megatron-core",
     ]
     assert all(r["mem_bytes"] > 0 and r["ms"] > 0 and r["saved_bytes"] > 0 for r in rows)
-    assert all(r["host_syncs"] == 1 for r in rows if r["name"].startswith("ours")), [r["host_sync_calls"] for r in rows]
+    # One host sync (the split sizes), none for the grouped GEMM at EP 1 without drops (offsets on the device).
+    syncs = {r["name"]: r["host_syncs"] for r in rows}
+    assert (syncs["ours topk"], syncs["ours default"], syncs["ours topk grouped_mm"]) == (1, 1, 0), [
+        r["host_sync_calls"] for r in rows
+    ]
     sys.path.insert(0, str(ROOT / "launch"))
     import comm_model
 
