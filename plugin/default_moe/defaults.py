@@ -368,12 +368,10 @@ class ExpertDefaults(StepState):
             ran_TE: bool, the experts that processed each token; or None with `selected_TK`, the
                 [T, K] experts of a dropless layer (they all ran: one scatter, no [T, E] mask).
         """
-        if self.default_in_forward:
-            if self.gate.renormalized and routed_TD is None:
-                raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
-            return out_TD + self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected_TK).to(out_TD.dtype)
         if self.gate.renormalized and routed_TD is None:
             raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
+        if self.default_in_forward:
+            return out_TD + self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected_TK).to(out_TD.dtype)
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
             w_TE = self._masked_weights(scores_TE, ran_TE, selected_TK=selected_TK)
         routed = routed_TD.detach() if self.gate.renormalized else None
