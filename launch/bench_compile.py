@@ -57,8 +57,10 @@ def build(router, D, F, E, k, seed=0, **kw):
     return MoELayer(cfg).to(DEVICE)
 
 
-def graph_table(D, F, E, k, T) -> None:
-    """Graphs and breaks per experts backend and gate form (explain only)."""
+def graph_table(D, F, E, k, T) -> list:
+    """Graphs and breaks per experts backend and gate form (explain only); printed, and returned
+    as rows."""
+    rows = []
     print("| experts backend, dtype | gate | router | graphs | breaks | break reasons |")
     print("|---|---|---|---|---|---|")
     for backend, dtype in (("loop", torch.float32), ("grouped_mm", torch.bfloat16)):
@@ -71,6 +73,18 @@ def graph_table(D, F, E, k, T) -> None:
                 print(
                     f"| {backend}, {str(dtype)[6:]} | {gate} | {router} | {ex.graph_count} | {ex.graph_break_count} | {reasons} |"
                 )
+                rows.append(
+                    {
+                        "backend": backend,
+                        "dtype": str(dtype)[6:],
+                        "gate": gate,
+                        "router": router,
+                        "graphs": ex.graph_count,
+                        "breaks": ex.graph_break_count,
+                        "break_reasons": reasons,
+                    }
+                )
+    return rows
 
 
 def _sync():
@@ -200,6 +214,7 @@ def main(argv=None) -> int:
     ap.add_argument("--main-job", action="store_true", help="time the main job eager vs --compile true instead")
     ap.add_argument("--router", default="default", help="the main job's router (--main-job)")
     ap.add_argument("--repeats", type=int, default=3, help="eager/compiled pairs (--main-job)")
+    ap.add_argument("--json", default=None, help="also write the rows (and the graph table) here as JSON")
     args = ap.parse_args(argv)
     if args.main_job:
         return main_job(args.steps, args.router, args.repeats)
@@ -256,9 +271,15 @@ def main(argv=None) -> int:
         + "; ".join(f"{r['router']}: {', '.join(r['break_reasons'])}" for r in rows)
     )
     print(f"T,D,F,E,k = {args.size} (per rank), EP {EP}, {DEVICE}, {args.threads} thread(s), torch {torch.__version__}")
+    table = []
     if EP == 1:  # (with EP the loop's split sizes and the all-to-all's break the graph alike)
         print()
-        graph_table(D, F, E, k, T)
+        table = graph_table(D, F, E, k, T)
+    if args.json:
+        import json
+
+        meta = {"size": args.size, "ep": EP, "device": str(DEVICE), "threads": args.threads, "torch": torch.__version__}
+        Path(args.json).write_text(json.dumps({**meta, "rows": rows, "graph_table": table}, indent=1))
     return 0
 
 

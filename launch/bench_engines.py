@@ -7,7 +7,13 @@ experts of width F, fp32 (`--dtype bfloat16` on a GPU). Rows:
     "grouped_mm" backend (`torch._grouped_mm`);
   - DeepSpeed `deepspeed.moe.layer.MoE` (capacity factor 1.25, and drop_tokens=False = dropless
     padded to the largest expert), SwiGLU experts as an nn.Module;
-  - megatron-core `MoELayer` (alltoall dispatcher, SequentialMLP, gated SwiGLU, pre-softmax top-k).
+  - megatron-core `MoELayer` (alltoall dispatcher, SequentialMLP, gated SwiGLU, pre-softmax top-k;
+    without Transformer Engine megatron-core has no grouped GEMM of its own: the row says so);
+  - torchtitan's own `MoE` (`models/common/moe.py`: `torch._grouped_mm` experts in bf16, its token
+    reorderer, Qwen3's softmax gate with route_norm), EP 1 only.
+More rows of ours (not in the default set): `ours default grouped_mm`, `ours default-bwd` and
+`ours default-bwd grouped_mm` (`default_in_forward=false`: the router's dense gradient without the
+term in the forward).
 The variants are timed in interleaved rounds (median); each row reports ms/step, tokens/s over all
 ranks, the ratio to our TopK, memory, and the collectives one step issues (counted by wrapping the
 `torch.distributed` functions every implementation calls, forward and backward). Memory: on CUDA
@@ -109,7 +115,27 @@ def saved_bytes(acc: list):
         yield acc
 
 
-IMPLS = ("ours topk", "ours default", "ours topk grouped_mm", "deepspeed cf1.25", "deepspeed dropless", "megatron-core")
+# (name, router, experts backend, default_in_forward) of our rows.
+OURS = (
+    ("ours topk", "topk", "loop", None),
+    ("ours default", "default", "loop", None),
+    ("ours default-bwd", "default", "loop", False),
+    ("ours topk grouped_mm", "topk", "grouped_mm", None),
+    ("ours default grouped_mm", "default", "grouped_mm", None),
+    ("ours default-bwd grouped_mm", "default", "grouped_mm", False),
+)
+IMPLS = tuple(n for n, *_ in OURS) + ("deepspeed cf1.25", "deepspeed dropless", "megatron-core", "torchtitan")
+DEFAULT_IMPLS = ("ours topk", "ours default", "ours topk grouped_mm", "deepspeed cf1.25", "deepspeed dropless", "megatron-core")
+# Each row's expert computation, for the table (filled in by the builders).
+EXPERTS_KIND = {n: f"ours, {backend}" for n, _, backend, _ in OURS}
+EXPERTS_KIND.update({"deepspeed cf1.25": "nn.Module per expert", "deepspeed dropless": "nn.Module per expert"})
+
+
+def _planted_crash(name: str) -> None:
+    """The device check's CPU dry run plants a crash in one implementation (DEFAULT_MOE_PLANT_CRASH)
+    to show that the other rows survive it."""
+    if name in [n.strip() for n in os.environ.get("DEFAULT_MOE_PLANT_CRASH", "").split(",")]:
+        raise RuntimeError(f"planted crash in {name!r} (DEFAULT_MOE_PLANT_CRASH)")
 
 
 def _importable(name: str) -> bool:
@@ -122,13 +148,10 @@ def build(args, world, first=True):
     from default_moe import MoEConfig, MoELayer
 
     out = {}
-    for name, router, backend in (
-        ("ours topk", "topk", "loop"),
-        ("ours default", "default", "loop"),
-        ("ours topk grouped_mm", "topk", "grouped_mm"),
-    ):
+    for name, router, backend, in_forward in OURS:
         if name not in args.impls:
             continue
+        _planted_crash(name)
         torch.manual_seed(0)
         out[name] = MoELayer(
             MoEConfig(
@@ -139,13 +162,58 @@ def build(args, world, first=True):
                 router=router,
                 ep_size=world,
                 experts_backend=backend,
+                default_in_forward=in_forward,
             )
         )
     if any(n.startswith("deepspeed") for n in args.impls) and _importable("deepspeed"):
         _build_deepspeed(out, args, world, first)
     if "megatron-core" in args.impls and _importable("megatron.core"):
+        _planted_crash("megatron-core")
         _build_megatron(out, args, world, first)
+    if "torchtitan" in args.impls and _importable("torchtitan"):
+        _planted_crash("torchtitan")
+        if world > 1:
+            raise SystemExit("--impls torchtitan: EP 1 only (its all-to-all dispatcher needs a device mesh)")
+        _build_torchtitan(out, args)
     return out
+
+
+def _build_torchtitan(out, args):
+    """torchtitan's own MoE layer (models/common/moe.py) configured as its Qwen3-MoE builds it:
+    softmax gate with route_norm, `torch._grouped_mm` experts in bf16, the local token reorderer,
+    no shared expert; initialised by its own `param_init` (normal, std 0.02). Only the MoE module
+    is imported (no trainer, so a GPU machine needs few wheels: spmd_types, tyro)."""
+    import functools
+
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import GroupedExperts, MoE, RoutedExperts, TokenChoiceTopKRouter
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    normal = functools.partial(torch.nn.init.normal_, std=0.02)
+    cfg = MoE.Config(
+        num_experts=args.experts,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(
+                dim=args.hidden,
+                hidden_dim=args.ffn,
+                num_experts=args.experts,
+                param_init={"w1_EFD": normal, "w2_EDF": normal, "w3_EFD": normal},
+            ),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=args.experts, top_k=args.top_k),
+        ),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=args.experts,
+            gate=Linear.Config(in_features=args.hidden, out_features=args.experts, bias=False, param_init={"weight": normal}),
+            top_k=args.top_k,
+            score_func="softmax",
+            route_norm=True,
+        ),
+    )
+    torch.manual_seed(0)
+    moe = cfg.build()
+    moe.init_states(buffer_device=torch.device("cpu"))
+    EXPERTS_KIND["torchtitan"] = "torch._grouped_mm (bf16)"
+    out["torchtitan"] = moe
 
 
 def _build_deepspeed(out, args, world, first):
@@ -160,6 +228,7 @@ def _build_deepspeed(out, args, world, first):
     for name, drop in (("deepspeed cf1.25", True), ("deepspeed dropless", False)):
         if name not in args.impls:
             continue
+        _planted_crash(name)
         torch.manual_seed(0)
         moe = MoE(
             hidden_size=args.hidden,
@@ -210,6 +279,10 @@ def _build_megatron(out, args, world, first):
         expert_model_parallel_size=world,
     )
     spec = get_gpt_layer_local_spec(num_experts=args.experts, moe_grouped_gemm=False)
+    # Without Transformer Engine megatron-core's experts are a loop of MLPs (its grouped GEMM
+    # needs TE or the grouped_gemm package): said in the table, not hidden.
+    te = _importable("transformer_engine")
+    EXPERTS_KIND["megatron-core"] = "SequentialMLP" + ("" if te else " (no Transformer Engine)")
     out["megatron-core"] = McoreMoE(cfg, compat.moe_spec_submodules(spec.submodules.mlp))
 
 
@@ -242,6 +315,8 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
         elif name.startswith("deepspeed"):
             xi = x.view(1, a.tokens, a.hidden).detach().requires_grad_(True)
             out = layer(xi)[0].view(a.tokens, a.hidden)
+        elif name == "torchtitan":
+            out = layer(x.view(1, a.tokens, a.hidden).detach().requires_grad_(True)).view(a.tokens, a.hidden)
         else:
             xi = x.detach().requires_grad_(True)
             out = layer(xi)
@@ -297,7 +372,9 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
                     step(n, layers[n])
             print(f"\n### profile: {n} (3 steps, rank 0, self CPU time)\n")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10, max_name_column_width=40))
-    base = statistics.median(times["ours topk"]) if "ours topk" in times else None
+    # The same-run reference: ours topk (loop), else the first of ours in this run.
+    baseline = next((n for n in ("ours topk", "ours topk grouped_mm") if n in times), None)
+    base = statistics.median(times[baseline]) if baseline else None
     rows = []
     for n in names:
         t = statistics.median(times[n])
@@ -313,7 +390,11 @@ def bench_size(size: dict, args, rank: int, world: int, first: bool) -> list:
                 "ms_iqr": [q1 * 1e3, q3 * 1e3],
                 "tokens_per_s": a.tokens * world / t,
                 "ratio_to_ours_topk": t / base if base else float("nan"),
+                "baseline": baseline,
                 "expert_tflops": flops / t / 1e12,
+                # Of the device's dense bf16 peak (--peak-tflops; None on CPU), per rank.
+                "peak_fraction": flops / world / t / 1e12 / args.peak_tflops if args.peak_tflops else None,
+                "experts_kind": EXPERTS_KIND.get(n, "-"),
                 **extra[n],
             }
         )
@@ -333,7 +414,13 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the rows here (rank 0)")
     ap.add_argument("--profile", action="store_true", help="print a torch.profiler table per implementation")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameters and activations")
-    ap.add_argument("--impls", default=",".join(IMPLS), help=f"comma-separated subset of {list(IMPLS)}")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"comma-separated subset of {list(IMPLS)}")
+    ap.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="the device's dense peak TFLOP/s in --dtype, per rank (H200 bf16: ~790 measured); adds the fraction of it",
+    )
     args = ap.parse_args()
     args.impls = [n.strip() for n in args.impls.split(",") if n.strip()]
     bad = sorted(set(args.impls) - set(IMPLS))
@@ -370,14 +457,17 @@ def main() -> None:
 
 def table(rows: list) -> str:
     out = [
-        "| EP | T/rank | D | F | E | k | implementation | ms / fwd+bwd | tokens/s | / ours topk | memory MiB | "
-        "saved for bwd MiB | host syncs | collectives (bytes) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| EP | T/rank | D | F | E | k | implementation | experts | ms / fwd+bwd | tokens/s | expert TFLOP/s | "
+        "of peak | / same-run baseline | memory MiB | saved for bwd MiB | host syncs | collectives (bytes) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        peak = f"{r['peak_fraction']:.1%}" if r.get("peak_fraction") is not None else "-"
+        base = r.get("baseline") or "ours topk"
         out.append(
             f"| {r['world']} | {r['tokens']} | {r['hidden']} | {r['ffn']} | {r['experts']} | {r['top_k']} | "
-            f"{r['name']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_ours_topk']:.3f} | "
+            f"{r['name']} | {r.get('experts_kind', '-')} | {r['ms']:.2f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['expert_tflops']:.2f} | {peak} | {r['ratio_to_ours_topk']:.3f} ({base}) | "
             f"{r['mem_bytes'] / 2**20:.1f} | {r.get('saved_bytes', 0) / 2**20:.1f} | {r.get('host_syncs', '-')} | "
             f"{r['collectives']} ({r['collective_bytes'] / 2**20:.2f} MiB) |"
         )

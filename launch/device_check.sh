@@ -3,7 +3,8 @@
 # Wheels for what that machine lacks (DeepSpeed, megatron-core and their pure-Python needs) travel
 # in .whl/ (made here by `bash launch/device_wheels.sh`) and install into /tmp/site; the package
 # itself runs from plugin/. Args go to device_check.py, e.g. --out "$OUT".
-#   device tool:  run(command="bash launch/device_check.sh --out $OUT", carry=[".whl"], timeout_s=570)
+#   device tool:  run(command="bash launch/device_check.sh --out $OUT", carry=[".whl", ".science"], timeout_s=600)
+# The science corpus (.science/, from launch/build_science_corpus.py) is read by the science part.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"

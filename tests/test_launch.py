@@ -134,19 +134,33 @@ def test_engine_benchmark_and_comm_model_run(tmp_path):
     assert len(ema) == 2 and ema[1] == pytest.approx(ema[0] * (2 * 4096 + 4) / (4097 * 4))
 
 
-def test_device_check_dry_run(tmp_path):
-    """The prepared GPU check runs every step end to end on CPU at tiny sizes (--dry-run)."""
+def test_device_check_dry_run_survives_a_planted_crash_and_folds(tmp_path):
+    """The prepared GPU check end to end on CPU at tiny sizes (--dry-run), with a crash planted in
+    one benchmark implementation (megatron-core): that part is recorded with its error and every
+    other part's results are written (ours, torchtitan and DeepSpeed rows, compile, science); the
+    science runs train one agreed, time-sized schedule; the fold command puts the output under
+    results/gpu/<date>/ and regenerates the marked sections (and refuses a dry run unless told)."""
     import json
+    import shutil
 
+    out_dir = tmp_path / "out"
     out = subprocess.run(
         [
             sys.executable,
             "launch/device_check.py",
             "--dry-run",
             "--out",
-            str(tmp_path / "out"),
+            str(out_dir),
             "--runs-root",
             str(tmp_path / "runs"),
+            "--plant-crash",
+            "megatron-core",
+            "--science-seeds",
+            "1",
+            "--budget-minutes",
+            "2.5",
+            "--science-min-minutes",
+            "1",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -154,22 +168,56 @@ def test_device_check_dry_run(tmp_path):
         timeout=600,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    log = (tmp_path / "out" / "device_check.log").read_text() if (tmp_path / "out" / "device_check.log").exists() else ""
-    assert out.returncode == 0, out.stdout[-2000:] + log[-3000:]
-    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    log = (out_dir / "device_check.log").read_text() if (out_dir / "device_check.log").exists() else ""
+    assert out.returncode == 1, out.stdout[-2000:] + log[-3000:]  # the planted failure is reported
+    files = sorted(p.name for p in out_dir.iterdir())
     assert files == [
         "bench.json",
-        "bench.md",
-        "compile.md",
+        "compile.json",
         "device_check.log",
-        "env.json",
+        "report.md",
         "science.json",
         "science.png",
-        "summary.md",
+        "summary.json",
     ], files
-    assert "graphs after step" in (tmp_path / "out" / "compile.md").read_text()
-    science = json.loads((tmp_path / "out" / "science.json").read_text())
-    assert set(science) == {"topk", "default"} and all(v["final_val_loss"] > 0 for v in science.values())
+    parts = json.loads((out_dir / "summary.json").read_text())["parts"]
+    failed = {p: r for p, r in parts.items() if r["rc"] != 0}
+    assert list(failed) == ["bench-megatron-core"], failed
+    assert any("planted crash in 'megatron-core'" in line for line in failed["bench-megatron-core"]["tail"])
+    assert parts["tests"]["counts"]["passed"] >= 1 and parts["tests"]["counts"]["failures"] == 0
+    names = [r["name"] for r in json.loads((out_dir / "bench.json").read_text())["rows"]]
+    assert "megatron-core" not in names
+    assert {"ours topk", "ours default", "ours default-bwd grouped_mm", "torchtitan", "deepspeed cf1.25"} <= set(names)
+    compiled = json.loads((out_dir / "compile.json").read_text())
+    assert {(r["router"], r["breaks"]) for r in compiled["graph_table"] if r["backend"] == "grouped_mm"} == {
+        ("topk", 0),
+        ("default", 0),
+    }
+    science = json.loads((out_dir / "science.json").read_text())
+    runs = science["runs"]
+    assert set(runs) == {"topk-s1234", "default-s1234", "default-bwd-s1234"}
+    steps = {r["steps"] for r in runs.values()}
+    assert len(steps) == 1 and 4 < steps.pop() < 1000, runs  # one agreed schedule, sized by time (not the cap)
+    assert all(r["schedule"][0]["note"].endswith("agreed with 3/3 runs") for r in runs.values())
+    assert set(science["paired_delta_vs_topk"]) == {"default", "default-bwd"}
+    assert runs["default-s1234"]["final_val_loss_without_defaults"] is not None
+    report = (out_dir / "report.md").read_text()
+    assert "planted crash" in report and "| torchtitan |" in report and "Paired validation-loss delta" in report
+
+    repo = tmp_path / "repo"
+    (repo / "docs").mkdir(parents=True)
+    for page in ("README.md", "docs/gpus.md"):
+        shutil.copyfile(ROOT / page, repo / page)
+    fold = [sys.executable, "launch/device_fold.py", str(out_dir), "--repo", str(repo)]
+    refused = subprocess.run(fold, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "dry run" in refused.stderr
+    folded = subprocess.run(fold + ["--allow-dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert folded.returncode == 0, folded.stderr[-2000:]
+    (dest,) = (repo / "results" / "gpu").iterdir()
+    assert {"README.md", "bench.json", "science.json", "summary.json"} <= {p.name for p in dest.iterdir()}
+    for page in ("README.md", "docs/gpus.md"):
+        text = (repo / page).read_text()
+        assert f"results/gpu/{dest.name}/" in text and "bench-megatron-core FAILED" in text, page
 
 
 def test_readme_first_recipe_is_the_tested_example():

@@ -264,7 +264,9 @@ class ExpertDefaults(StepState):
         Args:
             mask_T: optional [T] bool, False for tokens that must not count (padding).
         """
-        if caller:
+        # A Python set mutated under torch.compile is a graph break on torch 2.11 ("Unsupported
+        # method call", set.__setitem__): record eager calls only (the record is for tests).
+        if caller and not torch.compiler.is_compiling():
             ExpertDefaults.callers.add(caller)
         return DefaultsForward(collect=self.collects(training), mask_T=mask_T)
 

@@ -37,6 +37,9 @@ class RunConfig:
     # Complete checkpoints kept in run_dir/ckpt (0: all; None: the DeepSpeed section's
     # "checkpoint": {"keep_last"}); the newest complete one is never deleted.
     keep_last: Optional[int] = None
+    # Write a checkpoint at the last step (false: a science batch that needs only metrics.json;
+    # the GPU config's checkpoint is ~5 GB with its optimizer state).
+    save_final: bool = True
     log_every: int = 10
     seed: int = 1234
     # Every collective fails after this long instead of hanging (a dead or diverged rank).
@@ -46,6 +49,16 @@ class RunConfig:
     compile: bool = False
     # Stop (with a final eval and checkpoint) after the step that passes this much wall time.
     max_minutes: Optional[float] = None
+    # Size the schedule to this much wall time of training (from the first step): at the end of
+    # warmup the run measures its step and evaluation times and sets `steps` (at most the given
+    # --steps), so warmup + cosine decay complete instead of being cut off by max_minutes.
+    time_budget_minutes: Optional[float] = None
+    # With time_budget_minutes: a folder shared by runs that must train the same number of steps
+    # (paired runs side by side on one GPU); each writes its proposal there and all take the
+    # smallest once `schedule_sync_runs` proposals are in (waiting at most schedule_sync_wait_s).
+    schedule_sync: Optional[str] = None
+    schedule_sync_runs: int = 1
+    schedule_sync_wait_s: float = 180.0
     # Overrides of the DeepSpeed "default_moe" section (None: keep the JSON's value).
     router: Optional[str] = None
     beta: Optional[float] = None
@@ -73,6 +86,30 @@ class RunConfig:
             raise ValueError(f"RunConfig.keep_last (--keep-last) must be an integer >= 0 (0 keeps all), got {self.keep_last!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"RunConfig.warmup_steps (--warmup-steps) must be >= 0, got {self.warmup_steps!r}")
+        if self.time_budget_minutes is not None:
+            if not (self.time_budget_minutes > 0):
+                raise ValueError(
+                    f"RunConfig.time_budget_minutes (--time-budget-minutes) must be > 0, got {self.time_budget_minutes!r}"
+                )
+            if self.warmup_steps < 4:
+                raise ValueError(
+                    "RunConfig.time_budget_minutes (--time-budget-minutes) measures the step time during warmup: "
+                    f"warmup_steps (--warmup-steps) must be >= 4, got {self.warmup_steps!r}"
+                )
+        elif self.schedule_sync is not None:
+            raise ValueError("RunConfig.schedule_sync (--schedule-sync) needs time_budget_minutes (--time-budget-minutes)")
+        if (
+            isinstance(self.schedule_sync_runs, bool)
+            or not isinstance(self.schedule_sync_runs, int)
+            or self.schedule_sync_runs < 1
+        ):
+            raise ValueError(
+                f"RunConfig.schedule_sync_runs (--schedule-sync-runs) must be an integer >= 1, got {self.schedule_sync_runs!r}"
+            )
+        if not (self.schedule_sync_wait_s > 0):
+            raise ValueError(
+                f"RunConfig.schedule_sync_wait_s (--schedule-sync-wait-s) must be > 0 seconds, got {self.schedule_sync_wait_s!r}"
+            )
 
 
 def _flag_bool(value: str) -> bool:

@@ -24,6 +24,47 @@ def _out_of_time(run: RunConfig, t_start: float, device) -> bool:
     return bool(flag.item())
 
 
+def size_schedule(job, done: int, eval_s: float) -> int:
+    """`time_budget_minutes`: the number of steps that fit, from the step time measured in the
+    second half of warmup and the time of one evaluation (`eval_s`), keeping the final evaluations
+    inside the budget; agreed with the other runs of `schedule_sync` (the smallest proposal), then
+    broadcast from rank 0 so every rank trains the same steps. At most the given `steps`."""
+    import json
+    import os
+    import statistics
+    from pathlib import Path
+
+    run = job.run
+    times = job.history["step_time"][-max(2, run.warmup_steps // 2) :]
+    step_s = statistics.median(times)
+    left_s = 60.0 * run.time_budget_minutes - (time.perf_counter() - job.t_start) - 2.0 * eval_s  # final + D-zeroed eval
+    per_step = step_s + eval_s / run.eval_every
+    proposal = min(run.steps, done + max(1, int(0.95 * left_s / per_step)))
+    total, note = proposal, f"step {step_s * 1e3:.0f} ms, eval {eval_s:.1f} s"
+    if job.rank == 0 and run.schedule_sync:
+        folder = Path(run.schedule_sync)
+        folder.mkdir(parents=True, exist_ok=True)
+        mine = folder / f"{os.getpid()}-{Path(run.run_dir).name}.json"
+        tmp = mine.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_dir": run.run_dir, "steps": proposal, "step_s": step_s, "eval_s": eval_s}))
+        os.replace(tmp, mine)
+        deadline = time.perf_counter() + run.schedule_sync_wait_s
+        while True:
+            found = [json.loads(f.read_text()) for f in folder.glob("*.json")]
+            if len(found) >= run.schedule_sync_runs or time.perf_counter() > deadline:
+                break
+            time.sleep(0.5)
+        total = min(f["steps"] for f in found)
+        note += f"; agreed with {len(found)}/{run.schedule_sync_runs} runs"
+    flag = torch.tensor([total], dtype=torch.long, device=job.engine.device)
+    dist.broadcast(flag, src=0)
+    total = int(flag.item())
+    job.history.setdefault("schedule", []).append({"at_step": done, "steps": total, "proposed": proposal, "note": note})
+    if job.rank == 0:
+        print(f"[train] time budget {run.time_budget_minutes} min: {total} steps ({note})", flush=True)
+    return total
+
+
 def _mean_over_ranks(value: float, device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
@@ -125,6 +166,8 @@ def train(job) -> None:
     )
     probe_state: Dict[int, torch.Tensor] = {}
     job.t_start = time.perf_counter()
+    # A fresh run with a time budget sizes its schedule at the end of warmup (a resumed one keeps --steps).
+    size_at = run.warmup_steps if run.time_budget_minutes is not None and job.start_step < run.warmup_steps else None
     for step in bar:
         t0 = time.perf_counter()
         loss_sum = 0.0
@@ -137,11 +180,17 @@ def train(job) -> None:
         history["step_time"].append(time.perf_counter() - t0)
         done = step + 1
         last = done == run.steps or _out_of_time(run, job.t_start, engine.device)
-        if done % run.log_every == 0 or last:
+        if done % run.log_every == 0 or last or done == size_at:
             _log_train(job, bar, done, loss_sum / job.gas)
-        if done % run.eval_every == 0 or last:
+        if done == size_at:
+            t_eval = time.perf_counter()
             _evaluate_and_diagnose(job, done, probe_state)
-        if done % run.ckpt_every == 0 or last:
+            run.steps = size_schedule(job, done, time.perf_counter() - t_eval)
+            bar.total = run.steps
+            last = last or done >= run.steps
+        elif done % run.eval_every == 0 or last:
+            _evaluate_and_diagnose(job, done, probe_state)
+        if done % run.ckpt_every == 0 or (last and run.save_final):
             engine.save_checkpoint(str(job.ckpt_dir), tag=f"step{done}", client_state={"step": done, "history": history})
         if last:
             break

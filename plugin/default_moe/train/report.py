@@ -59,6 +59,14 @@ def plot(history: Dict[str, list], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def _peak_memory(job):
+    import torch
+
+    device = job.engine.device
+    device = torch.device(device) if not isinstance(device, torch.device) else device
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
 def report(job) -> None:
     """Collective parts on every rank, then rank 0 writes and prints."""
     expert_share = _expert_shares(job.model)
@@ -88,6 +96,8 @@ def report(job) -> None:
         "final_val_loss_without_defaults": val_no_defaults,
         "expert_share_per_layer": expert_share,
         "tokens_per_step": tokens_per_step,
+        # The device's peak allocated bytes of this process (CUDA; None on CPU).
+        "peak_mem_bytes": _peak_memory(job),
         "history": history,
     }
     norms = [layer.defaults.defaults_ED.norm(dim=1).mean().item() for layer in job.model.moe_layers if layer.defaults is not None]
