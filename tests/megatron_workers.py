@@ -86,6 +86,18 @@ GATE_FORMS = {
         moe_router_pre_softmax=False,
         moe_router_load_balancing_type="none",
     ),
+    # Capacity drops (issue 36): a renormalised gate's Z counts the dropped experts, so only the
+    # unselected ones' y_S is replaced; pre-softmax with drops as the unrenormalised control.
+    "pre_softmax_capacity": dict(moe_expert_capacity_factor=0.5),
+    "topk_softmax_capacity": dict(moe_router_pre_softmax=False, moe_expert_capacity_factor=0.5),
+    "deepseek_v3_capacity_in_forward": dict(
+        moe_router_score_function="sigmoid",
+        moe_router_enable_expert_bias=True,
+        moe_router_topk_scaling_factor=2.5,
+        moe_router_pre_softmax=False,
+        moe_router_load_balancing_type="none",
+        moe_expert_capacity_factor=0.5,
+    ),
 }
 
 
@@ -136,25 +148,32 @@ def layer_vs_reference(rank, world, form="pre_softmax"):
     probs = torch.sigmoid(logits) if sigmoid else torch.softmax(logits, -1)
     top = torch.topk(probs + bias.double(), K, -1).indices
     chosen = torch.zeros_like(probs, dtype=torch.bool).scatter(1, top, True)
+    # The routes that ran: megatron's map after its capacity drops (each rank drops over its own tokens).
+    ran = gather_cat(layer.router.routing_map)
+    if "moe_expert_capacity_factor" in kw:
+        assert (chosen & ~ran).any() and not (ran & ~chosen).any()  # drops happened, only of selected routes
+        assert torch.equal(gather_cat(layer.router.selected_map), chosen)
+    else:
+        assert torch.equal(ran, chosen)
     experts = torch.stack([F.gelu(X @ fc1[e].t()) @ fc2[e].t() for e in range(E)])  # [E, T, H]
     with torch.no_grad():
-        counts = chosen.sum(0).double()
-        mean = torch.stack([experts[e][chosen[:, e]].sum(0) for e in range(E)]) / counts.clamp_min(1)[:, None]
+        counts = ran.sum(0).double()
+        mean = torch.stack([experts[e][ran[:, e]].sum(0) for e in range(E)]) / counts.clamp_min(1)[:, None]
         D_ref = torch.where(counts[:, None] > 0, 0.6 * D0.double() + 0.4 * mean, D0.double())
     gates = probs * chosen
-    if renorm:
+    if renorm:  # over the selected experts, dropped ones included (megatron renormalises before dropping)
         gates = gates / gates.sum(-1, keepdim=True)
-    y_S = scale * (gates.t()[:, :, None] * experts).sum(0)
+    y_S = scale * ((gates * ran).t()[:, :, None] * experts).sum(0)
     w = probs / probs.sum(-1, keepdim=True)  # the dense weights: pi, or sigmoid normalised over all
     if not renorm:  # pre-softmax: y_S + s sum_{not run} pi_i D_i (committed D)
-        dense = y_S + scale * (w * ~chosen) @ D0.double()
-    else:  # the dense mixture over all experts with D_i where expert i did not run
-        E_hat = torch.where(chosen.t()[:, :, None], experts if in_forward else experts.detach(), D0.double()[:, None, :])
+        dense = y_S + scale * (w * ~ran) @ D0.double()
+    else:  # the dense mixture over all experts with D_i where expert i did not run (unselected or dropped)
+        E_hat = torch.where(ran.t()[:, :, None], experts if in_forward else experts.detach(), D0.double()[:, None, :])
         dense = scale * (w.t()[:, :, None] * E_hat).sum(0)
     if in_forward:
         ref = dense
     else:  # forward y_S; the router gets the term's gradient with y_S held fixed
-        extra = (w * ~chosen) @ (scale * D0.double()) - (w * ~chosen).sum(-1, keepdim=True) * y_S.detach()
+        extra = (w * ~ran) @ (scale * D0.double()) - (w * ~chosen).sum(-1, keepdim=True) * y_S.detach()
         ref = y_S + extra - extra.detach()
     (ref * G).sum().backward()
     T = x.shape[0] * x.shape[1]

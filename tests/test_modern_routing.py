@@ -206,3 +206,95 @@ def test_modern_routing_refusals():
         MoEConfig(**base, score_function="relu")
     with pytest.raises(ValueError, match="shared_expert_gate needs"):
         MoEConfig(**base, shared_expert_gate=True)
+
+
+GATE_FORMS = {
+    "softmax": dict(),
+    "softmax_renormalised": dict(normalize_topk=True),
+    "sigmoid": dict(score_function="sigmoid", route_scale=1.5),
+    "sigmoid_renormalised_scaled": dict(score_function="sigmoid", normalize_topk=True, route_scale=2.5),
+}
+
+
+@pytest.mark.parametrize("in_forward", [True, False])
+@pytest.mark.parametrize("capacity", [None, 0.5])
+@pytest.mark.parametrize("form", list(GATE_FORMS))
+def test_default_term_with_capacity_drops_is_the_float64_dense_mixture(form, capacity, in_forward):
+    """Every gate form x dropless / capacity drops: the output is the float64 dense mixture
+    s * sum_i w_i E^_i with E^_i = E_i(x) for the experts that ran, D_i for the ones that did not
+    (unselected or dropped); for a renormalised gate an unselected expert without a committed D
+    keeps the implicit default (E^_i = y_S / s). The router gradient (term in the forward or
+    not) equals the derivation's. Issue 36: a dropped expert of a renormalised gate used to be
+    treated as unselected (its w_d y_S subtracted: relative error 0.49 on tokens with a drop)."""
+    from default_moe.dispatch import capacity_keep_mask
+
+    cfg = MoEConfig(
+        hidden_size=D,
+        num_experts=E,
+        ffn_hidden_size=F_,
+        router="default",
+        top_k=3,
+        aux_loss_coeff=0.0,
+        capacity_factor=capacity,
+        default_in_forward=in_forward,
+        **GATE_FORMS[form],
+    )
+    torch.manual_seed(0)
+    layer = MoELayer(cfg)
+    w = Weights.random(E, D, F_, True, seed=1)
+    load_into_layer(layer, w)
+    g = torch.Generator().manual_seed(2)
+    layer.defaults.defaults_ED.copy_(torch.randn(E, D, generator=g) * (torch.arange(E) >= 2)[:, None])
+    x = torch.randn(T, D, generator=g)
+    g_out = torch.randn(T, D, generator=g)
+    xl = x.clone().requires_grad_(True)
+    out = layer(xl)
+    (out * g_out).sum().backward()
+    with torch.no_grad():
+        route = layer.router(x, layer.groups, None)
+        idx = route.idx_TK
+        keep = capacity_keep_mask(idx, route.probs_TE.gather(1, idx), E, capacity, cfg.drop_policy)
+    dropped = {(t, int(idx[t, k])) for t in range(T) for k in range(3) if keep is not None and not keep[t, k]}
+    assert (len(dropped) > 0) == (capacity is not None)
+
+    wd = w.double()
+    xd = x.double().requires_grad_(True)
+    D_ED = layer.defaults.defaults_ED.double()
+    s, renorm, sig = cfg.route_scale, cfg.normalize_topk, cfg.score_function == "sigmoid"
+    ref = torch.zeros(T, D, dtype=torch.float64)
+    dense = torch.zeros(T, D, dtype=torch.float64)
+    for t in range(T):
+        logits = xd[t] @ wd.router_ED.t()
+        a = torch.sigmoid(logits) if sig else torch.exp(logits)
+        chosen = [int(e) for e in idx[t]]
+        ran = [e for e in chosen if (t, e) not in dropped]
+        gates = (a[chosen] / a[chosen].sum() if renorm else (a[chosen] if sig else a[chosen] / a.sum())) * s
+        E_out = {e: expert_mlp(xd[t : t + 1], wd.w1_EDF[e], wd.w3_EDF[e], wd.w2_EFD[e])[0] for e in ran}
+        y_S = sum((gi * E_out[e] for gi, e in zip(gates, chosen) if e in E_out), torch.zeros(D, dtype=torch.float64))
+        wts = a / a.sum() if (renorm or not sig) else a
+        has_D = [bool(D_ED[e].ne(0).any()) for e in range(E)]
+        # The dense mixture, independently: every expert with its stand-in.
+        with torch.no_grad():
+            mix = torch.zeros(D, dtype=torch.float64)
+            for e in range(E):
+                if e in E_out:
+                    mix += s * wts[e] * E_out[e]
+                elif renorm and e not in chosen and not has_D[e]:
+                    mix += wts[e] * y_S  # the implicit default y_S / s
+                else:
+                    mix += s * wts[e] * D_ED[e]
+            dense[t] = mix
+        # The derivation (docs/method.md), for the gradient: D part over the experts that did not
+        # run, y_S part over the ones not selected.
+        yd = y_S if in_forward else y_S.detach()
+        zero = torch.zeros(D, dtype=torch.float64)
+        term = sum((s * wts[e] * D_ED[e] for e in range(E) if e not in ran and (not renorm or has_D[e] or e in chosen)), zero)
+        if renorm:
+            term = term - sum(wts[e] for e in range(E) if e not in chosen and has_D[e]) * yd
+        ref[t] = y_S + (term if in_forward else term - term.detach())
+    (ref * g_out.double()).sum().backward()
+    close = dict(rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(out.double(), (dense if in_forward else ref).detach(), **close)
+    torch.testing.assert_close(ref.detach(), dense if in_forward else ref.detach(), **close)
+    torch.testing.assert_close(layer.router.weight.grad.double(), wd.router_ED.grad, **close)
+    torch.testing.assert_close(xl.grad.double(), xd.grad, **close)

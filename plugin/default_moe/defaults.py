@@ -152,24 +152,25 @@ def ran_mask(num_experts: int, idx_TK: torch.Tensor, keep_TK: Optional[torch.Ten
 
 
 class _DenseRouterGradient(torch.autograd.Function):
-    """Identity on the layer output; the backward adds the default term's gradient to the weights:
-    dL/dw_TE = grad_TD @ sD_ED^T  (- grad . routed, renormalised gates)."""
+    """Identity on the layer output; the backward gives the default term's weights their gradient:
+    dL/dw_TE = grad_TD @ sD_ED^T, and for a renormalised gate dL/dwY_TE = -grad . routed (the
+    weights of the experts not selected, whose y_S the term replaces)."""
 
     @staticmethod
-    def forward(ctx, out_TD, w_TE, sD_ED, routed_TD):
+    def forward(ctx, out_TD, w_TE, sD_ED, routed_TD, wY_TE):
         ctx.save_for_backward(sD_ED, routed_TD)
         return out_TD.view_as(out_TD)
 
     @staticmethod
     def backward(ctx, grad_TD):
         sD_ED, routed_TD = ctx.saved_tensors
-        grad_w = None
+        grad_w = grad_wY = None
+        g = grad_TD.float()
         if ctx.needs_input_grad[1]:
-            g = grad_TD.float()
             grad_w = g @ sD_ED.t()
-            if routed_TD is not None:
-                grad_w = grad_w - (g * routed_TD.float()).sum(-1, keepdim=True)
-        return grad_TD, grad_w, None, None
+        if routed_TD is not None and ctx.needs_input_grad[4]:
+            grad_wY = (-(g * routed_TD.float()).sum(-1, keepdim=True)).expand(-1, sD_ED.shape[0])
+        return grad_TD, grad_w, None, None, grad_wY
 
 
 @dataclass
@@ -331,24 +332,33 @@ class ExpertDefaults(StepState):
         scores_TE: torch.Tensor,
         ran_TE: torch.Tensor,
         routed_TD: Optional[torch.Tensor] = None,
+        selected: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """The default term for this layer's gate form (`GateForm`), [T, D] fp32, with the
         committed D (the same in every forward and recompute until the next optimizer step):
 
             s * sum_{i not run} w_i D_i                 (gates not renormalised: the paper)
-            sum_{i not run} w_i (s D_i - routed_TD)     (renormalised; experts without D skipped)
+            s * sum_{i not run} w_i D_i - sum_{i not selected} w_i routed_TD
+                                                        (renormalised; experts without D skipped)
+
+        A renormalised gate's Z is over the *selected* experts, dropped ones included, so y_S
+        already carries their share of the normaliser: only the unselected experts' w_i y_S is
+        replaced (with drops, "not run" and "not selected" differ; without, they are the same).
 
         Args:
             scores_TE: the router scores of all experts (pi, or sigmoid(z)), differentiable.
             ran_TE: bool, the experts that processed each token.
             routed_TD: the routed output y_S (selected experts times their gates, route scale
                 included; no shared experts); needed by renormalised gates.
+            selected: the experts selected before capacity drops, [T, K] ids or a [T, E] bool
+                map; needed by a renormalised gate whose layer drops (None: `ran_TE` stands for
+                the selection).
         """
         if self.gate.renormalized and routed_TD is None:
             raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
         if routed_TD is not None and not self.default_in_forward:
             routed_TD = routed_TD.detach()
-        term_TD = self.term(scores_TE, ran_TE, routed_TD)
+        term_TD = self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected)
         if not self.default_in_forward:
             term_TD = term_TD - term_TD.detach()  # zero in the forward, the router's dense gradient
         return term_TD
@@ -376,8 +386,24 @@ class ExpertDefaults(StepState):
             return out_TD + self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected_TK).to(out_TD.dtype)
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
             w_TE = self._masked_weights(scores_TE, ran_TE, selected_TK=selected_TK)
+            wY_TE = self._unselected_weights(scores_TE, ran_TE, selected_TK) if self.gate.renormalized else None
         routed = routed_TD.detach() if self.gate.renormalized else None
-        return _DenseRouterGradient.apply(out_TD, w_TE, self.defaults_ED * self.gate.scale, routed)
+        return _DenseRouterGradient.apply(out_TD, w_TE, self.defaults_ED * self.gate.scale, routed, wY_TE)
+
+    def _unselected_weights(
+        self,
+        scores_TE: torch.Tensor,
+        ran_TE: Optional[torch.Tensor],
+        selected_TK: Optional[torch.Tensor],
+        only_E: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """A renormalised gate's [T, E] weights of the experts whose y_S the term replaces: not
+        selected (dropped ones are selected: Z counts them), with a committed D (and in `only_E`)."""
+        if selected_TK is None:  # no drops known: the experts that ran are the selected ones
+            return self._masked_weights(scores_TE, ran_TE, only_E)
+        if selected_TK.dtype == torch.bool:  # a [T, E] selection map (megatron's routing map)
+            return self._masked_weights(scores_TE, selected_TK, only_E)
+        return self._masked_weights(scores_TE, None, only_E, selected_TK)
 
     def _masked_weights(
         self,
@@ -420,7 +446,10 @@ class ExpertDefaults(StepState):
             if gate.scale != 1.0:
                 term_TD = term_TD * gate.scale
             if gate.renormalized:
-                term_TD = term_TD - w_TE.sum(-1, keepdim=True) * routed_TD.float()
+                wY_TE = w_TE if selected_TK is None or ran_TE is None else self._unselected_weights(
+                    scores_TE, ran_TE, selected_TK, only_E
+                )
+                term_TD = term_TD - wY_TE.sum(-1, keepdim=True) * routed_TD.float()
         return term_TD
 
     def local_statistics(

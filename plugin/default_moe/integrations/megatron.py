@@ -151,12 +151,16 @@ class DefaultTopKRouter(TopKRouter):
 
     dense_probs: Optional[torch.Tensor] = None
     routing_map: Optional[torch.Tensor] = None
+    # The selection before capacity drops (None: dropless, the same as routing_map).
+    selected_map: Optional[torch.Tensor] = None
 
     def routing(self, logits: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         # Same logits as the sparse path, so gradients through both reach the router weights.
         self.dense_probs = dense_scores(logits.reshape(-1, self.config.num_moe_experts), self.config.moe_router_score_function)
+        compat.take_pre_drop_map()
         probs, routing_map = super().routing(logits, padding_mask)
         self.routing_map = routing_map
+        self.selected_map = compat.take_pre_drop_map()
         if padding_mask is not None:
             # Padding must not enter the EMA, and the dispatched rows do not say which token they
             # came from: the padded tokens' gates travel negated (megatron's router code reads
@@ -407,7 +411,11 @@ class DefaultMoELayer(McoreMoELayer):
         # The term for megatron's gate form (`gate_form`: score function, renormalisation, the top-k
         # scaling factor s), from the routed output before the shared experts are added.
         default_TH = self.defaults.default_term(
-            self._fwd, self.router.dense_probs, self.router.routing_map, routed_TD=routed.reshape(-1, routed.shape[-1])
+            self._fwd,
+            self.router.dense_probs,
+            self.router.routing_map,
+            routed_TD=routed.reshape(-1, routed.shape[-1]),
+            selected=getattr(self.router, "selected_map", None),
         )
         output = routed + default_TH.view(routed.shape).to(routed.dtype)
         return output if shared_expert_output is None else output + shared_expert_output

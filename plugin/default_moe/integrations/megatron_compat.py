@@ -162,3 +162,37 @@ def moe_spec_kwargs(spec: Any) -> Dict[str, Any]:
 def moe_spec_submodules(spec: Any):
     """The `MoESubmodules` of a MoE spec, on either spec form."""
     return spec.keywords["submodules"] if isinstance(spec, functools.partial) else spec.submodules
+
+
+# The top-k selection before megatron-core drops routes over capacity. Both versions call
+# `apply_router_token_dropping` through the name `router.py` imported, with the pre-drop map as
+# its second argument; a renormalised gate's default term needs that selection (its Z counts the
+# dropped experts). Recorded per thread; read and cleared by the router that asked.
+_PRE_DROP = __import__("threading").local()
+
+
+def _install_pre_drop_capture() -> None:
+    from megatron.core.transformer.moe import router as router_module
+
+    original = router_module.apply_router_token_dropping
+    if getattr(original, "_default_moe_capture", False):
+        return
+
+    @functools.wraps(original)
+    def capture(routing_probs, routing_map, *args, **kwargs):
+        _PRE_DROP.map = routing_map
+        return original(routing_probs, routing_map, *args, **kwargs)
+
+    capture._default_moe_capture = True
+    router_module.apply_router_token_dropping = capture
+
+
+def take_pre_drop_map():
+    """The [T, E] bool selection before capacity drops of the routing that just ran on this
+    thread (None when nothing was dropped-checked: dropless)."""
+    m = getattr(_PRE_DROP, "map", None)
+    _PRE_DROP.map = None
+    return m
+
+
+_install_pre_drop_capture()
