@@ -446,8 +446,10 @@ class ExpertDefaults(StepState):
             if gate.scale != 1.0:
                 term_TD = term_TD * gate.scale
             if gate.renormalized:
-                wY_TE = w_TE if selected_TK is None or ran_TE is None else self._unselected_weights(
-                    scores_TE, ran_TE, selected_TK, only_E
+                wY_TE = (
+                    w_TE
+                    if selected_TK is None or ran_TE is None
+                    else self._unselected_weights(scores_TE, ran_TE, selected_TK, only_E)
                 )
                 term_TD = term_TD - wY_TE.sum(-1, keepdim=True) * routed_TD.float()
         return term_TD
@@ -549,9 +551,15 @@ class ExpertDefaults(StepState):
                 target_ED = (total_D - self.defaults_ED) / max(E - 1, 1)
             decayed_ED = self.beta * self.defaults_ED + (1.0 - self.beta) * target_ED
             kept_ED = torch.where(idle_E[:, None], decayed_ED, self.defaults_ED)
+        # A commit with no statistics anywhere in the group (an optimizer step with no training
+        # forward since the last one) is no step of this layer: nothing decays, nothing is idle.
+        # Decided on the device from the reduced weights (the same on every rank; no host sync).
+        empty = (weight_E.sum() == 0) & finite_E.all()
+        kept_ED = torch.where(empty, self.defaults_ED, kept_ED)
         # In place: the buffer object stays the one engines and optimisers may hold.
         self.defaults_ED.copy_(torch.where(seen_E[:, None], new_ED, kept_ED))
-        self.idle_commits_E.copy_(torch.where(weight_E > 0, torch.zeros_like(self.idle_commits_E), self.idle_commits_E + 1))
+        idle_E = torch.where(weight_E > 0, torch.zeros_like(self.idle_commits_E), self.idle_commits_E + 1)
+        self.idle_commits_E.copy_(torch.where(empty, self.idle_commits_E, idle_E))
         self.num_updates += 1
         self.last_batch_mean_ED, self.last_seen_E = mean_ED, seen_E
         self._clear()

@@ -70,6 +70,27 @@ class AuxLossAutoScaler(torch.autograd.Function):
             t.data.fill_(float(scale))
 
 
+class _GlobalBalanceLoss(torch.autograd.Function):
+    """sum_e (sum_t p_te) * c_e with the counts c averaged over the data-parallel group *in the
+    backward*: the all-reduce runs only where a backward runs, so forwards without one (no-grad
+    rollouts, reference log-probs, a skipped loss) issue no collective and ranks may run different
+    numbers of them. The forward's value uses the local counts (what is logged)."""
+
+    @staticmethod
+    def forward(ctx, probs_TE: torch.Tensor, counts_E: torch.Tensor, group) -> torch.Tensor:
+        ctx.save_for_backward(counts_E)
+        ctx.group, ctx.T = group, probs_TE.shape[0]
+        return (probs_TE.sum(dim=0) * counts_E).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (counts_E,) = ctx.saved_tensors
+        counts_E = counts_E.clone()
+        comm.all_reduce(counts_E, ctx.group)
+        counts_E = counts_E / comm.group_size(ctx.group)
+        return (grad * counts_E).expand(ctx.T, -1), None, None
+
+
 def switch_load_balancing_loss(
     probs_TE: torch.Tensor,
     idx_TK: torch.Tensor,
@@ -80,9 +101,10 @@ def switch_load_balancing_loss(
 
     loss = coeff * E / (T^2 * K) * sum_e (sum_t p_te) * c_e, where c_e is the number of token slots
     routed to expert e averaged over the DP ranks (a "global" aux loss: the balance of the whole
-    batch is what is optimised, not each rank's micro-batch). The count all-reduce depends only on
-    the config (skipped when `coeff` is 0), never on local data, so every rank issues it alike, also
-    a rank with no tokens.
+    batch is what is optimised, not each rank's micro-batch). The counts are all-reduced in the
+    backward (`_GlobalBalanceLoss`), so only forwards that are backpropagated communicate, and
+    every rank's backward of the layer issues it alike, also a rank with no tokens. The returned
+    value (logged) uses the local counts; its gradient uses the group's.
 
     Args:
         probs_TE: fp32 router probabilities over all experts.
@@ -101,12 +123,12 @@ def switch_load_balancing_loss(
     counts_E = torch.zeros(E, dtype=torch.float32, device=idx_TK.device).index_add_(
         0, idx_TK.reshape(-1), torch.ones(idx_TK.numel(), dtype=torch.float32, device=idx_TK.device)
     )
-    if comm.group_size(dp_group) > 1:
-        comm.all_reduce(counts_E, dp_group)
-        counts_E = counts_E / comm.group_size(dp_group)
+    scale = coeff * E / (max(T, 1) * max(T, 1) * K)
+    if comm.group_size(dp_group) > 1 and probs_TE.requires_grad:
+        return scale * _GlobalBalanceLoss.apply(probs_TE, counts_E, dp_group)
     if T == 0:
         return probs_TE.new_zeros(())
-    return coeff * E / (T * T * K) * (probs_TE.sum(dim=0) * counts_E).sum()
+    return scale * (probs_TE.sum(dim=0) * counts_E).sum()
 
 
 def z_loss(logits_TE: torch.Tensor, coeff: float) -> torch.Tensor:

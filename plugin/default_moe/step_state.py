@@ -12,8 +12,9 @@ forwards count nothing, and a layer with no trainable parameter collects nothing
 
 `commit_step_state(modules)` commits every such state in `modules` at the optimizer step: their
 accumulators travel in one all-reduce per reduction group and dtype, then each applies its
-update. Who calls it: a process-wide `torch.optim` step pre-hook for layers whose parameters the
-stepping optimizer holds (`committed_by == "optimizer"`), an engine's own step hook otherwise
+update. Who calls it: a process-wide `torch.optim` step post-hook, for the layers whose owner parameter
+(`owner_parameter`: the first trainable one) the stepping optimizer holds (`committed_by ==
+"optimizer"`), so several optimizers splitting a model commit each layer once per step, an engine's own step hook otherwise
 (DeepSpeed's `engine.step`, megatron's `finalize_model_grads`), or the user once per step.
 """
 
@@ -308,36 +309,69 @@ def _commit(members: Sequence[StepState]) -> int:
 _STEPPING = threading.local()
 
 
+def owner_parameter(layer: nn.Module) -> Optional[nn.Parameter]:
+    """The parameter whose optimizer commits the layer's step states: the layer's first trainable
+    parameter (the router's weight, unless frozen). One per layer, the same on every rank, so a
+    model whose parameters several optimizers split (router and experts at different learning
+    rates, Muon + AdamW) commits each layer once per training step, with no communication."""
+    return next((p for p in layer.parameters() if p.requires_grad), None)
+
+
+def states_owned_by(optimizer: torch.optim.Optimizer) -> List[StepState]:
+    """The live step states (committed_by="optimizer") whose layer's owner parameter this
+    optimizer holds, in construction order (the same on every rank)."""
+    if not _LIVE:
+        return []
+    ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    with _LIVE_LOCK:
+        _LIVE[:] = [r for r in _LIVE if r() is not None]
+        live = [r() for r in _LIVE]
+    mine = []
+    for m in live:
+        if m is None or m.committed_by != "optimizer":
+            continue
+        layer = m.layer()
+        owner = owner_parameter(layer) if layer is not None else None
+        if owner is not None and id(owner) in ids:
+            mine.append(m)
+    return mine
+
+
+def discard_pending(states: Sequence[StepState]) -> None:
+    """Drops the statistics accumulated since the last commit: the step they belong to did not
+    happen (a GradScaler or DeepSpeed overflow skip). Local, no collective: the skip decision
+    is the group's (an agreed found_inf), so every rank drops alike."""
+    for m in states:
+        m._clear()
+
+
 def _optimizer_step_pre_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    """Commits the step states of the layers this optimizer trains (committed_by="optimizer")."""
+    """Marks the outermost optimizer step running on this thread (see `_optimizer_step_post_hook`)."""
     if not _LIVE:
         return
     ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
     outer = getattr(_STEPPING, "outer", None)
     outer = outer() if outer is not None else None
     if outer is not None and outer is not optimizer and ids <= _STEPPING.ids:
-        return  # inside a wrapping optimizer's step, which committed
+        return  # inside a wrapping optimizer's step, which commits
     # (Its own earlier step that raised before its post-hook is not "running": it is this one.)
     _STEPPING.outer, _STEPPING.ids = weakref.ref(optimizer), ids
-    with _LIVE_LOCK:
-        _LIVE[:] = [r for r in _LIVE if r() is not None]
-        live = [r() for r in _LIVE]
-    candidates = [(m, m.layer()) for m in live if m is not None and m.committed_by == "optimizer"]
-    candidates = [(m, layer) for m, layer in candidates if layer is not None]
-    if not candidates:
-        return
-    mine = [m for m, layer in candidates if any(id(p) in ids for p in layer.parameters())]
+
+
+def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """Commits the step states this optimizer owns (`owner_parameter`), after its step: a step
+    that runs forward and backward inside `step(closure)` (LBFGS, SAM) commits what its closure
+    collected; a step that never ran (a GradScaler skip) commits nothing."""
+    outer = getattr(_STEPPING, "outer", None)
+    if outer is None or outer() is not optimizer:
+        return  # an inner optimizer of a wrapping one: the outer step commits
+    _STEPPING.outer = None
+    mine = states_owned_by(optimizer)
     if mine:
         _commit(mine)
 
 
 _HOOK: list = [None]
-
-
-def _optimizer_step_post_hook(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
-    outer = getattr(_STEPPING, "outer", None)
-    if outer is not None and outer() is optimizer:
-        _STEPPING.outer = None
 
 
 def attach_to_optimizers() -> None:

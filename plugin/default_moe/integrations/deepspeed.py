@@ -29,7 +29,7 @@ import torch.distributed as dist
 from default_moe.config import LEGACY_FIELDS, MoEConfig, check_overrides
 from default_moe import manifest
 from default_moe.defaults import commit_defaults
-from default_moe.step_state import step_states_in
+from default_moe.step_state import discard_pending, step_states_in
 from default_moe.checkpoint import (  # noqa: F401 (EXPERT_FILE, DEFAULTS_FILE: re-exported)
     DEFAULTS_FILE,
     EXPERT_FILE,
@@ -335,9 +335,16 @@ def _install_common_hooks(engine) -> None:
         return backward(loss, *args, **kw)
 
     def step_committing_defaults(*args, **kw):
-        if engine.is_gradient_accumulation_boundary():
-            commit_defaults(engine.module)
-        return step(*args, **kw)
+        # After the step, as the torch-optimizer hook: a step DeepSpeed skipped (fp16 overflow,
+        # agreed over its groups) did not happen, so its statistics are dropped, not committed.
+        boundary = engine.is_gradient_accumulation_boundary()
+        out = step(*args, **kw)
+        if boundary:
+            if engine.was_step_applied():
+                commit_defaults(engine.module)
+            else:
+                discard_pending(step_states_in(engine.module))
+        return out
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
