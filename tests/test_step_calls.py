@@ -244,3 +244,45 @@ def _deepspeed_fp16_overflow_skips(rank: int, world: int) -> None:
 
 def test_deepspeed_fp16_overflow_skip_drops_the_steps_statistics():
     run_distributed(_deepspeed_fp16_overflow_skips, 2)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("order", ["documented", "layer_first"])
+def test_deepspeed_init_distributed_on_cpu_builds_nothing_and_waits_on_no_lock(tmp_path, order):
+    """Issue 37 (6): the documented order (`import default_moe.deepspeed`, then
+    `deepspeed.init_distributed()`), and a MoE layer built while DeepSpeed is imported before
+    accelerate/the user initialises it (the HF Trainer path), skip DeepSpeed's CPU JIT build of its
+    shared-memory op. A lock file left by a killed build is planted: a build would wait on it
+    forever; the run ends in seconds."""
+    import os
+    import subprocess
+    import sys
+
+    ext = tmp_path / "torch_extensions"
+    (ext / "deepspeed_shm_comm").mkdir(parents=True)
+    (ext / "deepspeed_shm_comm" / "lock").write_text("")  # what a SIGKILLed build leaves
+    first = (
+        "import default_moe.deepspeed\n"
+        if order == "documented"
+        else "import deepspeed\nfrom default_moe import MoEConfig, MoELayer\n"
+        "MoELayer(MoEConfig(hidden_size=8, num_experts=2, ffn_hidden_size=8, top_k=1))\n"
+    )
+    code = first + (
+        "import deepspeed, time\n"
+        "t = time.time()\n"
+        "deepspeed.init_distributed(dist_backend='gloo', verbose=False)\n"
+        "print('init took', round(time.time() - t, 1))\n"
+    )
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(ext),
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(__import__("dist").free_port()),
+    }
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=240)
+    assert out.returncode == 0 and "init took" in out.stdout, out.stdout[-2000:] + out.stderr[-3000:]
+    assert "built successfully" not in out.stdout + out.stderr

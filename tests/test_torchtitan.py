@@ -1,7 +1,8 @@
 """torchtitan 0.3.0 with Default MoE by one override (default_moe.integrations.torchtitan), on 2
 gloo CPU ranks through torchtitan's own trainer (tests/torchtitan_worker.py; CPU shims in
 launch/torchtitan_cpu.py). A tiny Qwen3-MoE (tests/torchtitan_configs.py) and the stock
-`deepseek_v3_debugmodel`; MoE weights distinct on every shard."""
+`deepseek_v3_debugmodel`; MoE weights distinct on every shard. DeepSeek-V3's sigmoid gate
+(route_norm, route_scale 2.5, group-limited) at the module level against the float64 derivation."""
 
 import json
 import os
@@ -156,8 +157,9 @@ def test_torchtitan_override_fsdp_ep_checkpointing_and_resume(assets, tmp_path):
 
 @pytest.mark.distributed
 def test_torchtitan_stock_deepseek_v3_debugmodel_ep2(assets, tmp_path):
-    """The stock config (sigmoid router, route_norm, shared expert, expert bias) with the override at
-    EP 2 trains (the sigmoid gate's term in the backward only), D identical on both ranks."""
+    """The stock config (in torchtitan 0.3.0: a softmax router without route_norm, route_scale 1,
+    shared expert, expert bias) with the override at EP 2 trains, D identical on both ranks. The
+    sigmoid, renormalised, scaled gate of its real DeepSeek-V3 configs: the module-level test below."""
     flags = [
         "--module",
         "deepseek_v3",
@@ -192,3 +194,85 @@ def test_torchtitan_settings_refused_before_training():
         tt.check_settings({"betta": 0.5})
     with pytest.raises(ValueError, match="MoEConfig.beta"):
         tt.check_settings({"beta": 1.5})
+
+
+def test_torchtitan_sigmoid_renormalised_scaled_gate_matches_the_float64_derivation():
+    """The gate torchtitan's real DeepSeek-V3 configs use (sigmoid scores, route_norm, route_scale
+    2.5, group-limited selection; the stock debugmodel is softmax without route_norm) through the
+    override, at the module level: the output (term out of the forward: sigmoid auto) and the
+    router gradient equal the float64 derivation over torchtitan's own expert outputs, and D is
+    committed once per optimizer step (two steps) to the mean of the routed tokens' outputs."""
+    import functools
+
+    from torchtitan.models.common.linear import Linear
+    from torchtitan.models.common.moe import GroupedExperts, MoE, RoutedExperts, TokenChoiceTopKRouter
+    from torchtitan.models.common.token_dispatcher import LocalTokenDispatcher
+
+    from default_moe.integrations import torchtitan as titan
+
+    E, Dm, F, K, T, beta, scale = 8, 16, 24, 4, 40, 0.7, 2.5
+    normal = functools.partial(torch.nn.init.normal_, std=0.3)
+    cfg = MoE.Config(
+        num_experts=E,
+        routed_experts=RoutedExperts.Config(
+            inner_experts=GroupedExperts.Config(
+                dim=Dm, hidden_dim=F, num_experts=E, param_init={"w1_EFD": normal, "w2_EDF": normal, "w3_EFD": normal}
+            ),
+            token_dispatcher=LocalTokenDispatcher.Config(num_experts=E, top_k=K),
+        ),
+        router=TokenChoiceTopKRouter.Config(
+            num_experts=E,
+            gate=Linear.Config(in_features=Dm, out_features=E, bias=False, param_init={"weight": normal}),
+            top_k=K,
+            score_func="sigmoid",
+            route_norm=True,
+            route_scale=scale,
+            num_expert_groups=4,
+            num_limited_groups=2,
+        ),
+    )
+    torch.manual_seed(0)
+    moe = titan.default_moe(cfg, beta=beta).build()
+    moe.init_states(buffer_device=torch.device("cpu"))
+    assert isinstance(moe, titan.DefaultMoE) and not moe.defaults.default_in_forward
+    opt = torch.optim.SGD(moe.parameters(), lr=0.0)
+    g = torch.Generator().manual_seed(3)
+    D_ref = torch.zeros(E, Dm, dtype=torch.float64)
+    for step in range(2):
+        x = torch.randn(1, T, Dm, generator=g)
+        g_out = torch.randn(1, T, Dm, generator=g)
+        with torch.no_grad():  # torchtitan's own expert outputs, every expert for every token (its bf16 GEMMs)
+            inner = moe.routed_experts.inner_experts
+            experts = torch.stack(
+                [inner(x[0], torch.zeros(E, dtype=torch.long).index_fill_(0, torch.tensor([e]), T)) for e in range(E)]
+            ).double()  # [E, T, D]
+        opt.zero_grad()
+        out = moe(x)
+        (out * g_out).sum().backward()
+        W = moe.router.gate.weight.detach().double().requires_grad_(True)
+        a = torch.sigmoid(x[0].double() @ W.t())  # [T, E]
+        grouped = a.detach().view(T, 4, 2)
+        best = grouped.topk(2, -1).values.sum(-1).topk(2, -1).indices  # torchtitan's group rule: top-2 sum per group
+        allowed = torch.zeros(T, 4, dtype=torch.bool).scatter(1, best, True).repeat_interleave(2, 1)
+        idx = a.detach().masked_fill(~allowed, -1.0).topk(K, -1).indices
+        chosen = torch.zeros(T, E, dtype=torch.bool).scatter(1, idx, True)
+        gates = a * chosen / (a * chosen).sum(-1, keepdim=True) * scale
+        y_S = (gates.t()[:, :, None] * experts).sum(0)
+        w = a / a.sum(-1, keepdim=True)
+        has_D = D_ref.ne(0).any(1)
+        wn = w * ~chosen * has_D  # experts without a committed D keep the renormalisation's default
+        term = wn @ (scale * D_ref) - wn.sum(-1, keepdim=True) * y_S.detach()
+        ref = y_S + term - term.detach()  # sigmoid: the term's gradient only (auto)
+        (ref * g_out[0].double()).sum().backward()
+        torch.testing.assert_close(out[0].double(), ref.detach(), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(moe.router.gate.weight.grad.double(), W.grad, rtol=1e-4, atol=1e-5)
+        assert moe.defaults.num_updates == step
+        opt.step()  # commits D once
+        assert moe.defaults.num_updates == step + 1
+        counts = chosen.sum(0)
+        mean = (chosen.t().double()[:, :, None] * experts).sum(1) / counts.clamp_min(1)[:, None]
+        # A renormalised gate's D starts at the first mean (not beta * 0 + ...).
+        new = torch.where(has_D[:, None], beta * D_ref + (1 - beta) * mean, mean)
+        D_ref = torch.where(counts[:, None] > 0, new, D_ref)
+        torch.testing.assert_close(moe.defaults.defaults_ED.double(), D_ref, rtol=1e-4, atol=1e-5)
+    assert D_ref.ne(0).any(1).sum() >= E - 1

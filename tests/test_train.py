@@ -120,6 +120,25 @@ def test_main_job_smoke_and_resume(tmp_path):
 
 
 @pytest.mark.distributed
+def test_main_job_rollback_then_auto_resume_follows_the_pointer_and_keeps_the_branch(tmp_path):
+    """Issue 37 on the main job's own path: a run saves steps 2, 4, 6; the operator rolls back
+    (`--resume-from step2`, a lower `--lr`, saves 3 and 5); the next `--auto-resume` continues
+    from step 5 (what `latest` names), not from the abandoned step 6, and `--keep-last 2` keeps the
+    newest checkpoints in commit order (5 and 7), deleting the abandoned branch. The changed --lr
+    is used and said."""
+    _train(tmp_path, "--steps", "6")
+    out = _train(tmp_path, "--resume-from", "step2", "--steps", "5", "--ckpt-every", "3", "--lr", "1e-3")
+    assert "resumed at step 2" in out, out[-2000:]
+    assert "--lr 0.001 differs from the checkpoint's 0.003: training on with 0.001" in out, out[-2000:]
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step5"
+    out = _train(tmp_path, "--auto-resume", "--steps", "7", "--ckpt-every", "7", "--keep-last", "2", "--lr", "1e-3")
+    assert "resumed at step 5" in out and "differs from the checkpoint" not in out, out[-2000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert [s for s, _ in m["history"]["train"]] == [1, 2, 3, 4, 5, 6, 7]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if p.is_dir()) == ["step5", "step7"]
+
+
+@pytest.mark.distributed
 def test_main_job_under_the_deepspeed_launcher(tmp_path):
     """DeepSpeed users start jobs with `deepspeed`: it passes --local_rank and sets the ranks."""
     env = {

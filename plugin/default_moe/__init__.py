@@ -1,6 +1,6 @@
 """default-moe: expert-parallel Mixture-of-Experts with Default MoE dense router gradients."""
 
-from default_moe import layer_utils as _layer_utils
+from default_moe import amp, layer_utils as _layer_utils
 from default_moe.config import MoEConfig
 from default_moe.comm import count_collectives
 from default_moe.defaults import commit_defaults
@@ -18,14 +18,16 @@ def _deepspeed_section_guard(layer) -> None:
     import sys
 
     if "deepspeed" in sys.modules:
-        from default_moe.integrations.deepspeed import install_section_guard
+        from default_moe.integrations.deepspeed import install_section_guard, skip_cpu_jit_builds
 
         install_section_guard()
+        skip_cpu_jit_builds()  # before accelerate's or the user's deepspeed.init_distributed (CPU)
 
 
 _layer_utils.on_layer_built(_deepspeed_section_guard)
 
 __all__ = [
+    "amp",
     "MoEConfig",
     "MoELayer",
     "ParallelGroups",

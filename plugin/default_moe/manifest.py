@@ -13,9 +13,19 @@ A checkpoint folder `CKPT/` holds one sub-folder per tag (`CKPT/step300/`) and a
 5. a barrier.
 
 A tag folder without a manifest, or whose files do not match it (missing, truncated, altered),
-does not exist for resume: `resolve_tag` picks the newest complete checkpoint and warns naming each
-newer one it skipped and why; a tag named explicitly that is torn is refused. A kill at any instant
-therefore costs at most the steps since the last complete checkpoint.
+does not exist for resume. **The pointer is the truth**: `resolve_tag` without a tag resumes the
+checkpoint `latest` names (an operator's rollback — resume an older tag, train on, save — moves
+it, and the next automatic resume follows); only when the pointed one is torn or missing does it
+fall back, to the newest complete checkpoint *in commit order* (the manifests' commit times, not
+their step numbers: an abandoned branch's higher steps are older), warning which and why. A tag
+named explicitly that is torn is refused. A kill at any instant therefore costs at most the steps
+since the last complete checkpoint. Retention (`prune`) keeps the newest `keep_last` complete
+checkpoints in commit order plus whatever `latest` names, and never deletes through a symbolic
+link (an archived tag linked into the folder is neither counted nor touched).
+
+A manifest is data from disk: its file names must be relative paths inside the tag folder (no
+absolute path, no `..`) naming regular files (no device, fifo or link), and no more bytes are
+hashed than the size it records; anything else makes the checkpoint incomplete, named.
 
 Folders written before the protocol or by DeepSpeed alone (no manifest in any tag) are loaded from
 `latest` (or the named tag) as before, with a warning that they cannot be verified.
@@ -28,6 +38,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Tuple
@@ -164,45 +175,85 @@ def read_manifest(tag_dir: str) -> Optional[Dict[str, Any]]:
     return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
 
 
+def _entry_problem(tag_dir: str, name: Any, entry: Any) -> Optional[str]:
+    """Why a manifest entry cannot name a file of this checkpoint (None: it can): a relative path
+    inside the tag folder, with an integer size and a hex SHA-256."""
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return f"manifest entry {name!r} is not a file name"
+    parts = name.replace("\\", "/").split("/")
+    if os.path.isabs(name) or ".." in parts:
+        return f"manifest entry {name!r} points outside the checkpoint folder (absolute or '..')"
+    if not isinstance(entry, dict) or not isinstance(entry.get("size"), int) or entry["size"] < 0:
+        return f"manifest entry {name!r} has no valid size"
+    if not isinstance(entry.get("sha256"), str) or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"]):
+        return f"manifest entry {name!r} has no valid SHA-256"
+    root = os.path.realpath(tag_dir)
+    real = os.path.realpath(os.path.join(tag_dir, name))
+    if os.path.commonpath([root, real]) != root:
+        return f"manifest entry {name!r} resolves outside the checkpoint folder ({real})"
+    return None
+
+
+def _hash_prefix(path: str, size: int) -> str:
+    """SHA-256 of at most `size` bytes (a manifest never makes a resume read more than it records)."""
+    h = hashlib.sha256()
+    left = size
+    with open(path, "rb") as f:
+        while left > 0:
+            chunk = f.read(min(_CHUNK, left))
+            if not chunk:
+                break
+            h.update(chunk)
+            left -= len(chunk)
+    return h.hexdigest()
+
+
 def verify(tag_dir: str, hashes: bool = True) -> Optional[str]:
     """Why the checkpoint in `tag_dir` is not complete, or None when it is (every file in its
-    manifest present with its size and, with `hashes`, its SHA-256)."""
+    manifest a regular file inside the folder, present with its size and, with `hashes`, its
+    SHA-256)."""
     if not os.path.isdir(tag_dir):
         return "no such folder"
     if not os.path.exists(os.path.join(tag_dir, MANIFEST)):
         return "no manifest (the save did not finish)"
     manifest = read_manifest(tag_dir)
-    if manifest is None:
+    if manifest is None or not isinstance(manifest.get("files"), dict):
         return f"{MANIFEST} is unreadable"
     for name, entry in manifest["files"].items():
+        problem = _entry_problem(tag_dir, name, entry)
+        if problem is not None:
+            return problem
         path = os.path.join(tag_dir, name)
-        if not os.path.exists(path):
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
             return f"{name} is missing"
-        size = os.path.getsize(path)
-        if size != entry["size"]:
-            return f"{name} has {size} bytes, the manifest says {entry['size']} (truncated or rewritten)"
-        if hashes and _hash_file(path, fsync=False)[1] != entry["sha256"]:
+        except OSError as e:
+            return f"{name} cannot be read ({e.strerror})"
+        if not stat.S_ISREG(st.st_mode):
+            return f"{name} is not a regular file (a link, device or fifo: refused)"
+        if st.st_size != entry["size"]:
+            return f"{name} has {st.st_size} bytes, the manifest says {entry['size']} (truncated or rewritten)"
+        if hashes and _hash_prefix(path, entry["size"]) != entry["sha256"]:
             return f"{name} does not match its SHA-256 in the manifest (altered or corrupt)"
     return None
 
 
+def _commit_time(ckpt_dir: str, tag: str) -> float:
+    """When the tag was committed (its manifest's time), or for a folder without a manifest (a
+    save in progress, or torn) when it was last written."""
+    manifest = read_manifest(os.path.join(ckpt_dir, tag))
+    t = manifest.get("time") if manifest is not None else None
+    return float(t) if isinstance(t, (int, float)) else os.path.getmtime(os.path.join(ckpt_dir, tag))
+
+
 def _tags_newest_first(ckpt_dir: str) -> List[str]:
-    """Tag folders, newest first: by the manifest's step, else the last number in the name, then
-    the folder's modification time (a torn save has no manifest)."""
-
-    def key(tag):
-        manifest = read_manifest(os.path.join(ckpt_dir, tag))
-        if manifest is not None:
-            step = manifest["step"]
-        else:
-            nums = re.findall(r"\d+", tag)
-            step = int(nums[-1]) if nums else -1
-        return (step, os.path.getmtime(os.path.join(ckpt_dir, tag)))
-
+    """Tag folders in commit order, newest first (see `_commit_time`; not by step: after a
+    rollback the abandoned branch's higher steps are the older commits)."""
     if not os.path.isdir(ckpt_dir):
         return []
     tags = [t for t in os.listdir(ckpt_dir) if os.path.isdir(os.path.join(ckpt_dir, t))]
-    return sorted(tags, key=key, reverse=True)
+    return sorted(tags, key=lambda t: _commit_time(ckpt_dir, t), reverse=True)
 
 
 def _legacy(ckpt_dir: str) -> bool:
@@ -219,7 +270,7 @@ def _pointer(ckpt_dir: str) -> Optional[str]:
 
 
 def newest_complete(ckpt_dir: str, hashes: bool = True) -> Tuple[Optional[str], List[Tuple[str, str]]]:
-    """(The newest complete checkpoint's tag or None, [(newer tag skipped, why)])."""
+    """(The newest complete checkpoint's tag in commit order or None, [(newer tag skipped, why)])."""
     skipped = []
     for tag in _tags_newest_first(ckpt_dir):
         why = verify(os.path.join(ckpt_dir, tag), hashes=hashes)
@@ -234,7 +285,15 @@ def has_checkpoint(ckpt_dir: str) -> bool:
     the hashes)."""
     if _legacy(ckpt_dir):
         return _pointer(ckpt_dir) is not None
+    pointed = _pointer(ckpt_dir)
+    if pointed is not None and _tag_name_ok(pointed) and verify(os.path.join(ckpt_dir, pointed), hashes=False) is None:
+        return True
     return newest_complete(ckpt_dir, hashes=False)[0] is not None
+
+
+def _tag_name_ok(tag: str) -> bool:
+    """A tag is one folder name inside the checkpoint folder (the pointer file is data too)."""
+    return bool(tag) and "/" not in tag and "\\" not in tag and tag not in (".", "..")
 
 
 def _resolve_here(ckpt_dir: str, tag: Optional[str]) -> Tuple[Optional[str], Optional[str]]:
@@ -260,13 +319,33 @@ def _resolve_here(ckpt_dir: str, tag: Optional[str]) -> Tuple[Optional[str], Opt
                 )
             )
         return str(tag), None
+    pointed = _pointer(ckpt_dir)
+    pointed_why = None
+    if pointed is not None:
+        pointed_why = (
+            verify(os.path.join(ckpt_dir, pointed))
+            if _tag_name_ok(pointed)
+            else "not a tag folder name (the pointer file is damaged)"
+        )
+        if pointed_why is None:
+            return pointed, None
     good, skipped = newest_complete(ckpt_dir)
-    warning = None
+    skipped = [(t, why) for t, why in skipped if t != pointed]
+    parts = []
+    if pointed is not None:
+        parts.append(f"{POINTER} names {pointed!r}, which is not complete ({pointed_why})")
     if skipped:
+        parts.append("skipped " + "; ".join(f"{t!r} ({why})" for t, why in skipped))
+    warning = None
+    if parts:
         warning = (
-            f"checkpoint folder {ckpt_dir}: skipped "
-            + "; ".join(f"{t!r} ({why})" for t, why in skipped)
-            + (f"; resuming from the newest complete checkpoint {good!r}" if good else "; no complete checkpoint is left")
+            f"checkpoint folder {ckpt_dir}: "
+            + "; ".join(parts)
+            + (
+                f"; resuming from the newest complete checkpoint {good!r} (in commit order)"
+                if good
+                else "; no complete checkpoint is left"
+            )
         )
     return good, warning
 
@@ -298,15 +377,20 @@ def resolve_tag(ckpt_dir: str, tag: Optional[str] = None, collective: bool = Fal
 
 
 def prune(ckpt_dir: str, keep_last: int) -> List[str]:
-    """Deletes all but the `keep_last` newest complete checkpoints, and torn folders older than
-    the newest complete one (a save in progress is newer, so it is kept). The manifest goes first:
-    a deletion interrupted half-way leaves a folder that no longer counts as complete."""
+    """Deletes all but the `keep_last` newest complete checkpoints in commit order (and the one
+    `latest` names), and torn folders older than the newest complete one (a save in progress is
+    newer, so it is kept). A tag that is a symbolic link (an archived checkpoint linked in) is
+    neither counted nor deleted: nothing is ever deleted through a link. The manifest goes first:
+    a deletion interrupted half-way leaves a folder that no longer counts as complete. A delete
+    that fails warns with the path (never silently)."""
     if keep_last <= 0:
         return []
     pointed = _pointer(ckpt_dir)
     complete_seen, removed = 0, []
     for tag in _tags_newest_first(ckpt_dir):
         tag_dir = os.path.join(ckpt_dir, tag)
+        if os.path.islink(tag_dir):
+            continue
         is_complete = verify(tag_dir, hashes=False) is None
         if is_complete:
             complete_seen += 1
@@ -314,10 +398,20 @@ def prune(ckpt_dir: str, keep_last: int) -> List[str]:
                 continue
         elif complete_seen == 0 or tag == pointed:
             continue  # newer than every complete checkpoint: a save in progress
+        failed = []
         try:
             os.remove(os.path.join(tag_dir, MANIFEST))
         except FileNotFoundError:
             pass
-        shutil.rmtree(tag_dir, ignore_errors=True)
-        removed.append(tag)
+        except OSError as e:
+            failed.append((os.path.join(tag_dir, MANIFEST), e))
+        shutil.rmtree(tag_dir, onerror=lambda fn, path, exc, failed=failed: failed.append((path, exc[1])))
+        if failed:
+            warnings.warn(
+                f"checkpoint retention (keep_last={keep_last}) could not delete {tag_dir}: "
+                + "; ".join(f"{path}: {e}" for path, e in failed),
+                stacklevel=2,
+            )
+        else:
+            removed.append(tag)
     return removed

@@ -150,7 +150,12 @@ def _fill_stablemoe_vocab(ds_config, model):
 
 
 def skip_cpu_jit_builds() -> None:
-    """On CPU, stop DeepSpeed from JIT-compiling its shared-memory comm op (~3 min) at init."""
+    """On CPU, stop DeepSpeed from JIT-compiling its shared-memory comm op at init (minutes on 2
+    cores, behind a lock file in ~/.cache/torch_extensions that a killed build leaves for every
+    later run to wait on with no bound). Applied by `import default_moe.deepspeed` (so a
+    `deepspeed.init_distributed()` after it, or accelerate's, builds nothing), by our `initialize`,
+    and when a MoE layer is built while DeepSpeed is imported (the HF Trainer path). DeepSpeed then
+    uses torch.distributed's collectives, as it does when the op is not available."""
     if torch.cuda.is_available():
         return
     import deepspeed.comm.torch  # noqa: F401  (the module object is only reachable via sys.modules)
@@ -594,6 +599,7 @@ def register() -> None:
     import deepspeed
 
     install_section_guard()
+    skip_cpu_jit_builds()
     if _ORIGINAL_INITIALIZE is None:
         _ORIGINAL_INITIALIZE = deepspeed.initialize
         deepspeed.initialize = initialize

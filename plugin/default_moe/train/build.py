@@ -123,16 +123,41 @@ def build(run: RunConfig, gpt: GPTConfig, ds_config: Dict[str, Any], resume: boo
         gas=engine.gradient_accumulation_steps(),
     )
     if resume:
-        # The newest complete checkpoint (torn saves skipped with a warning naming them).
-        load_path, client = engine.load_checkpoint(str(job.ckpt_dir))
+        # `resume` is True (the checkpoint `latest` names, or the newest complete one in commit
+        # order) or a tag (--resume-from). Torn saves are skipped with a warning naming them.
+        tag = resume if isinstance(resume, str) else None
+        load_path, client = engine.load_checkpoint(str(job.ckpt_dir), tag=tag)
         if load_path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {job.ckpt_dir}")
         job.start_step, job.history = client["step"], client["history"]
+        apply_run_lr(job)
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
         job.writer = SummaryWriter(str(run_dir / "tb"))
     return job
+
+
+def apply_run_lr(job: Job) -> None:
+    """A resumed run trains with its own --lr: the checkpoint restored the schedule's base LR of
+    the run that saved it, so a changed value (lowering the LR after a loss spike) would be
+    silently ignored. The schedule's shape and position are kept; the change is printed."""
+    scheduler, run = job.scheduler, job.run
+    saved = list(scheduler.base_lrs)
+    if all(abs(b - run.lr) <= 1e-12 * max(1.0, abs(run.lr)) for b in saved):
+        return
+    scheduler.base_lrs = [run.lr for _ in saved]
+    factor = lr_lambda(run)(scheduler.last_epoch)
+    for group in scheduler.optimizer.param_groups:
+        group["initial_lr"] = run.lr
+        group["lr"] = run.lr * factor
+    scheduler._last_lr = [g["lr"] for g in scheduler.optimizer.param_groups]
+    if job.rank == 0:
+        print(
+            f"[train] --lr {run.lr:g} differs from the checkpoint's {saved[0]:g}: training on with {run.lr:g} "
+            f"(schedule position kept, step {scheduler.last_epoch}: lr now {run.lr * factor:.3g})",
+            flush=True,
+        )
 
 
 def announce(job: Job, resumed: bool) -> None:

@@ -124,7 +124,17 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
     """Run config file + command-line overrides -> (RunConfig, GPTConfig, DeepSpeed config dict, resume)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="configs/gpt_tiny.json", help="run config JSON")
-    ap.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in run_dir/ckpt")
+    ap.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint run_dir/ckpt/latest names (else the newest complete one in commit order)",
+    )
+    ap.add_argument(
+        "--resume-from",
+        default=None,
+        metavar="TAG",
+        help="continue from this checkpoint tag (a rollback: later saves move `latest`, so the next resume follows)",
+    )
     ap.add_argument(
         "--auto-resume",
         action="store_true",
@@ -204,6 +214,11 @@ def parse_args(argv: Optional[List[str]] = None) -> tuple:
             dataclasses.replace(gpt.moe_config(), **{k: v for k, v in section.items() if k not in ("enabled", "checkpoint")})
     except (ValueError, TypeError, OSError, json.JSONDecodeError) as e:
         ap.error(str(e))
+    if args.resume_from is not None:
+        tag_dir = Path(run.run_dir) / "ckpt" / args.resume_from
+        if not args.resume_from or "/" in args.resume_from or not tag_dir.is_dir():
+            ap.error(f"--resume-from {args.resume_from!r}: no checkpoint folder {tag_dir}")
+        return run, gpt, ds_config, args.resume_from
     resume = args.resume or (args.auto_resume and manifest.has_checkpoint(str(Path(run.run_dir) / "ckpt")))
     return run, gpt, ds_config, resume
 
