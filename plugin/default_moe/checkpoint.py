@@ -450,3 +450,65 @@ def convert_deepspeed(ckpt_dir: str, out_path: str, tag: Optional[str] = None, t
     }
     _atomic_save(payload, out_path)
     return payload["extra"]
+
+
+def saved_ep_sizes(tag_dir: str) -> List[int]:
+    """The ep_size(s) of the expert files in a DeepSpeed tag folder written with default_moe."""
+    sizes = set()
+    for path in glob.glob(os.path.join(tag_dir, EXPERT_FILE.format(ep_size="*", ep_rank="*"))):
+        name = os.path.basename(path)
+        try:
+            sizes.add(int(name.split("_ep", 1)[1].split("_", 1)[0]))
+        except (IndexError, ValueError):
+            continue
+    return sorted(sizes)
+
+
+UNIVERSAL_EP_REFUSAL = (
+    "DeepSpeed's universal checkpoint converter merges parameters as data-parallel slices, and the "
+    "experts of an expert-parallel run are different tensors with the same names on each EP rank (its "
+    "ds_to_universal fails on them). To change the layout of an ep_size > 1 run, convert offline with "
+    "`default-moe convert-deepspeed CKPT_DIR OUT.pt` and load it with default_moe.checkpoint.load at any "
+    "ep_size (model weights and D; the optimizer restarts)"
+)
+
+
+def to_universal(ckpt_dir: str, tag: Optional[str] = None, output_tag: Optional[str] = None) -> str:
+    """Converts a DeepSpeed checkpoint of a `"default_moe"` run into DeepSpeed's universal format,
+    offline: DeepSpeed's own `ds_to_universal` (with `--inject_missing_state`), then default_moe's
+    files (the experts and D), which that converter does not know, carried into the universal
+    folder, and `latest_universal` pointed at it. Load it with `"checkpoint": {"load_universal":
+    true}` at another data-parallel size. Runs at ep_size 1 only (see `UNIVERSAL_EP_REFUSAL`).
+
+    Returns:
+        The universal folder's tag (`<tag>_universal` by default).
+    """
+    import shutil
+    import subprocess
+    import sys
+
+    tag = manifest.resolve_tag(ckpt_dir, tag)
+    if tag is None:
+        raise FileNotFoundError(f"{ckpt_dir}: no complete checkpoint to convert")
+    src = os.path.join(ckpt_dir, str(tag))
+    sizes = saved_ep_sizes(src)
+    if not sizes:
+        raise ValueError(f"{src} has no {EXPERT_FILE.format(ep_size='N', ep_rank='R')}: not a default_moe DeepSpeed checkpoint")
+    if sizes != [1]:
+        raise ValueError(f"{src} was written at ep_size={sizes[-1]}: {UNIVERSAL_EP_REFUSAL}")
+    check_deepspeed_files(src)  # nothing the converter unpickles holds what DeepSpeed does not write
+    out_tag = output_tag or f"{tag}_universal"
+    dst = os.path.join(ckpt_dir, out_tag)
+    if os.path.exists(dst):
+        raise ValueError(f"{dst} exists: remove it or choose another output tag")
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", src]
+    cmd += ["--output_folder", dst, "--inject_missing_state"]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        shutil.rmtree(dst, ignore_errors=True)
+        raise ValueError(f"DeepSpeed's ds_to_universal failed on {src}:\n{res.stdout[-1500:]}{res.stderr[-1500:]}")
+    for name in sorted(os.listdir(src)):
+        if name.startswith("default_moe_") and name.endswith(".pt"):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    manifest.atomic_write_text(os.path.join(ckpt_dir, "latest_universal"), out_tag)
+    return out_tag

@@ -94,6 +94,21 @@ def _cmd_convert_deepspeed(args: argparse.Namespace) -> int:
     return _cmd_checkpoint_info(argparse.Namespace(path=args.out))
 
 
+def _cmd_to_universal(args: argparse.Namespace) -> int:
+    from default_moe import checkpoint
+
+    try:
+        out = checkpoint.to_universal(args.ckpt_dir, args.tag, args.output_tag)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {os.path.join(args.ckpt_dir, out)} (DeepSpeed's universal format with default_moe's expert and D files) "
+        f'and pointed latest_universal at it; load with "checkpoint": {{"load_universal": true}} at any data-parallel size'
+    )
+    return 0
+
+
 def _cmd_checkpoint_upgrade(args: argparse.Namespace) -> int:
     from default_moe import checkpoint
 
@@ -140,6 +155,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="load DeepSpeed's module file even if it holds objects DeepSpeed does not write (runs its code)",
     )
     p.set_defaults(fn=_cmd_convert_deepspeed)
+    p = sub.add_parser(
+        "to-universal",
+        help="convert a DeepSpeed checkpoint of a default_moe run (ep_size 1) to DeepSpeed's universal format, offline",
+    )
+    p.add_argument("ckpt_dir", help="the directory given to engine.save_checkpoint")
+    p.add_argument("--tag", default=None, help="checkpoint tag (default: the one latest names)")
+    p.add_argument("--output-tag", default=None, help="the universal folder's name (default: TAG_universal)")
+    p.set_defaults(fn=_cmd_to_universal)
     p = sub.add_parser("checkpoint-upgrade", help="rewrite an older (pickled-object) checkpoint you trust as data-only, once")
     p.add_argument("old")
     p.add_argument("new")

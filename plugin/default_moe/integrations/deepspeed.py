@@ -33,9 +33,11 @@ from default_moe.step_state import discard_pending, step_states_in
 from default_moe.checkpoint import (  # noqa: F401 (EXPERT_FILE, DEFAULTS_FILE: re-exported)
     DEFAULTS_FILE,
     EXPERT_FILE,
+    UNIVERSAL_EP_REFUSAL,
     check_deepspeed_files,
     latest_tag,
     load_deepspeed_file,
+    saved_ep_sizes,
 )
 from default_moe.experts import upgrade_expert_state_dict
 from default_moe.layer import MoELayer
@@ -393,6 +395,18 @@ def _install_engine_hooks(engine) -> None:
         ckpt_dir = os.path.dirname(load_path)
         path = os.path.join(ckpt_dir, EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank))
         if not os.path.exists(path):
+            universal = bool(getattr(engine, "load_universal_checkpoint", lambda: False)())
+            if universal and not saved_ep_sizes(ckpt_dir):
+                raise FileNotFoundError(
+                    f"{path} is missing: DeepSpeed's ds_to_universal does not carry default_moe's expert and D files. "
+                    "Convert with `default-moe to-universal CKPT_DIR --tag TAG` (it runs ds_to_universal and carries them), "
+                    f"or copy default_moe_*.pt from the source tag folder into {ckpt_dir}"
+                )
+            if universal:
+                raise FileNotFoundError(
+                    f"{path} is missing: the checkpoint holds experts at ep_size={saved_ep_sizes(ckpt_dir) or '?'}, this "
+                    f"model runs ep_size={ep_size}. " + UNIVERSAL_EP_REFUSAL
+                )
             raise FileNotFoundError(f"{path} is missing: the checkpoint was not written by default_moe at ep_size={ep_size}")
         saved = torch.load(path, map_location="cpu", weights_only=True)["experts"]
         with torch.no_grad():
