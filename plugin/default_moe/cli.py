@@ -109,6 +109,39 @@ def _cmd_to_universal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from default_moe import export
+
+    fmt = args.format
+    if fmt == "auto":
+        if os.path.exists(os.path.join(args.src, "config.json")):
+            fmt = "hf"
+        elif os.path.isdir(args.src):
+            fmt = "main-job"
+        else:
+            print(f"error: {args.src}: not a save_pretrained folder nor a checkpoint directory", file=sys.stderr)
+            return 2
+    try:
+        if fmt == "hf":
+            check = export.export_hf_folder(args.src, args.dst, args.probe_text, args.accept_drift)
+        else:
+            if args.probe_text is not None:
+                print(
+                    "error: --probe-text is for HF models; the main job's export probes its own validation data", file=sys.stderr
+                )
+                return 2
+            check = export.export_main_job(args.src, args.dst, args.tag, args.accept_drift)
+    except export.DriftRefused as e:
+        print(f"refused: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(check.line())
+    print(f"wrote {args.dst} ({fmt}: the plain top-k MoE, no default term, no D)")
+    return 0
+
+
 def _cmd_checkpoint_upgrade(args: argparse.Namespace) -> int:
     from default_moe import checkpoint
 
@@ -155,6 +188,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         help="load DeepSpeed's module file even if it holds objects DeepSpeed does not write (runs its code)",
     )
     p.set_defaults(fn=_cmd_convert_deepspeed)
+    p = sub.add_parser("export", help="export a trained Default-MoE model to its plain top-k form for serving")
+    p.add_argument("src", help="a save_pretrained folder of a converted HF model, or the main job's checkpoint directory")
+    p.add_argument("dst", help="the folder to write (must not exist)")
+    p.add_argument("--format", choices=["auto", "hf", "main-job"], default="auto", help="what SRC is (auto: by its files)")
+    p.add_argument("--tag", default=None, help="main job: the checkpoint tag (default: the one latest names)")
+    p.add_argument("--probe-text", default=None, help="HF: a text file whose tokens probe the drift (default: random ids)")
+    p.add_argument(
+        "--accept-drift",
+        action="store_true",
+        help="export a model trained with D in the forward although the plain model computes something else (measured)",
+    )
+    p.set_defaults(fn=_cmd_export)
     p = sub.add_parser(
         "to-universal",
         help="convert a DeepSpeed checkpoint of a default_moe run (ep_size 1) to DeepSpeed's universal format, offline",

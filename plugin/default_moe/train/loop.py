@@ -191,10 +191,20 @@ def train(job) -> None:
         elif done % run.eval_every == 0 or last:
             _evaluate_and_diagnose(job, done, probe_state)
         if done % run.ckpt_every == 0 or (last and run.save_final):
-            engine.save_checkpoint(str(job.ckpt_dir), tag=f"step{done}", client_state={"step": done, "history": history})
+            engine.save_checkpoint(str(job.ckpt_dir), tag=f"step{done}", client_state=client_state(job, done))
         if last:
             break
     bar.close()
+
+
+def client_state(job, done: int) -> dict:
+    """What a checkpoint records beside the weights: the step and history (resume), the model's
+    shape and the data of its validation batches (`default-moe export` rebuilds and probes it)."""
+    import dataclasses
+
+    run = job.run
+    data = {k: getattr(run, k) for k in ("data", "tokenizer", "token_dtype", "micro_batch", "seed", "eval_batches")}
+    return {"step": done, "history": job.history, "gpt": dataclasses.asdict(job.gpt), "run_data": data}
 
 
 def _log_train(job, bar, done: int, local_loss: float) -> None:

@@ -1,0 +1,1 @@
+"""Files an export writes beside the weights (they import nothing from default_moe)."""
