@@ -139,7 +139,8 @@ def _train_main_job(run_dir, *extra):
 def test_main_job_export_serves_with_torch_alone(tmp_path):
     """The main job (EP 2, DeepSeek-V3 gate: sigmoid, renormalised, expert bias; the term out of the
     forward) exports exactly; its paper variant (softmax, D in the forward) is refused, then
-    exported with the drift measured; both serve from gpt_moe.py in a process without default_moe."""
+    exported with the drift measured; with D annealed to 0 at the end it exports exactly; all
+    serve from gpt_moe.py in a process without default_moe."""
     from default_moe import checkpoint
     from default_moe import data as data_mod
     from default_moe.config import MoEConfig
@@ -148,6 +149,8 @@ def test_main_job_export_serves_with_torch_alone(tmp_path):
     for variant, extra in (
         ("bwd", ["--deepspeed-config", "configs/ds_gpt_tiny_dsv3.json"]),
         ("paper", ["--default-in-forward", "true"]),
+        # D annealed to 0 over the last 3 steps: the paper's variant ends as the plain model.
+        ("anneal", ["--default-in-forward", "true", "--anneal-defaults-steps", "3"]),
     ):
         run = tmp_path / variant
         _train_main_job(run, *extra)
@@ -170,6 +173,10 @@ def test_main_job_export_serves_with_torch_alone(tmp_path):
         for i, layer in enumerate(model.moe_layers):
             layer.reconfigure(MoEConfig(**{**full["moe_configs"][f"blocks.{i}.moe"], "ep_size": 1}))
         model.load_state_dict(full["model"])
+        scale = client["defaults_forward_scale"]  # the trained model's last forward (annealed: 0)
+        assert scale == (0.0 if variant == "anneal" else 1.0)
+        for layer in model.moe_layers:
+            layer.defaults.set_forward_scale(scale)
         model.eval()
         _, val = data_mod.split_train_val(data_mod.load_tokens("shipped"))
         ids = data_mod.sample_batch(val, 4, 32, 1234 + 1, 0, 0, 0)[0]
@@ -185,8 +192,51 @@ def test_main_job_export_serves_with_torch_alone(tmp_path):
             tmp_path / "served.pt",
         )
         diff = (served - trained).abs().max().item()
-        if variant == "bwd":
+        if variant in ("bwd", "anneal"):
             assert diff <= 1e-5 * max(1.0, trained.abs().max().item()), diff
+            assert "D out of the forward" in out.stdout, out.stdout
         else:
             assert diff > 1e-5 and _reported_diff(out.stdout) > 0, (diff, out.stdout)
         (tmp_path / "full.pt").unlink()
+
+
+def test_d_annealing_scales_the_forward_term_keeps_its_gradient_and_ends_plain():
+    """`ExpertDefaults.set_forward_scale(a)`: the output is y_S + a * term (the float64 reference
+    value), the router gradient is the full term's at every a, and at a = 0 the output equals the
+    model without D in the forward bit for bit (what `default-moe export` then writes exactly)."""
+    from default_moe import MoEConfig, MoELayer
+
+    def layer(in_forward):
+        torch.manual_seed(0)
+        m = MoELayer(
+            MoEConfig(
+                hidden_size=8,
+                num_experts=6,
+                ffn_hidden_size=12,
+                top_k=2,
+                router="default",
+                default_in_forward=in_forward,
+                aux_loss_coeff=0.0,
+            )
+        )
+        with torch.no_grad():
+            m.defaults.defaults_ED.copy_(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)))
+        return m
+
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(10, 8, generator=torch.Generator().manual_seed(3))
+    outs, grads = {}, {}
+    for name, in_forward, scale in (("paper", True, 1.0), ("half", True, 0.5), ("zero", True, 0.0), ("bwd", False, 1.0)):
+        m = layer(in_forward)
+        m.defaults.set_forward_scale(scale)
+        out = m(x)
+        (out * g).sum().backward()
+        outs[name], grads[name] = out.detach(), m.router.weight.grad.clone()
+    term = outs["paper"] - outs["bwd"]
+    assert term.abs().max() > 1e-3
+    torch.testing.assert_close(outs["half"], outs["bwd"] + 0.5 * term, rtol=1e-6, atol=1e-6)
+    assert torch.equal(outs["zero"], outs["bwd"])
+    for name in ("half", "zero", "bwd"):
+        torch.testing.assert_close(grads[name], grads["paper"], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        layer(True).defaults.set_forward_scale(1.5)

@@ -225,6 +225,10 @@ class ExpertDefaults(StepState):
         # The last commit's batch means and which experts it saw (diagnostics only).
         self.register_buffer("last_batch_mean_ED", None, persistent=False)
         self.register_buffer("last_seen_E", None, persistent=False)
+        # The default term's weight in the forward (D annealing, `set_forward_scale`): 1 the
+        # paper's term, 0 its router gradient only. A buffer, so a changing value recompiles nothing.
+        self.register_buffer("forward_scale", torch.ones((), dtype=torch.float32), persistent=False)
+        self._annealing = False
 
     @classmethod
     def from_config(
@@ -361,7 +365,27 @@ class ExpertDefaults(StepState):
         term_TD = self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected)
         if not self.default_in_forward:
             term_TD = term_TD - term_TD.detach()  # zero in the forward, the router's dense gradient
+        elif self._annealing:
+            term_TD = self._annealed(term_TD)
         return term_TD
+
+    def set_forward_scale(self, scale: float) -> None:
+        """D annealing: the default term enters the forward with weight `scale` in [0, 1] (its
+        router gradient unchanged), for a model trained with D in the forward that should end as
+        the plain top-k model a serving runtime computes (at 0 the forward adds exactly zero)."""
+        if not 0.0 <= scale <= 1.0:
+            raise ValueError(f"the default term's forward scale must be in [0, 1], got {scale!r}")
+        self.forward_scale.fill_(scale)
+        self._annealing = scale < 1.0
+
+    def _annealed(self, term_TD: torch.Tensor) -> torch.Tensor:
+        # Value scale * term, gradient the term's: term - (1 - scale) * term.detach().
+        return term_TD - (1.0 - self.forward_scale) * term_TD.detach()
+
+    def term_in_forward(self) -> bool:
+        """Whether this layer's forward output includes the default term now (D in the forward, a
+        nonzero D, not annealed to 0). Reads the device (a host sync)."""
+        return bool(self.default_in_forward and self.defaults_ED.ne(0).any() and float(self.forward_scale) > 0)
 
     def add_default_term(
         self,
@@ -383,7 +407,10 @@ class ExpertDefaults(StepState):
         if self.gate.renormalized and routed_TD is None:
             raise ValueError("a renormalised gate's default term needs the routed output (routed_TD)")
         if self.default_in_forward:
-            return out_TD + self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected_TK).to(out_TD.dtype)
+            term_TD = self.term(scores_TE, ran_TE, routed_TD, selected_TK=selected_TK)
+            if self._annealing:
+                term_TD = self._annealed(term_TD)
+            return out_TD + term_TD.to(out_TD.dtype)
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
             w_TE = self._masked_weights(scores_TE, ran_TE, selected_TK=selected_TK)
             wY_TE = self._unselected_weights(scores_TE, ran_TE, selected_TK) if self.gate.renormalized else None

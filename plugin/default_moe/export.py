@@ -102,7 +102,7 @@ def _decide(check: ExportCheck, accept_drift: bool) -> None:
 
 
 def _d_in_forward(defaults) -> bool:
-    return any(d.default_in_forward and bool(d.defaults_ED.ne(0).any()) for d in defaults)
+    return any(d.term_in_forward() for d in defaults)
 
 
 # ---- HF ----
@@ -257,6 +257,9 @@ def export_main_job(ckpt_dir: str, dst: str, tag: Optional[str] = None, accept_d
         layer.reconfigure(MoEConfig(**{**payload["moe_configs"][name], "ep_size": 1}))
     state = payload["model"]
     model.load_state_dict(state, strict=True)
+    for layer in model.moe_layers:  # D annealing's weight at the saved step (not in the state dict)
+        if layer.defaults is not None:
+            layer.defaults.set_forward_scale(float(client.get("defaults_forward_scale", 1.0)))
     model.eval()
     run_data = client["run_data"]
     tokens = data_mod.load_tokens(run_data["data"], run_data.get("tokenizer"), run_data.get("token_dtype", "uint16"))

@@ -59,6 +59,10 @@ class RunConfig:
     schedule_sync: Optional[str] = None
     schedule_sync_runs: int = 1
     schedule_sync_wait_s: float = 180.0
+    # D annealing (Default MoE with D in the forward): over the last N steps the default term's
+    # weight in the forward decays linearly to 0 (its router gradient stays), so the final model
+    # is the plain top-k model serving runtimes compute (`default-moe export` is then exact). 0: off.
+    anneal_defaults_steps: int = 0
     # Overrides of the DeepSpeed "default_moe" section (None: keep the JSON's value).
     router: Optional[str] = None
     beta: Optional[float] = None
@@ -86,6 +90,14 @@ class RunConfig:
             raise ValueError(f"RunConfig.keep_last (--keep-last) must be an integer >= 0 (0 keeps all), got {self.keep_last!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"RunConfig.warmup_steps (--warmup-steps) must be >= 0, got {self.warmup_steps!r}")
+        if (
+            isinstance(self.anneal_defaults_steps, bool)
+            or not isinstance(self.anneal_defaults_steps, int)
+            or self.anneal_defaults_steps < 0
+        ):
+            raise ValueError(
+                f"RunConfig.anneal_defaults_steps (--anneal-defaults-steps) must be an integer >= 0 (0: off), got {self.anneal_defaults_steps!r}"
+            )
         if self.time_budget_minutes is not None:
             if not (self.time_budget_minutes > 0):
                 raise ValueError(

@@ -170,6 +170,8 @@ def train(job) -> None:
     size_at = run.warmup_steps if run.time_budget_minutes is not None and job.start_step < run.warmup_steps else None
     for step in bar:
         t0 = time.perf_counter()
+        if run.anneal_defaults_steps:
+            anneal_defaults(job, step)
         loss_sum = 0.0
         for micro in range(job.gas):
             x, y = data_mod.sample_batch(job.train_tokens, run.micro_batch, gpt.seq_len, run.seed, step, rank, micro)
@@ -197,6 +199,16 @@ def train(job) -> None:
     bar.close()
 
 
+def anneal_defaults(job, step: int) -> None:
+    """D annealing: the default term's forward weight for 0-based `step`, linear from 1 to 0 over
+    the last `anneal_defaults_steps` steps (0 at the last step, whose evaluation is the plain model)."""
+    n = job.run.anneal_defaults_steps
+    scale = min(1.0, max(0.0, (job.run.steps - 1 - step) / n))
+    for layer in job.model.moe_layers:
+        if layer.defaults is not None:
+            layer.defaults.set_forward_scale(scale)
+
+
 def client_state(job, done: int) -> dict:
     """What a checkpoint records beside the weights: the step and history (resume), the model's
     shape and the data of its validation batches (`default-moe export` rebuilds and probes it)."""
@@ -204,7 +216,15 @@ def client_state(job, done: int) -> dict:
 
     run = job.run
     data = {k: getattr(run, k) for k in ("data", "tokenizer", "token_dtype", "micro_batch", "seed", "eval_batches")}
-    return {"step": done, "history": job.history, "gpt": dataclasses.asdict(job.gpt), "run_data": data}
+    scales = [float(layer.defaults.forward_scale) for layer in job.model.moe_layers if layer.defaults is not None]
+    return {
+        "step": done,
+        "history": job.history,
+        "gpt": dataclasses.asdict(job.gpt),
+        "run_data": data,
+        # D annealing's forward weight of the default term at this step (1: the term as configured).
+        "defaults_forward_scale": scales[0] if scales else 1.0,
+    }
 
 
 def _log_train(job, bar, done: int, local_loss: float) -> None:
