@@ -432,7 +432,9 @@ def main() -> None:
 
     rank, world, _ = init_distributed_from_env()
     if not dist.is_initialized():  # one process: a world of one, for the engines
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # A caller (the device check) may choose the port: parts run back to back.
+        port = os.environ.get("MASTER_PORT", "29511")
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port, RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", rank=0, world_size=1)
         rank, world = 0, 1
     rows = []
