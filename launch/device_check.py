@@ -38,7 +38,6 @@ import json
 import lzma
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -46,6 +45,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
+from sweep import free_port  # noqa: E402
 
 GPU_SIZES = "8192:2048:1408:8:2,8192:4096:2048:8:2,8192:2048:1408:64:6,8192:4096:1024:64:6"
 DRY_SIZES = "256:32:64:8:2"
@@ -192,7 +192,7 @@ def _bench(check: Check, part: str, impls: str) -> dict:
     else:
         cmd += ["--sizes", GPU_SIZES, "--rounds", "5", "--iters", "3", "--dtype", "bfloat16"]
         cmd += ["--peak-tflops", str(check.args.peak_tflops)]
-    env = {"MASTER_PORT": str(_free_port())}
+    env = {"MASTER_PORT": str(free_port())}
     res = check.run(part, cmd, check.limit_for(part), env)
     if tmp.exists():
         data = json.loads(tmp.read_text())
@@ -217,12 +217,6 @@ def part_compile(check: Check) -> dict:
     if tmp.exists():
         shutil.move(str(tmp), check.out / "compile.json")
     return res
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def science_corpus(check: Check) -> tuple:
@@ -276,7 +270,7 @@ def part_science(check: Check) -> dict:
                 "WORLD_SIZE": "1",
                 "LOCAL_WORLD_SIZE": "1",
                 "MASTER_ADDR": "127.0.0.1",
-                "MASTER_PORT": str(_free_port()),
+                "MASTER_PORT": str(free_port()),
             }
             logs[name] = runs_root / f"{name}.log"
             logs[name].parent.mkdir(parents=True, exist_ok=True)

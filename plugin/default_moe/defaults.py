@@ -413,7 +413,9 @@ class ExpertDefaults(StepState):
             return out_TD + term_TD.to(out_TD.dtype)
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
             w_TE = self._masked_weights(scores_TE, ran_TE, selected_TK=selected_TK)
-            wY_TE = self._unselected_weights(scores_TE, ran_TE, selected_TK) if self.gate.renormalized else None
+            wY_TE = None
+            if self.gate.renormalized:  # dropless (ran_TE None): the selected are the experts that ran
+                wY_TE = w_TE if ran_TE is None else self._unselected_weights(scores_TE, ran_TE, selected_TK)
         routed = routed_TD.detach() if self.gate.renormalized else None
         return _DenseRouterGradient.apply(out_TD, w_TE, self.defaults_ED * self.gate.scale, routed, wY_TE)
 
@@ -473,11 +475,8 @@ class ExpertDefaults(StepState):
             if gate.scale != 1.0:
                 term_TD = term_TD * gate.scale
             if gate.renormalized:
-                wY_TE = (
-                    w_TE
-                    if selected_TK is None or ran_TE is None
-                    else self._unselected_weights(scores_TE, ran_TE, selected_TK, only_E)
-                )
+                # Dropless (ran_TE None) or no selection known: the experts that ran are the selected.
+                wY_TE = w_TE if ran_TE is None else self._unselected_weights(scores_TE, ran_TE, selected_TK, only_E)
                 term_TD = term_TD - wY_TE.sum(-1, keepdim=True) * routed_TD.float()
         return term_TD
 

@@ -76,7 +76,7 @@ class RunConfig:
     model: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "micro_batch", "eval_every", "eval_batches", "ckpt_every", "log_every"):
+        for name in ("steps", "micro_batch", "eval_every", "eval_batches", "ckpt_every", "log_every", "schedule_sync_runs"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"RunConfig.{name} (--{name.replace('_', '-')}) must be an integer >= 1, got {v!r}")
@@ -110,14 +110,6 @@ class RunConfig:
                 )
         elif self.schedule_sync is not None:
             raise ValueError("RunConfig.schedule_sync (--schedule-sync) needs time_budget_minutes (--time-budget-minutes)")
-        if (
-            isinstance(self.schedule_sync_runs, bool)
-            or not isinstance(self.schedule_sync_runs, int)
-            or self.schedule_sync_runs < 1
-        ):
-            raise ValueError(
-                f"RunConfig.schedule_sync_runs (--schedule-sync-runs) must be an integer >= 1, got {self.schedule_sync_runs!r}"
-            )
         if not (self.schedule_sync_wait_s > 0):
             raise ValueError(
                 f"RunConfig.schedule_sync_wait_s (--schedule-sync-wait-s) must be > 0 seconds, got {self.schedule_sync_wait_s!r}"
