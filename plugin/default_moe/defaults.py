@@ -158,6 +158,9 @@ class _DenseRouterGradient(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out_TD, w_TE, sD_ED, routed_TD, wY_TE):
+        # wY_TE None with routed_TD: the y_S part's weights are w_TE's (dropless; one tensor
+        # passed once: dynamo refuses the same tensor as two inputs of a Function).
+        ctx.wY_is_w = wY_TE is None
         ctx.save_for_backward(sD_ED, routed_TD)
         return out_TD.view_as(out_TD)
 
@@ -166,10 +169,13 @@ class _DenseRouterGradient(torch.autograd.Function):
         sD_ED, routed_TD = ctx.saved_tensors
         grad_w = grad_wY = None
         g = grad_TD.float()
+        minus_gy = None if routed_TD is None else -(g * routed_TD.float()).sum(-1, keepdim=True)
         if ctx.needs_input_grad[1]:
             grad_w = g @ sD_ED.t()
-        if routed_TD is not None and ctx.needs_input_grad[4]:
-            grad_wY = (-(g * routed_TD.float()).sum(-1, keepdim=True)).expand(-1, sD_ED.shape[0])
+            if minus_gy is not None and ctx.wY_is_w:  # dropless: the same experts in both parts
+                grad_w = grad_w + minus_gy
+        if minus_gy is not None and not ctx.wY_is_w and ctx.needs_input_grad[4]:
+            grad_wY = minus_gy.expand(-1, sD_ED.shape[0])
         return grad_TD, grad_w, None, None, grad_wY
 
 
@@ -413,9 +419,10 @@ class ExpertDefaults(StepState):
             return out_TD + term_TD.to(out_TD.dtype)
         with torch.autocast(device_type=scores_TE.device.type, enabled=False):
             w_TE = self._masked_weights(scores_TE, ran_TE, selected_TK=selected_TK)
+            # Renormalised with drops: the y_S part's own weights; dropless: w_TE's (None here).
             wY_TE = None
-            if self.gate.renormalized:  # dropless (ran_TE None): the selected are the experts that ran
-                wY_TE = w_TE if ran_TE is None else self._unselected_weights(scores_TE, ran_TE, selected_TK)
+            if self.gate.renormalized and ran_TE is not None:
+                wY_TE = self._unselected_weights(scores_TE, ran_TE, selected_TK)
         routed = routed_TD.detach() if self.gate.renormalized else None
         return _DenseRouterGradient.apply(out_TD, w_TE, self.defaults_ED * self.gate.scale, routed, wY_TE)
 
