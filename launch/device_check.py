@@ -256,7 +256,7 @@ def part_science(check: Check) -> dict:
             cmd += ["--time-budget-minutes", f"{budget_min:.3f}", "--max-minutes", f"{budget_min * 1.15:.3f}"]
             cmd += ["--schedule-sync", str(sync), "--schedule-sync-runs", str(len(seeds) * len(VARIANTS))]
             if check.dry:
-                cmd += ["--steps", "1000", "--micro-batch", "2", "--seq-len", "32", "--warmup-steps", "4"]
+                cmd += ["--steps", "1000", "--micro-batch", "2", "--seq-len", "32", "--warmup-steps", "10"]
                 cmd += ["--eval-every", "5", "--eval-batches", "1", "--ckpt-every", "100000", "--log-every", "5"]
             else:
                 cmd += ["--config", "configs/gpt_gpu.json", "--steps", "100000", "--warmup-steps", "40"]
@@ -297,7 +297,11 @@ def part_science(check: Check) -> dict:
     write_json(check.out / "science.json", result)
     science_report.plot(result, check.out / "science.png")
     failed = [n for n, r in runs.items() if r["rc"] != 0]
-    return {"rc": 0 if not failed else f"{len(failed)} of {len(runs)} runs failed", "seconds": round(time.perf_counter() - t, 1)}
+    cut = [n for n, r in result["runs"].items() if r.get("cut_short")]
+    problems = [f"{len(failed)} of {len(runs)} runs failed"] if failed else []
+    if cut:  # a run stopped before its schedule ended is no pair for the others
+        problems.append(f"{len(cut)} of {len(runs)} runs cut short by --max-minutes")
+    return {"rc": "; ".join(problems) or 0, "seconds": round(time.perf_counter() - t, 1)}
 
 
 # ---- the report ----

@@ -77,6 +77,11 @@ def collect(runs_root: Path, names: List[str], status: Dict[str, dict]) -> dict:
                 val=h["val"],
                 train=h["train"],
             )
+            # A run stopped by --max-minutes before its agreed schedule ended is not a complete
+            # schedule: its final numbers are at another step and learning rate than its pair's.
+            planned = h["schedule"][-1]["steps"] if h.get("schedule") else None
+            entry["schedule_steps"] = planned
+            entry["cut_short"] = planned is not None and entry["steps"] < planned
         runs[name] = entry
     paired = {}
     for variant in sorted({r["variant"] for r in runs.values()} - {"topk"}):
@@ -104,6 +109,14 @@ def _mean_ci(values: List[float]) -> str:
     return f"{m:+.4f} ± {ci:.4f}"
 
 
+def _status(run: dict) -> str:
+    if run.get("rc") != 0:
+        return str(run.get("rc"))
+    if run.get("cut_short"):
+        return f"cut by --max-minutes at {run['steps']}/{run['schedule_steps']}"
+    return "ok"
+
+
 def table(science: dict) -> str:
     """Markdown: the configuration line, one row per run, the paired deltas at the last evaluation."""
     cfg = science.get("config", {})
@@ -124,7 +137,7 @@ def table(science: dict) -> str:
         md.append(
             f"| {name} | {r['steps']} | {r['final_val_loss']:.4f} | {f'{d0:.4f}' if d0 is not None else '-'} | "
             f"{' '.join(f'{v:.2f}' for v in r['load_max_over_mean_per_layer'])} | {r['median_step_s'] * 1e3:.0f} | "
-            f"{r['tokens_per_s']:,.0f} | {f'{peak / 2**20:,.0f}' if peak else '-'} | {'ok' if r.get('rc') == 0 else r.get('rc')} |"
+            f"{r['tokens_per_s']:,.0f} | {f'{peak / 2**20:,.0f}' if peak else '-'} | {_status(r)} |"
         )
     paired = science.get("paired_delta_vs_topk", {})
     if paired:

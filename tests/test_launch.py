@@ -196,8 +196,11 @@ def test_device_check_dry_run_survives_a_planted_crash_and_folds(tmp_path):
     science = json.loads((out_dir / "science.json").read_text())
     runs = science["runs"]
     assert set(runs) == {"topk-s1234", "default-s1234", "default-bwd-s1234"}
-    steps = {r["steps"] for r in runs.values()}
-    assert len(steps) == 1 and 4 < steps.pop() < 1000, runs  # one agreed schedule, sized by time (not the cap)
+    steps = {(r["steps"], r["schedule_steps"]) for r in runs.values()}
+    assert len(steps) == 1, runs  # one agreed schedule, every run completed it
+    planned, done = steps.pop()
+    assert done == planned and 10 < planned < 1000, runs  # sized by time (not the cap)
+    assert not any(r["cut_short"] for r in runs.values())
     assert all(r["schedule"][0]["note"].endswith("agreed with 3/3 runs") for r in runs.values())
     assert set(science["paired_delta_vs_topk"]) == {"default", "default-bwd"}
     assert runs["default-s1234"]["final_val_loss_without_defaults"] is not None

@@ -246,3 +246,47 @@ def test_main_job_per_block_compile_matches_eager_without_recompiles(tmp_path):
     assert graphs[1] > 0
     assert graphs[16] == graphs[9], compiled["compiled_graphs"]  # steps 9-16: two evals, no new graph
     assert "compiled_graphs" not in eager
+
+
+def test_schedule_sync_agrees_on_what_every_run_posted_and_does_not_wait_forever(tmp_path):
+    """The runs of a science batch agree on one step count computed from their posts only (the
+    slowest step and evaluation, the earliest deadline, from the last post); a run that never
+    posts holds the others only `schedule_sync_wait_s`."""
+    import threading
+    import time
+
+    from default_moe.train import loop
+    from default_moe.train.config import RunConfig
+
+    now = time.time()
+    posts = [
+        {"step_s": 0.10, "eval_s": 1.0, "deadline": now + 120.0, "now": now, "cap": 5000},
+        {"step_s": 0.25, "eval_s": 2.0, "deadline": now + 100.0, "now": now + 3.0, "cap": 5000},
+        {"step_s": 0.20, "eval_s": 0.5, "deadline": now + 130.0, "now": now + 1.0, "cap": 400},
+    ]
+    totals = {loop._fit_steps(order, 10, 25)[0] for order in (posts, posts[::-1], posts[1:] + posts[:1])}
+    # (100 - 3 - 2 * 2) s left at 0.25 s/step + 2 s per 25 steps, times 0.95.
+    assert totals == {10 + int(0.95 * 93.0 / (0.25 + 2.0 / 25))}
+    assert loop._fit_steps(posts[2:], 10, 25)[0] == 400  # the cap
+
+    def post(name, results, wait_s, runs=2):
+        run = RunConfig(
+            run_dir=str(tmp_path / name),
+            schedule_sync=str(tmp_path / "sync"),
+            schedule_sync_runs=runs,
+            schedule_sync_wait_s=wait_s,
+            time_budget_minutes=1.0,
+        )
+        results[name] = loop._rendezvous(run, "proposals", {"run_dir": name})
+
+    results = {}
+    threads = [threading.Thread(target=post, args=(n, results, 60.0)) for n in ("a", "b")]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert time.perf_counter() - t0 < 10 and {len(v) for v in results.values()} == {2}
+    t0 = time.perf_counter()
+    post("c", results, 1.0, runs=5)  # 3 posted, 5 expected: goes on after the wait
+    assert 1.0 <= time.perf_counter() - t0 < 5 and len(results["c"]) == 3

@@ -24,45 +24,82 @@ def _out_of_time(run: RunConfig, t_start: float, device) -> bool:
     return bool(flag.item())
 
 
+def _rendezvous(run: RunConfig, stage: str, payload: dict) -> List[dict]:
+    """Rank 0 of each `schedule_sync` run posts `payload` under `stage` and returns every run's,
+    once `schedule_sync_runs` are in or `schedule_sync_wait_s` has passed (a run that died at
+    start-up does not hold the others forever)."""
+    import json
+    import os
+    from pathlib import Path
+
+    folder = Path(run.schedule_sync) / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    mine = folder / f"{os.getpid()}-{Path(run.run_dir).name}.json"
+    tmp = mine.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, mine)
+    deadline = time.perf_counter() + run.schedule_sync_wait_s
+    while True:
+        found = [json.loads(f.read_text()) for f in folder.glob("*.json")]
+        if len(found) >= run.schedule_sync_runs or time.perf_counter() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def start_together(job) -> None:
+    """`schedule_sync`: a fresh run's first step waits for the other runs' (then all ranks of this
+    run). Runs side by side on one device share it; a run that measured its warmup steps while the
+    others were still starting up would propose more steps than fit once they all train."""
+    run = job.run
+    if not run.schedule_sync or job.start_step > 0:
+        return
+    if job.rank == 0:
+        found = _rendezvous(run, "started", {"run_dir": run.run_dir})
+        print(f"[train] started with {len(found)}/{run.schedule_sync_runs} runs of {run.schedule_sync}", flush=True)
+    dist.barrier()
+
+
 def size_schedule(job, done: int, eval_s: float) -> int:
     """`time_budget_minutes`: the number of steps that fit, from the step time measured in the
     second half of warmup and the time of one evaluation (`eval_s`), keeping the final evaluations
-    inside the budget; agreed with the other runs of `schedule_sync` (the smallest proposal), then
-    broadcast from rank 0 so every rank trains the same steps. At most the given `steps`."""
-    import json
-    import os
+    inside the budget; with `schedule_sync`, one number for all the runs, then broadcast from rank
+    0 so every rank trains the same steps. At most the given `steps`."""
     import statistics
-    from pathlib import Path
 
     run = job.run
     times = job.history["step_time"][-max(2, run.warmup_steps // 2) :]
-    step_s = statistics.median(times)
-    left_s = 60.0 * run.time_budget_minutes - (time.perf_counter() - job.t_start) - 2.0 * eval_s  # final + D-zeroed eval
-    per_step = step_s + eval_s / run.eval_every
-    proposal = min(run.steps, done + max(1, int(0.95 * left_s / per_step)))
-    total, note = proposal, f"step {step_s * 1e3:.0f} ms, eval {eval_s:.1f} s"
+    mine = {
+        "run_dir": run.run_dir,
+        "step_s": statistics.median(times),
+        "eval_s": eval_s,
+        "deadline": time.time() - (time.perf_counter() - job.t_start) + 60.0 * run.time_budget_minutes,
+        "now": time.time(),
+        "cap": run.steps,
+    }
+    found = [mine]
     if job.rank == 0 and run.schedule_sync:
-        folder = Path(run.schedule_sync)
-        folder.mkdir(parents=True, exist_ok=True)
-        mine = folder / f"{os.getpid()}-{Path(run.run_dir).name}.json"
-        tmp = mine.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"run_dir": run.run_dir, "steps": proposal, "step_s": step_s, "eval_s": eval_s}))
-        os.replace(tmp, mine)
-        deadline = time.perf_counter() + run.schedule_sync_wait_s
-        while True:
-            found = [json.loads(f.read_text()) for f in folder.glob("*.json")]
-            if len(found) >= run.schedule_sync_runs or time.perf_counter() > deadline:
-                break
-            time.sleep(0.5)
-        total = min(f["steps"] for f in found)
+        found = _rendezvous(run, "proposals", mine)
+    total, note = _fit_steps(found, done, run.eval_every)
+    if run.schedule_sync:
         note += f"; agreed with {len(found)}/{run.schedule_sync_runs} runs"
     flag = torch.tensor([total], dtype=torch.long, device=job.engine.device)
     dist.broadcast(flag, src=0)
     total = int(flag.item())
-    job.history.setdefault("schedule", []).append({"at_step": done, "steps": total, "proposed": proposal, "note": note})
+    job.history.setdefault("schedule", []).append({"at_step": done, "steps": total, "note": note})
     if job.rank == 0:
         print(f"[train] time budget {run.time_budget_minutes} min: {total} steps ({note})", flush=True)
     return total
+
+
+def _fit_steps(found: List[dict], done: int, eval_every: int) -> Tuple[int, str]:
+    """The steps that fit for every run in `found`, computed from what they posted only (so every
+    run gets the same number): the slowest step and evaluation, the earliest deadline, from the
+    moment the last run posted (when all go on), keeping the final and D-zeroed evaluations in."""
+    step_s = max(f["step_s"] for f in found)
+    eval_s = max(f["eval_s"] for f in found)
+    left_s = min(f["deadline"] for f in found) - max(f["now"] for f in found) - 2.0 * eval_s
+    fit = done + max(1, int(0.95 * left_s / (step_s + eval_s / eval_every)))
+    return min(fit, *(f["cap"] for f in found)), f"step {step_s * 1e3:.0f} ms, eval {eval_s:.1f} s"
 
 
 def _mean_over_ranks(value: float, device) -> float:
@@ -165,6 +202,7 @@ def train(job) -> None:
         mininterval=1.0,
     )
     probe_state: Dict[int, torch.Tensor] = {}
+    start_together(job)
     job.t_start = time.perf_counter()
     # A fresh run with a time budget sizes its schedule at the end of warmup (a resumed one keeps --steps).
     size_at = run.warmup_steps if run.time_budget_minutes is not None and job.start_step < run.warmup_steps else None
