@@ -8,11 +8,13 @@ here from the formulas (every expert run for every token)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
 
-from default_moe import MoEConfig, MoELayer
+from default_moe import MoEConfig, MoELayer, amp
 from default_moe.amp import GradScaler
 from dist import run_distributed
 from reference import Weights, expert_mlp, load_into_layer
@@ -65,7 +67,32 @@ def _batches(n_steps: int, tokens: int = 24, seed: int = 5) -> list:
     return [torch.randn(tokens, D, generator=g) for _ in range(n_steps)]
 
 
-VARIANTS = ["one", "split2", "split3", "closure", "accumulation", "empty_step", "scaler", "scaler_skip", "torch_scaler_skip"]
+VARIANTS = [
+    "one",
+    "split2",
+    "split3",
+    "closure",
+    "accumulation",
+    "empty_step",
+    "scaler",
+    "scaler_skip",
+    "torch_scaler_skip",
+    "torch_scaler_fused_skip",
+    "unhooked_torch_scaler_skip",
+]
+
+
+@contextlib.contextmanager
+def torch_grad_scaler_unhooked():
+    """torch's GradScaler as it ships (default_moe.amp hooks it at import): the control."""
+    hooked = {name: getattr(torch.amp.GradScaler, name) for name in amp._TORCH}
+    for name, original in amp._TORCH.items():
+        setattr(torch.amp.GradScaler, name, original)
+    try:
+        yield
+    finally:
+        for name, fn in hooked.items():
+            setattr(torch.amp.GradScaler, name, fn)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -73,8 +100,9 @@ def test_one_commit_per_effective_step_with_that_steps_statistics(variant):
     """D after every step equals the float64 reference of the steps that happened. Split
     optimizers used to commit twice (the second commit empty: D decayed with stale "zero"), a
     closure's statistics were committed one step late, and a skipped step's statistics merged into
-    the next step's commit. torch's own GradScaler still merges them (the documented reason to use
-    `default_moe.amp.GradScaler`): that variant is the control that shows the test can fail."""
+    the next step's commit. torch's own GradScaler (hooked by default_moe.amp at import) and a
+    fused optimizer's in-kernel skip drop them too; torch's GradScaler unhooked still merges them:
+    that variant is the control that shows the test can fail."""
     layer, w = _layer()
     xs = _batches(4)
     params = dict(layer.named_parameters())
@@ -86,10 +114,15 @@ def test_one_commit_per_effective_step_with_that_steps_statistics(variant):
         w2 = [p for n, p in params.items() if "w2" in n]
         others = [p for p in rest if all(p is not q for q in w2)]
         opts = [torch.optim.SGD(w2, lr=0.0), torch.optim.SGD(router, lr=0.0), torch.optim.AdamW(others, lr=0.0)]
+    elif variant == "torch_scaler_fused_skip":
+        opts = [torch.optim.Adam(layer.parameters(), lr=0.0, fused=True)]
+        assert opts[0]._step_supports_amp_scaling  # GradScaler takes its fused path
     else:
         opts = [torch.optim.SGD(layer.parameters(), lr=0.0)]
-    scaler = {"scaler": GradScaler("cpu"), "scaler_skip": GradScaler("cpu"), "torch_scaler_skip": torch.amp.GradScaler("cpu")}
-    scaler = scaler.get(variant)
+    scaler = GradScaler("cpu") if variant.startswith("scaler") else None
+    if "torch_scaler" in variant:
+        scaler = torch.amp.GradScaler("cpu")
+    unhooked = torch_grad_scaler_unhooked if variant.startswith("unhooked") else contextlib.nullcontext
     skip_at = 1 if variant.endswith("skip") else None
     happened, seen = [], []
     for i, x in enumerate(xs):
@@ -113,7 +146,8 @@ def test_one_commit_per_effective_step_with_that_steps_statistics(variant):
             if i == skip_at:
                 loss = loss * float("inf")  # an overflow in the backward: the step is skipped
             scaler.scale(loss).backward()
-            scaler.step(opts[0])
+            with unhooked():
+                scaler.step(opts[0])
             scaler.update()
         else:
             layer(x).square().mean().backward()
@@ -124,44 +158,60 @@ def test_one_commit_per_effective_step_with_that_steps_statistics(variant):
         happened.append(None if i == skip_at else [x])
         seen.append(layer.defaults.defaults_ED.double().clone())
     ref = reference_defaults(w, happened)
-    if variant == "torch_scaler_skip":
+    if variant == "unhooked_torch_scaler_skip":
         # The skipped step's statistics merged into the next commit: the wrong D, as the issue says.
         assert not torch.allclose(seen[2], ref[2], rtol=1e-4, atol=1e-5)
         return
     for i, (got, want) in enumerate(zip(seen, ref)):
         torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6, msg=lambda m, i=i: f"after step {i}: {m}")
-    assert layer.defaults.num_updates == len([h for h in happened if h is not None]) + (variant == "empty_step") * len(xs)
+    # An empty commit (a step with nothing pending: a fused optimizer's step runs at the skip) is
+    # counted and changes nothing.
+    empty_commits = (variant == "empty_step") * len(xs) + (variant == "torch_scaler_fused_skip")
+    assert layer.defaults.num_updates == len([h for h in happened if h is not None]) + empty_commits
+    if variant.endswith("skip"):
+        assert scaler.get_scale() < 65536.0  # the skip happened (backoff)
     if variant == "scaler_skip":
-        assert scaler.skipped_steps == 1 and scaler.get_scale() < 65536.0
+        assert scaler.skipped_steps == 1
 
 
 def _distributed_checks(rank: int, world: int) -> None:
-    """(1) EP 2 (x DP world/2): a rank-local overflow under the agreed GradScaler skips on every
-    rank within a bounded time and drops that step's statistics; (2) DP over all ranks: train-mode
+    """(1) EP 2 (x DP world/2): a rank-local overflow under our GradScaler, torch's (hooked at
+    import) and torch's with a fused optimizer skips on every rank within a bounded time and drops
+    that step's statistics; (2) DP over all ranks: train-mode
     no-grad forwards in different counts per rank (aux loss on), then training steps: no collective
     mismatch, D identical on every rank and equal to the float64 reference of the trained batches."""
     ep = 2
-    layer, w = _layer(ep_size=ep)
-    layer.train()
-    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
-    scaler = GradScaler("cpu")
     xs = _batches(3, seed=10 + rank)
-    for i, x in enumerate(xs):
-        opt.zero_grad()
-        loss = layer(x).square().mean()
-        if i == 1 and rank == 0:  # only rank 0 overflows (its experts' gradients are its own)
-            loss = loss * float("inf")
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    assert scaler.skipped_steps == 1, (rank, scaler.skipped_steps)
     per_step = []
     for i, x in enumerate(xs):
         parts = [torch.empty_like(x) for _ in range(world)]
         dist.all_gather(parts, x)
         per_step.append(None if i == 1 else parts)
-    ref = reference_defaults(w, per_step)
-    torch.testing.assert_close(layer.defaults.defaults_ED.double(), ref[-1], rtol=2e-5, atol=2e-6)
+    for kind in ("ours", "torch", "torch-fused"):
+        layer, w = _layer(ep_size=ep)
+        layer.train()
+        if kind == "torch-fused":
+            opt = torch.optim.Adam(layer.parameters(), lr=0.0, fused=True)
+        else:
+            opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+        scaler = GradScaler("cpu") if kind == "ours" else torch.amp.GradScaler("cpu")
+        for i, x in enumerate(xs):
+            opt.zero_grad()
+            loss = layer(x).square().mean()
+            if i == 1 and rank == 0:  # only rank 0 overflows (its experts' gradients are its own)
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        if kind == "ours":
+            assert scaler.skipped_steps == 1, (rank, scaler.skipped_steps)
+        scales = [None] * world
+        dist.all_gather_object(scales, scaler.get_scale())
+        assert scales == [65536.0 / 2] * world, (kind, scales)  # every rank backed off once: all skipped
+        ref = reference_defaults(w, per_step)
+        torch.testing.assert_close(
+            layer.defaults.defaults_ED.double(), ref[-1], rtol=2e-5, atol=2e-6, msg=lambda m, k=kind: f"{k}: {m}"
+        )
 
     # (2) Rollouts: no-grad train-mode forwards, rank r runs r + 1 of them; aux loss on. At EP 1
     # (data parallel over all ranks): under EP every forward is an all-to-all, so EP ranks run

@@ -1,15 +1,23 @@
-"""Mixed precision with an agreed skip: `GradScaler`, a drop-in `torch.amp.GradScaler`.
+"""Mixed precision with an agreed skip, for torch's own `torch.amp.GradScaler` and for ours.
 
 Why: with expert parallelism the experts' gradients are not reduced across EP ranks, so an fp16
-overflow can be local to one rank. torch's GradScaler then skips the step on that rank only: its
+overflow can be local to one rank. A plain GradScaler then skips the step on that rank only: its
 `optimizer.step()` (and the D commit, a collective) never runs while the other ranks commit, and
 their all-reduce pairs with the skipping rank's next all-to-all — every rank waits for the
 collective timeout. megatron-core agrees on `found_inf` across its model-parallel group for the
-same reason. This scaler all-reduces found_inf (max) over a group (default: all ranks) before
-deciding, so every rank skips together, and a skipped step's Default MoE statistics are dropped:
-the statistics of a step that did not happen do not count (as at a DeepSpeed overflow skip).
+same reason.
 
-    scaler = default_moe.amp.GradScaler("cuda")   # instead of torch.amp.GradScaler("cuda")
+So, at import, this module hooks torch's GradScaler (the one place that names its seams, see
+`_TORCH`): for an optimizer that commits Default MoE statistics (`states_owned_by`), found_inf is agreed
+(max) over the groups the commit reduces over before the skip is decided, and a skipped step's
+statistics are dropped — the statistics of a step that did not happen do not count, as at a
+DeepSpeed overflow skip. Other optimizers keep torch's behaviour. A script that already uses
+`torch.amp.GradScaler` needs no change.
+
+`default_moe.amp.GradScaler` also agrees for every optimizer it steps, over a group you choose
+(default: all ranks) — for models whose non-MoE parameters must skip together as well:
+
+    scaler = default_moe.amp.GradScaler("cuda")   # or torch.amp.GradScaler("cuda")
     scaler.scale(loss).backward()
     scaler.step(optimizer)                         # agreed skip; D committed at the step, dropped at a skip
     scaler.update()
@@ -17,18 +25,116 @@ the statistics of a step that did not happen do not count (as at a DeepSpeed ove
 
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from torch.amp.grad_scaler import OptState
 
 from default_moe.step_state import discard_pending, states_owned_by
 
 
+def _groups_with_peers(groups: Iterable[Optional[dist.ProcessGroup]]) -> List[Optional[dist.ProcessGroup]]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return []
+    out, seen = [], set()
+    for g in groups:
+        if id(g) not in seen and dist.get_world_size(g) > 1:
+            seen.add(id(g))
+            out.append(g)
+    return out
+
+
+def agree_found_inf(found: Sequence[torch.Tensor], groups: Iterable[Optional[dist.ProcessGroup]]) -> torch.Tensor:
+    """This rank's found_inf values summed, then the max over each group in turn (= the max over
+    their product): a 0-dim float32 tensor, the same on every rank of the groups. No host sync."""
+    groups = _groups_with_peers(groups)
+    if any(dist.get_backend(g) == "nccl" for g in groups):
+        dev = torch.device("cuda", torch.cuda.current_device())
+    else:
+        dev = found[0].device if found and not groups else torch.device("cpu")
+    total = torch.zeros((), dtype=torch.float32, device=dev)
+    for v in found:
+        total += v.to(device=dev, dtype=torch.float32)
+    for g in groups:
+        dist.all_reduce(total, op=dist.ReduceOp.MAX, group=g)
+    return total
+
+
+def _commit_groups(states) -> List[Optional[dist.ProcessGroup]]:
+    return [g for m in states for g in m.reduction_groups()]
+
+
+def _agree_in_place(found: dict, groups) -> torch.Tensor:
+    """Every device's flag of `found` (a GradScaler's found_inf_per_device) becomes the verdict."""
+    agreed = agree_found_inf(list(found.values()), groups)
+    for v in found.values():
+        v.copy_(agreed.to(v.device))
+    return agreed
+
+
+# ---- torch.amp.GradScaler: the hook (its seams are named only here) ----
+
+# torch's own methods, wrapped below: `unscale_` (public; GradScaler.step calls it unless the
+# user did, on the unfused path) and `_check_inf_per_device` (private; the path of optimizers
+# with their own scale handling, `fused=True`, whose kernel skips where `optimizer.found_inf`).
+# Both fill the optimizer's `found_inf_per_device`, which then decides the step (torch's
+# `_maybe_opt_step`, or the fused kernel) and the scale's backoff (`update`).
+_TORCH: dict = {}
+
+
+def _agree_for(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Agrees the optimizer's found_inf over the groups its Default MoE commit reduces over (and,
+    for our GradScaler, its `agree_group`); a skip drops the step's statistics."""
+    if not scaler.is_enabled():
+        return
+    owned = states_owned_by(optimizer)
+    groups = _commit_groups(owned)
+    if isinstance(scaler, GradScaler):
+        groups = [scaler.agree_group, *groups]
+    elif not owned:
+        return  # torch's behaviour: no collective follows this optimizer's step
+    found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    if float(_agree_in_place(found, groups)) > 0:  # torch's step syncs here too (found_inf.item())
+        if isinstance(scaler, GradScaler):
+            scaler.skipped_steps += 1
+        discard_pending(owned)
+
+
+def _unscale_(self, optimizer):
+    _TORCH["unscale_"](self, optimizer)
+    _agree_for(self, optimizer)
+
+
+def _check_inf_per_device(self, optimizer):
+    found = _TORCH["_check_inf_per_device"](self, optimizer)
+    _agree_for(self, optimizer)
+    return found
+
+
+def hook_torch_grad_scaler() -> bool:
+    """Installs the agreed skip into torch's GradScaler (idempotent; done at import). False, with a
+    warning, where this torch lacks a seam (then a rank-local skip is not agreed)."""
+    if _TORCH:
+        return True
+    seams = {"unscale_": _unscale_, "_check_inf_per_device": _check_inf_per_device}
+    missing = [name for name in seams if not callable(getattr(torch.amp.GradScaler, name, None))]
+    if missing:
+        warnings.warn(
+            f"torch {torch.__version__}: torch.amp.GradScaler has no {missing}; a rank-local fp16 overflow "
+            "under expert parallelism is not agreed (ranks may wait for the collective timeout)",
+            stacklevel=2,
+        )
+        return False
+    for name, hooked in seams.items():
+        _TORCH[name] = getattr(torch.amp.GradScaler, name)
+        setattr(torch.amp.GradScaler, name, hooked)
+    return True
+
+
 class GradScaler(torch.amp.GradScaler):
-    """`torch.amp.GradScaler` whose skip is agreed over `group` and drops the skipped step's
-    statistics.
+    """`torch.amp.GradScaler` whose skip is agreed over `group` for every optimizer it steps (not
+    only those that commit Default MoE statistics), counting the skips.
 
     Args:
         device: as torch's ("cuda", "cpu").
@@ -42,33 +148,5 @@ class GradScaler(torch.amp.GradScaler):
         self.agree_group = group
         self.skipped_steps = 0
 
-    def _agreed_found_inf(self, found: dict) -> torch.Tensor:
-        """found_inf summed over this rank's devices, then the max over the group."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.agree_group) > 1:
-            dev = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.agree_group) == "nccl" else "cpu"
-        else:
-            dev = next(iter(found.values())).device if found else torch.device("cpu")
-        total = torch.zeros((), dtype=torch.float32, device=dev)
-        for v in found.values():
-            total += v.to(device=dev, dtype=torch.float32)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.agree_group) > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.MAX, group=self.agree_group)
-        return total
 
-    def step(self, optimizer: torch.optim.Optimizer, *args, **kwargs):
-        if not self.is_enabled():
-            return super().step(optimizer, *args, **kwargs)
-        state = self._per_optimizer_states[id(optimizer)]
-        if state["stage"] is OptState.READY:
-            self.unscale_(optimizer)
-        found = state["found_inf_per_device"]
-        agreed = self._agreed_found_inf(found)
-        # torch's step and update() read these: each device's flag becomes the group's verdict.
-        for v in found.values():
-            v.copy_(agreed.to(v.device))
-        if not found:
-            found[agreed.device] = agreed
-        if float(agreed) > 0:  # torch's step syncs here too (found_inf.item())
-            self.skipped_steps += 1
-            discard_pending(states_owned_by(optimizer))
-        return super().step(optimizer, *args, **kwargs)
+hook_torch_grad_scaler()
