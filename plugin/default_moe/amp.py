@@ -95,7 +95,12 @@ def _agree_for(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer) -
     elif not owned:
         return  # torch's behaviour: no collective follows this optimizer's step
     found = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-    if float(_agree_in_place(found, groups)) > 0:  # torch's step syncs here too (found_inf.item())
+    agreed = _agree_in_place(found, groups)
+    if not found:
+        # No gradient on this rank (it ran no forward): it still joined the agreement, and steps
+        # or skips with the others instead of torch's "No inf checks were recorded".
+        found[agreed.device] = agreed
+    if float(agreed) > 0:  # torch's step syncs here too (found_inf.item())
         if isinstance(scaler, GradScaler):
             scaler.skipped_steps += 1
         discard_pending(owned)
