@@ -265,8 +265,8 @@ def test_schedule_sync_agrees_on_what_every_run_posted_and_does_not_wait_forever
         {"step_s": 0.20, "eval_s": 0.5, "deadline": now + 130.0, "now": now + 1.0, "cap": 400},
     ]
     totals = {loop._fit_steps(order, 10, 25)[0] for order in (posts, posts[::-1], posts[1:] + posts[:1])}
-    # (100 - 3 - 2 * 2) s left at 0.25 s/step + 2 s per 25 steps, times 0.95.
-    assert totals == {10 + int(0.95 * 93.0 / (0.25 + 2.0 / 25))}
+    # (100 - 3 - 2 * 2) s left at 0.25 s/step + 2 s per 25 steps, times 0.9.
+    assert totals == {10 + int(0.9 * 93.0 / (0.25 + 2.0 / 25))}
     assert loop._fit_steps(posts[2:], 10, 25)[0] == 400  # the cap
 
     def post(name, results, wait_s, runs=2):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,6 +39,11 @@ class Job:
     )
     writer: Optional[Any] = None
     t_start: float = 0.0
+    # The last step trained (== run.steps unless max_minutes stopped the run).
+    steps_done: int = 0
+    # perf_counter at the end of each iteration of this session (the step, its logging,
+    # evaluation and checkpoint): what a step costs in wall time, for time_budget_minutes.
+    iteration_ends: List[float] = dataclasses.field(default_factory=list)
 
     @property
     def moe_config(self):

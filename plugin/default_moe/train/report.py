@@ -82,6 +82,8 @@ def report(job) -> None:
     params = job.params()
     metrics: Dict = {
         "steps": run.steps,
+        # The last step trained: fewer than `steps` when max_minutes stopped the run.
+        "steps_done": job.steps_done or job.start_step,
         "router": cfg.router,
         "ep_size": cfg.ep_size,
         "world": job.world,
@@ -105,9 +107,11 @@ def report(job) -> None:
     run_dir: Path = job.run_dir
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     plot(history, run_dir / "loss.png", f"GPT-MoE {cfg.router}, {cfg.num_experts} experts top-{cfg.top_k}")
+    done = metrics["steps_done"]
+    steps_line = f"{done}" if done == run.steps else f"{done} of {run.steps} (stopped by --max-minutes)"
     print("[train] ---- summary ----")
     print(
-        f"[train] steps {run.steps}, final train loss {metrics['final_train_loss']:.4f}, "
+        f"[train] steps {steps_line}, final train loss {metrics['final_train_loss']:.4f}, "
         f"validation loss {final_val:.4f} (perplexity {math.exp(final_val):.2f})"
     )
     print(
