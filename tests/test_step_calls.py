@@ -296,6 +296,77 @@ def test_deepspeed_fp16_overflow_skip_drops_the_steps_statistics():
     run_distributed(_deepspeed_fp16_overflow_skips, 2)
 
 
+def _deepspeed_pipeline_train_batch(rank: int, world: int) -> None:
+    """DeepSpeed's pipeline engine steps inside `train_batch()` (never `engine.step()`): at one
+    stage (DP 2, 2 micro-batches per step) D is committed once per `train_batch` with that step's
+    statistics, equal to the float64 reference of every rank's micro-batches; more stages are
+    refused by name before DeepSpeed builds anything."""
+    import deepspeed
+    import torch.nn.functional as F
+    from deepspeed.pipe import PipelineModule
+    from torch import nn
+
+    import default_moe.integrations.deepspeed as dm_ds
+
+    dm_ds.skip_cpu_jit_builds()
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.moe = MoELayer(MoEConfig(hidden_size=D, num_experts=E, ffn_hidden_size=F_, top_k=1, router="topk", init_std=0.3))
+
+        def forward(self, h):
+            return h + self.moe(h)
+
+    def pipeline(stages: int):
+        torch.manual_seed(0)
+        layers = [nn.Linear(4, D), Residual(), Residual(), nn.Linear(D, 4)]
+        return PipelineModule(layers=layers, num_stages=stages, loss_fn=F.mse_loss, partition_method="uniform")
+
+    config = {
+        "train_micro_batch_size_per_gpu": 3,
+        "gradient_accumulation_steps": 2,
+        "steps_per_print": 10_000,
+        "optimizer": {"type": "Adam", "params": {"lr": 0.0, "torch_adam": True}},  # D's reference needs fixed weights
+        "default_moe": {"enabled": True, "router": "default", "ep_size": 1, "top_k": K, "beta": BETA},
+    }
+    with pytest.raises(ValueError, match="PipelineModule with num_stages=2 is not supported"):
+        dm_ds.initialize(model=pipeline(2), config=config)
+    model = pipeline(1)
+    engine, *_ = dm_ds.initialize(model=model, config=config, model_parameters=list(model.parameters()))
+    layers = [m for m in engine.module.modules() if isinstance(m, MoELayer)]
+    seen = {id(m): [] for m in layers}
+    for m in layers:
+        m.register_forward_pre_hook(lambda mod, args: seen[id(mod)].append(args[0].detach().reshape(-1, D).clone()))
+    g = torch.Generator().manual_seed(50 + rank)
+    data = [(torch.randn(3, 5, 4, generator=g), torch.randn(3, 5, 4, generator=g)) for _ in range(6)]
+    it = iter(data)
+    for step in range(3):
+        engine.train_batch(data_iter=it)
+        for m in layers:
+            assert m.defaults.num_updates == step + 1 and m.defaults.pending == 0, (step, m.defaults.num_updates)
+    for m in layers:
+        w = Weights(
+            router_ED=m.router.weight.detach().clone(),
+            w1_EDF=m.experts.w_in.detach()[..., :F_].clone(),
+            w3_EDF=m.experts.w_in.detach()[..., F_:].clone(),
+            w2_EFD=m.experts.w2_LFD.detach().clone(),
+        )
+        steps = []
+        for step in range(3):
+            mine = torch.cat(seen[id(m)][2 * step : 2 * step + 2])
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine)
+            steps.append(parts)
+        ref = reference_defaults(w, steps, stale="keep")
+        torch.testing.assert_close(m.defaults.defaults_ED.double(), ref[-1], rtol=2e-5, atol=2e-6)
+
+
+def test_deepspeed_pipeline_train_batch_commits_once_per_step():
+    run_distributed(_deepspeed_pipeline_train_batch, 2)
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("order", ["documented", "layer_first"])
 def test_deepspeed_init_distributed_on_cpu_builds_nothing_and_waits_on_no_lock(tmp_path, order):

@@ -21,7 +21,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -341,22 +341,44 @@ def _install_common_hooks(engine) -> None:
         AuxLossAutoScaler.set_loss_scale(scale)
         return backward(loss, *args, **kw)
 
-    def step_committing_defaults(*args, **kw):
+    def after_model_step() -> None:
         # After the step, as the torch-optimizer hook: a step DeepSpeed skipped (fp16 overflow,
         # agreed over its groups) did not happen, so its statistics are dropped, not committed.
-        boundary = engine.is_gradient_accumulation_boundary()
-        out = step(*args, **kw)
-        if boundary:
-            if engine.was_step_applied():
-                commit_defaults(engine.module)
-            else:
-                discard_pending(step_states_in(engine.module))
-        return out
+        if engine.was_step_applied():
+            commit_defaults(engine.module)
+        else:
+            discard_pending(step_states_in(engine.module))
 
     engine.save_checkpoint = save_checkpoint
     engine.load_checkpoint = load_checkpoint
     engine.backward = backward_with_aux_scale
-    engine.step = step_committing_defaults
+    _hook_model_step(engine, step, after_model_step)
+
+
+def _hook_model_step(engine, step, after: Callable[[], None]) -> None:
+    """Runs `after` once per optimizer step the engine takes. The seam is DeepSpeed's private
+    `_take_model_step` (0.19): `engine.step()` calls it at the accumulation boundary, and so does
+    the pipeline engine's `train_batch()`, which never calls `step()`. An engine without it gets
+    `step` wrapped at the boundary (then `train_batch` would not commit)."""
+    take = getattr(engine, "_take_model_step", None)
+    if callable(take):
+
+        def take_model_step_then(*args, **kw):
+            out = take(*args, **kw)
+            after()
+            return out
+
+        engine._take_model_step = take_model_step_then
+        return
+
+    def step_then(*args, **kw):
+        boundary = engine.is_gradient_accumulation_boundary()
+        out = step(*args, **kw)
+        if boundary:
+            after()
+        return out
+
+    engine.step = step_then
 
 
 def _install_engine_hooks(engine) -> None:
@@ -507,6 +529,14 @@ def initialize(args=None, model=None, optimizer=None, model_parameters=None, *re
             check_ep_size(ep_size, world)
         except ValueError as e:
             raise ValueError(f'DeepSpeed config "{SECTION}": {e}') from None
+    stages = getattr(model, "num_stages", 1) if type(model).__name__ == "PipelineModule" else 1
+    if stages > 1:
+        # Each stage holds other MoE layers while the statistics are summed over DeepSpeed's
+        # data-parallel group: not built or tested (a 2-stage run timed out in a collective).
+        raise ValueError(
+            f'DeepSpeed config "{SECTION}": a PipelineModule with num_stages={stages} is not supported with default_moe '
+            "layers; use num_stages=1 (train_batch then commits D at each step), or Megatron's pipeline schedules"
+        )
     zero_stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
     if zero_stage == 3:
         raise ValueError(
