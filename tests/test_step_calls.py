@@ -243,11 +243,14 @@ def test_rank_local_overflow_and_rollouts_at_ep2(world):
     run_distributed(_distributed_checks, world)
 
 
-def _deepspeed_fp16_overflow_skips(rank: int, world: int) -> None:
-    """DeepSpeed fp16 (DP 2, ZeRO 1) from a loss scale that overflows: at every step the engine
-    skipped, D is unchanged and the step's statistics are dropped (not merged into the next
-    commit); D after the run equals the float64 reference of the applied steps' tokens (every
-    rank's moe1 inputs, the fp16 weights of the time)."""
+def _deepspeed_fp16_overflow_skips(rank: int, world: int, mode: str) -> None:
+    """DeepSpeed fp16 (DP 2) with overflow skips: at every step the engine skipped, D is
+    unchanged and the step's statistics are dropped (not merged into the next commit); D after
+    the run equals the float64 reference of the applied steps' tokens (every rank's moe1 inputs,
+    the weights of the time). mode "fp16": DeepSpeed's fp16 optimizer (ZeRO 1) from a loss scale
+    that overflows. mode "torch_autocast": DeepSpeed's torch GradScaler (torch_autocast fp16,
+    ZeRO 0) with an overflow planted in rank 0's loss at step 1 — DeepSpeed's
+    `was_step_applied()` says True there; the scale's backoff shows the skip."""
     import deepspeed
 
     import default_moe.integrations.deepspeed as dm_ds
@@ -255,9 +258,16 @@ def _deepspeed_fp16_overflow_skips(rank: int, world: int) -> None:
 
     dm_ds.skip_cpu_jit_builds()
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
-    cfg = dw.ds_config(1, section={"enabled": True, "router": "default", "beta": BETA, "ep_size": 1, "top_k": K})
-    cfg["fp16"] = {"enabled": True, "initial_scale_power": 18, "loss_scale_window": 1000, "hysteresis": 1}
+    section = {"enabled": True, "router": "default", "beta": BETA, "ep_size": 1, "top_k": K}
+    if mode == "fp16":
+        cfg = dw.ds_config(1, section=section)
+        cfg["fp16"] = {"enabled": True, "initial_scale_power": 18, "loss_scale_window": 1000, "hysteresis": 1}
+    else:
+        cfg = dw.ds_config(0, section=section)
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "torch.float16"}
     engine, *_ = dm_ds.initialize(model=dw.ToyMoEModel(), config=cfg)
+    scaler = engine.torch_autocast_z0_gradscaler
+    assert (scaler is not None) == (mode == "torch_autocast")
     layer = engine.module.moe1
     captured = []
     layer.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach().reshape(-1, args[0].shape[-1]).clone()))
@@ -267,13 +277,21 @@ def _deepspeed_fp16_overflow_skips(rank: int, world: int) -> None:
         weights.append((layer.router.weight.detach().clone(), w_in, w2))
         before = layer.defaults.defaults_ED.clone()
         x, y = dw.batch(step, 0, rank)
-        engine.backward(engine(x.half(), y.half()))
+        if mode == "fp16":
+            loss = engine(x.half(), y.half())
+        else:
+            loss = engine(x, y)
+            if step == 1 and rank == 0:
+                loss = loss * float("inf")
+        scale = scaler.get_scale() if scaler is not None else None
+        engine.backward(loss)
         engine.step()
-        applied.append(engine.was_step_applied())
+        applied.append(engine.was_step_applied() if scaler is None else scaler.get_scale() >= scale)
         if not applied[-1]:
             assert torch.equal(layer.defaults.defaults_ED, before) and layer.defaults.pending == 0
         D_seen.append(layer.defaults.defaults_ED.double().clone())
     assert not all(applied) and any(applied), applied  # skips, then steps
+    assert layer.defaults.num_updates == sum(applied)
     ref = torch.zeros_like(D_seen[0])
     for step, ok in enumerate(applied):
         if not ok:
@@ -292,8 +310,9 @@ def _deepspeed_fp16_overflow_skips(rank: int, world: int) -> None:
     torch.testing.assert_close(D_seen[-1], ref, rtol=2e-2, atol=2e-3)
 
 
-def test_deepspeed_fp16_overflow_skip_drops_the_steps_statistics():
-    run_distributed(_deepspeed_fp16_overflow_skips, 2)
+@pytest.mark.parametrize("mode", ["fp16", "torch_autocast"])
+def test_deepspeed_fp16_overflow_skip_drops_the_steps_statistics(mode):
+    run_distributed(_deepspeed_fp16_overflow_skips, 2, mode)
 
 
 def _deepspeed_pipeline_train_batch(rank: int, world: int) -> None:

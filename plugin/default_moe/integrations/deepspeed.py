@@ -341,10 +341,10 @@ def _install_common_hooks(engine) -> None:
         AuxLossAutoScaler.set_loss_scale(scale)
         return backward(loss, *args, **kw)
 
-    def after_model_step() -> None:
+    def after_model_step(applied: bool) -> None:
         # After the step, as the torch-optimizer hook: a step DeepSpeed skipped (fp16 overflow,
         # agreed over its groups) did not happen, so its statistics are dropped, not committed.
-        if engine.was_step_applied():
+        if applied:
             commit_defaults(engine.module)
         else:
             discard_pending(step_states_in(engine.module))
@@ -355,17 +355,18 @@ def _install_common_hooks(engine) -> None:
     _hook_model_step(engine, step, after_model_step)
 
 
-def _hook_model_step(engine, step, after: Callable[[], None]) -> None:
-    """Runs `after` once per optimizer step the engine takes. The seam is DeepSpeed's private
-    `_take_model_step` (0.19): `engine.step()` calls it at the accumulation boundary, and so does
-    the pipeline engine's `train_batch()`, which never calls `step()`. An engine without it gets
-    `step` wrapped at the boundary (then `train_batch` would not commit)."""
+def _hook_model_step(engine, step, after: Callable[[bool], None]) -> None:
+    """Runs `after(applied)` once per optimizer step the engine takes. The seam is DeepSpeed's
+    private `_take_model_step` (0.19): `engine.step()` calls it at the accumulation boundary, and
+    so does the pipeline engine's `train_batch()`, which never calls `step()`. An engine without
+    it gets `step` wrapped at the boundary (then `train_batch` would not commit)."""
     take = getattr(engine, "_take_model_step", None)
     if callable(take):
 
         def take_model_step_then(*args, **kw):
+            scale = _z0_scale(engine)
             out = take(*args, **kw)
-            after()
+            after(_step_applied(engine, scale))
             return out
 
         engine._take_model_step = take_model_step_then
@@ -373,12 +374,32 @@ def _hook_model_step(engine, step, after: Callable[[], None]) -> None:
 
     def step_then(*args, **kw):
         boundary = engine.is_gradient_accumulation_boundary()
+        scale = _z0_scale(engine) if boundary else None
         out = step(*args, **kw)
         if boundary:
-            after()
+            after(_step_applied(engine, scale))
         return out
 
     engine.step = step_then
+
+
+def _z0_scale(engine) -> Optional[float]:
+    """The loss scale of DeepSpeed's own torch GradScaler (`torch_autocast` fp16 at ZeRO 0), if any."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    return scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
+
+
+def _step_applied(engine, scale_before: Optional[float]) -> bool:
+    """`engine.was_step_applied()`, except under DeepSpeed's torch-autocast fp16 scaler (ZeRO 0):
+    it skips without setting the optimizer's `overflow`, so DeepSpeed reports the step applied;
+    its backoff is the skip. Agreed over all ranks (max), so every rank commits or drops alike."""
+    applied = engine.was_step_applied()
+    if scale_before is None:
+        return applied
+    from default_moe.amp import agree_found_inf
+
+    skipped = torch.tensor(float(engine.torch_autocast_z0_gradscaler.get_scale() < scale_before or not applied))
+    return not bool(agree_found_inf([skipped], [None]) > 0)
 
 
 def _install_engine_hooks(engine) -> None:
