@@ -64,7 +64,7 @@ def collect(runs_root: Path, names: List[str], status: Dict[str, dict]) -> dict:
             m = json.loads(path.read_text())
             h = m["history"]
             entry.update(
-                steps=h["train"][-1][0] if h["train"] else 0,
+                steps=m["steps_done"],
                 schedule=h.get("schedule"),
                 final_val_loss=m["final_val_loss"],
                 final_val_loss_without_defaults=m.get("final_val_loss_without_defaults"),
@@ -79,9 +79,8 @@ def collect(runs_root: Path, names: List[str], status: Dict[str, dict]) -> dict:
             )
             # A run stopped by --max-minutes before its agreed schedule ended is not a complete
             # schedule: its final numbers are at another step and learning rate than its pair's.
-            planned = h["schedule"][-1]["steps"] if h.get("schedule") else None
-            entry["schedule_steps"] = planned
-            entry["cut_short"] = planned is not None and entry["steps"] < planned
+            entry["schedule_steps"] = m["steps"]
+            entry["cut_short"] = m["steps_done"] < m["steps"]
         runs[name] = entry
     paired = {}
     for variant in sorted({r["variant"] for r in runs.values()} - {"topk"}):
